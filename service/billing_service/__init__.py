@@ -1,0 +1,1 @@
+"""ai-billing: a gRPC billing service for products that resell LLM access."""

@@ -1,0 +1,282 @@
+"""The billing core: the use cases behind every RPC, in plain Python.
+
+It validates a request, prices it, asks the ledger store to apply it atomically, and turns the
+stored result into an answer. Transports (gRPC) call it; it imports no transport and no driver.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Protocol
+
+from billing_service.domain.commands import (
+    CheckAccess,
+    Commit,
+    CreateTenant,
+    GrantCredit,
+    Refund,
+    Reserve,
+    TtlBounds,
+    UpdateTenant,
+    check_id,
+    fingerprint,
+    validate_check_access,
+    validate_commit,
+    validate_create_tenant,
+    validate_grant,
+    validate_refund,
+    validate_reserve,
+    validate_update_tenant,
+)
+from billing_service.domain.errors import ErrorReason, NotFound, request_id_reused
+from billing_service.domain.model import Account, DenialReason, Hold, HoldStatus, TenantStatus
+from billing_service.domain.outcomes import (
+    CommitOutcome,
+    GrantOutcome,
+    PlaceHoldResult,
+    RefundOutcome,
+    TenantOutcome,
+)
+from billing_service.domain.policy import Decision, decide, denial, denial_message, explain_refusal
+from billing_service.domain.pricing import ModelBilling, ModelPrice, PriceTable
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_reservation_id() -> str:
+    return f"rsv_{uuid.uuid4().hex}"
+
+
+class LedgerPort(Protocol):
+    """What the core needs from storage; each call is one transaction."""
+
+    async def get_account(self, tenant_id: str) -> Account | None: ...
+
+    async def place_hold(self, hold: Hold, *, create_with_limit: int | None) -> PlaceHoldResult: ...
+
+    async def record_denial(self, hold: Hold) -> Hold: ...
+
+    async def commit(
+        self, command: Commit, request_fingerprint: str, now: datetime
+    ) -> CommitOutcome: ...
+
+    async def refund(
+        self, command: Refund, request_fingerprint: str, now: datetime
+    ) -> RefundOutcome: ...
+
+    async def release_expired(self, now: datetime, limit: int = 100) -> int: ...
+
+    async def grant(
+        self, command: GrantCredit, request_fingerprint: str, now: datetime
+    ) -> GrantOutcome: ...
+
+    async def create_tenant(
+        self,
+        command: CreateTenant,
+        request_fingerprint: str,
+        credit_limit_micros: int,
+        now: datetime,
+    ) -> TenantOutcome: ...
+
+    async def update_tenant(
+        self, command: UpdateTenant, request_fingerprint: str, now: datetime
+    ) -> TenantOutcome: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CoreSettings:
+    # The credit limit of a new tenant, extended once it has a payment method ($25).
+    default_credit_limit_micros: int = 25_000_000
+    # Whether a first call for an unknown tenant creates it (else: NOT_FOUND).
+    auto_create_tenants: bool = True
+    ttl_bounds: TtlBounds = field(default_factory=TtlBounds)
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    decision: Decision
+    # The hold, when the decision allows.
+    hold: Hold | None
+
+
+class BillingCore:
+    def __init__(
+        self,
+        ledger: LedgerPort,
+        prices: PriceTable,
+        settings: CoreSettings | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._ledger = ledger
+        self._prices = prices
+        self._settings = settings or CoreSettings()
+        self._clock = clock
+
+    @property
+    def prices(self) -> PriceTable:
+        return self._prices
+
+    async def check_access(self, command: CheckAccess) -> Decision:
+        validate_check_access(command)
+        account = await self._account_or_default(command.tenant_id)
+        price = self._prices.get(command.model)
+        required = 0
+        if price is not None:
+            estimate = command.estimate
+            required = (
+                price.hold_micros(estimate.input_tokens, estimate.max_output_tokens)
+                if estimate is not None
+                else price.hold_micros(0, 0)
+            )
+        return decide(account, command.model, price, required)
+
+    async def reserve(self, command: Reserve) -> ReserveResult:
+        ttl = validate_reserve(command, self._settings.ttl_bounds)
+        price = self._prices.get(command.model)
+        if price is None:
+            account = await self._account_or_default(command.tenant_id)
+            return ReserveResult(decide(account, command.model, None, 0), None)
+        now = self._clock()
+        request_fingerprint = fingerprint(command)
+        hold = Hold(
+            hold_id=new_reservation_id(),
+            request_id=command.request_id,
+            request_fingerprint=request_fingerprint,
+            tenant_id=command.tenant_id,
+            user_id=command.user_id,
+            model=command.model,
+            price=price,
+            amount_micros=_hold_amount(command, price),
+            status=HoldStatus.OPEN,
+            created_at=now,
+            expires_at=now + ttl,
+            decision_available_micros=0,
+        )
+        placed = await self._ledger.place_hold(hold, create_with_limit=self._creation_limit())
+        stored = placed.hold
+        if placed.refused_by is not None:
+            refusal = explain_refusal(placed.refused_by, command.model, price, hold.amount_micros)
+            stored = await self._ledger.record_denial(
+                replace(
+                    hold,
+                    status=HoldStatus.DENIED,
+                    denial_reason=refusal.reason,
+                    decision_available_micros=refusal.available_micros,
+                )
+            )
+        if stored.request_fingerprint != request_fingerprint:
+            raise request_id_reused(command.request_id)
+        return _reserve_result(stored)
+
+    async def commit(self, command: Commit) -> CommitOutcome:
+        validate_commit(command)
+        request_fingerprint = fingerprint(command)
+        outcome = await self._ledger.commit(command, request_fingerprint, self._clock())
+        if outcome.record.request_fingerprint != request_fingerprint:
+            raise request_id_reused(command.request_id)
+        return outcome
+
+    async def refund(self, command: Refund) -> RefundOutcome:
+        validate_refund(command)
+        request_fingerprint = fingerprint(command)
+        outcome = await self._ledger.refund(command, request_fingerprint, self._clock())
+        if outcome.request_fingerprint != request_fingerprint:
+            raise request_id_reused(command.request_id)
+        return outcome
+
+    async def release_expired(self, limit: int = 100) -> int:
+        return await self._ledger.release_expired(self._clock(), limit)
+
+    async def create_tenant(self, command: CreateTenant) -> Account:
+        validate_create_tenant(command)
+        request_fingerprint = fingerprint(command)
+        limit = command.credit_limit_micros
+        if limit is None:
+            limit = self._settings.default_credit_limit_micros
+        outcome = await self._ledger.create_tenant(
+            command, request_fingerprint, limit, self._clock()
+        )
+        return _checked(outcome, request_fingerprint, command.request_id).account
+
+    async def update_tenant(self, command: UpdateTenant) -> Account:
+        validate_update_tenant(command)
+        request_fingerprint = fingerprint(command)
+        outcome = await self._ledger.update_tenant(command, request_fingerprint, self._clock())
+        return _checked(outcome, request_fingerprint, command.request_id).account
+
+    async def get_tenant(self, tenant_id: str) -> Account:
+        check_id("tenant_id", tenant_id)
+        account = await self._ledger.get_account(tenant_id)
+        if account is None:
+            raise NotFound(ErrorReason.TENANT_NOT_FOUND, f"tenant {tenant_id} does not exist")
+        return account
+
+    async def grant_credit(self, command: GrantCredit) -> GrantOutcome:
+        validate_grant(command)
+        request_fingerprint = fingerprint(command)
+        outcome = await self._ledger.grant(command, request_fingerprint, self._clock())
+        if outcome.request_fingerprint != request_fingerprint:
+            raise request_id_reused(command.request_id)
+        return outcome
+
+    async def _account_or_default(self, tenant_id: str) -> Account:
+        """The tenant's account; an unknown tenant reads as a new one when tenants auto-create."""
+        account = await self._ledger.get_account(tenant_id)
+        if account is not None:
+            return account
+        limit = self._creation_limit()
+        if limit is None:
+            raise NotFound(ErrorReason.TENANT_NOT_FOUND, f"tenant {tenant_id} does not exist")
+        return Account(tenant_id, TenantStatus.ACTIVE, limit, payment_method_on_file=False)
+
+    def _creation_limit(self) -> int | None:
+        if not self._settings.auto_create_tenants:
+            return None
+        return self._settings.default_credit_limit_micros
+
+
+def _hold_amount(command: Reserve, price: ModelPrice) -> int:
+    if price.billing is ModelBilling.INCLUDED:
+        return 0
+    if command.estimate is not None:
+        return price.hold_micros(command.estimate.input_tokens, command.estimate.max_output_tokens)
+    assert command.amount_micros is not None
+    return command.amount_micros
+
+
+def _reserve_result(hold: Hold) -> ReserveResult:
+    billing = None if hold.price is None else hold.price.billing
+    if hold.status is HoldStatus.DENIED:
+        reason = hold.denial_reason or DenialReason.CREDIT_LIMIT_REACHED
+        decision = denial(
+            reason, hold.model, hold.decision_available_micros, billing, hold.amount_micros
+        )
+        decision = replace(
+            decision,
+            message=denial_message(
+                reason, hold.model, hold.decision_available_micros, hold.amount_micros
+            ),
+        )
+        return ReserveResult(decision, None)
+    decision = Decision(
+        allowed=True,
+        reason=None,
+        message="",
+        available_micros=hold.decision_available_micros,
+        billing=billing,
+        required_micros=hold.amount_micros,
+    )
+    return ReserveResult(decision, hold)
+
+
+def _checked(outcome: TenantOutcome, request_fingerprint: str, request_id: str) -> TenantOutcome:
+    if outcome.request_fingerprint != request_fingerprint:
+        raise request_id_reused(request_id)
+    return outcome

@@ -1,0 +1,141 @@
+"""The things the ledger is about: accounts (a tenant's money), holds, usage records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
+
+
+class TenantStatus(StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """A tenant's settings and money as of one read.
+
+    balance: prepaid credit minus spend (negative while spending on credit).
+    held: the sum of open holds.
+    """
+
+    tenant_id: str
+    status: TenantStatus
+    credit_limit_micros: int
+    payment_method_on_file: bool
+    balance_micros: int = 0
+    held_micros: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def effective_credit_limit_micros(self) -> int:
+        """A credit limit is extended only to a tenant with a payment method on file."""
+        return self.credit_limit_micros if self.payment_method_on_file else 0
+
+    @property
+    def available_micros(self) -> int:
+        """The most a new hold may take. The exposure cap is `available >= 0`."""
+        return self.balance_micros + self.effective_credit_limit_micros - self.held_micros
+
+    @property
+    def exposure_micros(self) -> int:
+        """Open holds plus spend not covered by prepaid credit."""
+        return max(0, self.held_micros - self.balance_micros)
+
+
+class HoldStatus(StrEnum):
+    OPEN = "open"
+    COMMITTED = "committed"
+    RELEASED = "released"
+    EXPIRED = "expired"
+    # A reservation that was refused: kept only so a retry replays the same answer.
+    DENIED = "denied"
+
+
+class DenialReason(StrEnum):
+    PAYMENT_METHOD_REQUIRED = "payment_method_required"
+    CREDIT_LIMIT_REACHED = "credit_limit_reached"
+    ACCOUNT_SUSPENDED = "account_suspended"
+    MODEL_NOT_OFFERED = "model_not_offered"
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """One reservation: granted (open and later settled) or denied.
+
+    It carries the price of its model as of the reservation, so a later change of the price
+    table never changes what an open hold will cost.
+    """
+
+    hold_id: str
+    request_id: str
+    request_fingerprint: str
+    tenant_id: str
+    user_id: str
+    model: str
+    # None only for a reservation denied because the model is not offered.
+    price: ModelPrice | None
+    amount_micros: int
+    status: HoldStatus
+    created_at: datetime
+    expires_at: datetime
+    decision_available_micros: int
+    denial_reason: DenialReason | None = None
+    settled_at: datetime | None = None
+    refunded_micros: int = 0
+
+    @property
+    def metered(self) -> bool:
+        return self.price is not None and self.price.billing is ModelBilling.METERED
+
+
+class PaymentSource(StrEnum):
+    CREDIT = "credit"
+    INCLUDED = "included"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """What one committed model call used and cost. Its id is its reservation's id."""
+
+    hold_id: str
+    tenant_id: str
+    user_id: str
+    model: str
+    usage: TokenUsage
+    cost_micros: int
+    charged_micros: int
+    uncollected_micros: int
+    held_micros: int
+    payment_source: PaymentSource
+    reserved_at: datetime
+    committed_at: datetime
+    request_id: str
+    request_fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """A tenant's money at one point of its ledger."""
+
+    balance_micros: int
+    held_micros: int
+    effective_credit_limit_micros: int
+
+    @property
+    def available_micros(self) -> int:
+        return self.balance_micros + self.effective_credit_limit_micros - self.held_micros
+
+    @property
+    def exposure_micros(self) -> int:
+        return max(0, self.held_micros - self.balance_micros)
+
+    @classmethod
+    def of(cls, account: Account) -> Balance:
+        return cls(
+            account.balance_micros, account.held_micros, account.effective_credit_limit_micros
+        )

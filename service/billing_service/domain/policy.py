@@ -1,0 +1,99 @@
+"""Who may use what: the access decision and the words that explain a denial."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from billing_service.domain.model import Account, DenialReason, TenantStatus
+from billing_service.domain.money import format_micros
+from billing_service.domain.pricing import ModelBilling, ModelPrice
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: DenialReason | None
+    message: str
+    available_micros: int
+    billing: ModelBilling | None
+    required_micros: int
+
+
+def decide(
+    account: Account, model: str, price: ModelPrice | None, required_micros: int
+) -> Decision:
+    """Whether `account` may run a query on `model` that needs a hold of `required_micros`.
+
+    This is advice on one snapshot. For a hold, the database statement that takes it applies the
+    same fit rule (Account.available_micros >= required) atomically; this function then only
+    explains a refusal.
+    """
+    available = account.available_micros
+    if price is None:
+        return denial(DenialReason.MODEL_NOT_OFFERED, model, available, None, 0)
+    if account.status is TenantStatus.SUSPENDED:
+        return denial(
+            DenialReason.ACCOUNT_SUSPENDED, model, available, price.billing, required_micros
+        )
+    if price.billing is ModelBilling.INCLUDED or required_micros <= available:
+        return Decision(True, None, "", available, price.billing, required_micros)
+    reason = (
+        DenialReason.CREDIT_LIMIT_REACHED
+        if account.payment_method_on_file
+        else DenialReason.PAYMENT_METHOD_REQUIRED
+    )
+    return denial(reason, model, available, price.billing, required_micros)
+
+
+def denial(
+    reason: DenialReason,
+    model: str,
+    available_micros: int,
+    billing: ModelBilling | None,
+    required_micros: int,
+) -> Decision:
+    return Decision(
+        allowed=False,
+        reason=reason,
+        message=denial_message(reason, model, available_micros, required_micros),
+        available_micros=available_micros,
+        billing=billing,
+        required_micros=required_micros,
+    )
+
+
+def denial_message(
+    reason: DenialReason, model: str, available_micros: int, required_micros: int
+) -> str:
+    match reason:
+        case DenialReason.MODEL_NOT_OFFERED:
+            return f"The model {model!r} is not offered."
+        case DenialReason.ACCOUNT_SUSPENDED:
+            return "This account is suspended. Contact support to restore access."
+        case DenialReason.PAYMENT_METHOD_REQUIRED:
+            return f"Add a payment method to use {model}."
+        case DenialReason.CREDIT_LIMIT_REACHED:
+            return (
+                f"Credit limit reached: this query needs {format_micros(required_micros)}, "
+                f"{format_micros(max(0, available_micros))} is available. "
+                "Top up or wait for pending charges to settle."
+            )
+
+
+def explain_refusal(
+    account: Account, model: str, price: ModelPrice, required_micros: int
+) -> Decision:
+    """Why the database refused a hold, read from the account right after the refusal.
+
+    The atomic statement is the authority. If this later snapshot shows room (another call
+    released credit in between), the refusal still stands and is reported as lack of credit.
+    """
+    decision = decide(account, model, price, required_micros)
+    if not decision.allowed:
+        return decision
+    reason = (
+        DenialReason.CREDIT_LIMIT_REACHED
+        if account.payment_method_on_file
+        else DenialReason.PAYMENT_METHOD_REQUIRED
+    )
+    return denial(reason, model, account.available_micros, price.billing, required_micros)

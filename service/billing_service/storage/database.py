@@ -1,0 +1,88 @@
+"""Engines for PostgreSQL (asyncpg) and SQLite (aiosqlite), and the mapping of faults."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, ParamSpec, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from billing_service.domain.errors import ErrorReason, Unavailable
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
+    """Creates the engine for a SQLAlchemy URL; SQLite gets a serialized, WAL-mode set-up."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_async_engine(url, echo=echo, pool_size=1, max_overflow=0, pool_timeout=60)
+        _configure_sqlite(engine)
+        return engine
+    return create_async_engine(
+        url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+    )
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    # SQLite takes its write lock lazily, so two read-then-write transactions could both read
+    # before either writes. BEGIN IMMEDIATE takes the lock at the start: transactions are serial.
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def is_postgres(connection: AsyncConnection | AsyncEngine) -> bool:
+    return connection.dialect.name == "postgresql"
+
+
+_FAULTS = (OperationalError, InterfaceError, OSError, asyncio.TimeoutError)
+
+
+def _is_fault(error: BaseException) -> bool:
+    if isinstance(error, _FAULTS):
+        return True
+    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+
+
+def storage_faults_unavailable(
+    method: Callable[P, Awaitable[T]],
+) -> Callable[P, Awaitable[T]]:
+    """Turns a database fault into Unavailable: the caller retries with the same request_id."""
+
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except Exception as error:
+            if _is_fault(error):
+                raise Unavailable(
+                    ErrorReason.STORAGE_UNAVAILABLE, "the billing database is unavailable"
+                ) from error
+            raise
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+@asynccontextmanager
+async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """One transaction: committed when the block ends, rolled back if it raises."""
+    async with engine.begin() as connection:
+        yield connection

@@ -1,0 +1,853 @@
+"""The ledger in SQL: each public method is one short transaction.
+
+The exposure cap is enforced in one place, `_take_hold`: a single conditional UPDATE that
+moves the tenant's held amount only if the hold fits in its available credit. It is atomic on
+PostgreSQL (the row lock is taken by the UPDATE and the condition re-checked on the newest row
+version) and on SQLite (transactions are serialized by BEGIN IMMEDIATE). No method decides
+anything from a value it read earlier without holding the row's lock.
+
+Idempotency keys are unique columns: holds.request_id (ReserveCredit), usage_records.request_id
+(Commit), ledger_entries.request_id (Refund, GrantCredit), admin_requests.request_id. A retry
+hits the unique constraint, its transaction rolls back whole, and the stored result is returned.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, case, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql import ColumnElement
+
+from billing_service.domain.commands import Commit, CreateTenant, GrantCredit, Refund, UpdateTenant
+from billing_service.domain.errors import AlreadyExists, ErrorReason, FailedPrecondition, NotFound
+from billing_service.domain.ledger import (
+    EntryKind,
+    Settlement,
+    check_committable,
+    check_releasable,
+    refund_amount,
+    require_reservation,
+    settle,
+)
+from billing_service.domain.model import (
+    Account,
+    Balance,
+    DenialReason,
+    Hold,
+    HoldStatus,
+    PaymentSource,
+    TenantStatus,
+    UsageRecord,
+)
+from billing_service.domain.outcomes import (
+    CommitOutcome,
+    GrantOutcome,
+    PlaceHoldResult,
+    RefundOutcome,
+    TenantOutcome,
+)
+from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
+from billing_service.storage.database import storage_faults_unavailable, transaction
+from billing_service.storage.tables import (
+    admin_requests,
+    holds,
+    ledger_entries,
+    tenants,
+    usage_records,
+)
+
+_ACCOUNT_COLUMNS = (
+    tenants.c.tenant_id,
+    tenants.c.status,
+    tenants.c.credit_limit_micros,
+    tenants.c.payment_method_on_file,
+    tenants.c.balance_micros,
+    tenants.c.held_micros,
+    tenants.c.created_at,
+    tenants.c.updated_at,
+)
+
+
+def available_credit_sql() -> ColumnElement[int]:
+    """Account.available_micros as SQL: the fit rule of `_take_hold`."""
+    effective_limit = case(
+        (tenants.c.payment_method_on_file, tenants.c.credit_limit_micros), else_=0
+    )
+    return tenants.c.balance_micros + effective_limit - tenants.c.held_micros
+
+
+class LedgerStore:
+    """Tenants, holds, usage records and the append-only ledger, in one SQL database."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    # Reads
+
+    @storage_faults_unavailable
+    async def get_account(self, tenant_id: str) -> Account | None:
+        async with self._engine.connect() as conn:
+            return await _get_account(conn, tenant_id)
+
+    @storage_faults_unavailable
+    async def get_hold(self, hold_id: str) -> Hold | None:
+        async with self._engine.connect() as conn:
+            return await _get_hold(conn, hold_id)
+
+    # ReserveCredit
+
+    @storage_faults_unavailable
+    async def place_hold(self, hold: Hold, *, create_with_limit: int | None) -> PlaceHoldResult:
+        """Takes `hold` if it fits; else returns the account that refused it.
+
+        create_with_limit: when set, an unknown tenant is created with this credit limit;
+        when None, an unknown tenant raises NotFound.
+        """
+        try:
+            async with transaction(self._engine) as conn:
+                return await _place_hold(conn, hold, create_with_limit)
+        except IntegrityError:
+            return PlaceHoldResult(await self._prior_hold(hold.request_id))
+
+    @storage_faults_unavailable
+    async def record_denial(self, hold: Hold) -> Hold:
+        """Stores a refused reservation so that a retry replays the refusal."""
+        assert hold.status is HoldStatus.DENIED
+        try:
+            async with transaction(self._engine) as conn:
+                await conn.execute(insert(holds).values(_hold_row(hold)))
+                return hold
+        except IntegrityError:
+            return await self._prior_hold(hold.request_id)
+
+    async def _prior_hold(self, request_id: str) -> Hold:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(select(holds).where(holds.c.request_id == request_id))
+            ).one_or_none()
+        if row is None:
+            raise LookupError(f"no hold with request_id {request_id!r} after a conflict")
+        return _hold_from_row(row)
+
+    # Commit
+
+    @storage_faults_unavailable
+    async def commit(
+        self, command: Commit, request_fingerprint: str, now: datetime
+    ) -> CommitOutcome:
+        try:
+            async with transaction(self._engine) as conn:
+                return await _commit(conn, command, request_fingerprint, now)
+        except IntegrityError:
+            async with self._engine.connect() as conn:
+                prior = await _prior_commit(conn, command.request_id)
+            if prior is None:
+                raise
+            return prior
+
+    # Refund
+
+    @storage_faults_unavailable
+    async def refund(
+        self, command: Refund, request_fingerprint: str, now: datetime
+    ) -> RefundOutcome:
+        try:
+            async with transaction(self._engine) as conn:
+                return await _refund(conn, command, request_fingerprint, now)
+        except IntegrityError:
+            async with self._engine.connect() as conn:
+                prior = await _prior_refund(conn, command.request_id)
+            if prior is None:
+                raise
+            return prior
+
+    # Expiry
+
+    @storage_faults_unavailable
+    async def release_expired(self, now: datetime, limit: int = 100) -> int:
+        """Releases up to `limit` open holds whose expire time has passed; returns how many."""
+        async with self._engine.connect() as conn:
+            due = (
+                await conn.execute(
+                    select(holds.c.hold_id)
+                    .where(holds.c.status == HoldStatus.OPEN, holds.c.expires_at <= now)
+                    .order_by(holds.c.expires_at)
+                    .limit(limit)
+                )
+            ).scalars()
+            due_ids = list(due)
+        released = 0
+        for hold_id in due_ids:
+            # One transaction per hold: it locks one tenant row at a time, never two.
+            async with transaction(self._engine) as conn:
+                released += await _expire(conn, hold_id, now)
+        return released
+
+    # GrantCredit
+
+    @storage_faults_unavailable
+    async def grant(
+        self, command: GrantCredit, request_fingerprint: str, now: datetime
+    ) -> GrantOutcome:
+        try:
+            async with transaction(self._engine) as conn:
+                account = await _move(conn, command.tenant_id, command.amount_micros, 0)
+                if account is None:
+                    raise _tenant_not_found(command.tenant_id)
+                entry_id = await _append_entry(
+                    conn,
+                    account,
+                    EntryKind.GRANT,
+                    now,
+                    balance_delta=command.amount_micros,
+                    request_id=command.request_id,
+                    request_fingerprint=request_fingerprint,
+                    memo=command.reason,
+                )
+                return GrantOutcome(entry_id, Balance.of(account), request_fingerprint)
+        except IntegrityError:
+            async with self._engine.connect() as conn:
+                entry = await _entry_by_request(conn, command.request_id)
+            if entry is None:
+                raise
+            return GrantOutcome(
+                entry.entry_id,
+                _balance_after(entry),
+                entry.request_fingerprint or "",
+            )
+
+    # Tenants
+
+    @storage_faults_unavailable
+    async def create_tenant(
+        self,
+        command: CreateTenant,
+        request_fingerprint: str,
+        credit_limit_micros: int,
+        now: datetime,
+    ) -> TenantOutcome:
+        account = Account(
+            tenant_id=command.tenant_id,
+            status=command.status,
+            credit_limit_micros=credit_limit_micros,
+            payment_method_on_file=command.payment_method_on_file,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            async with transaction(self._engine) as conn:
+                await conn.execute(insert(tenants).values(_account_row(account)))
+                await _record_admin_request(
+                    conn, command.request_id, request_fingerprint, "create_tenant", account, now
+                )
+                return TenantOutcome(account, request_fingerprint)
+        except IntegrityError:
+            prior = await self._prior_admin_request(command.request_id)
+            if prior is not None:
+                return prior
+            raise AlreadyExists(
+                ErrorReason.TENANT_ALREADY_EXISTS, f"tenant {command.tenant_id} already exists"
+            ) from None
+
+    @storage_faults_unavailable
+    async def update_tenant(
+        self, command: UpdateTenant, request_fingerprint: str, now: datetime
+    ) -> TenantOutcome:
+        changes: dict[str, Any] = {"updated_at": now}
+        if command.credit_limit_micros is not None:
+            changes["credit_limit_micros"] = command.credit_limit_micros
+        if command.status is not None:
+            changes["status"] = command.status
+        if command.payment_method_on_file is not None:
+            changes["payment_method_on_file"] = command.payment_method_on_file
+        try:
+            async with transaction(self._engine) as conn:
+                row = (
+                    await conn.execute(
+                        update(tenants)
+                        .where(tenants.c.tenant_id == command.tenant_id)
+                        .values(changes)
+                        .returning(*_ACCOUNT_COLUMNS)
+                    )
+                ).one_or_none()
+                if row is None:
+                    raise _tenant_not_found(command.tenant_id)
+                account = _account_from_row(row)
+                await _record_admin_request(
+                    conn, command.request_id, request_fingerprint, "update_tenant", account, now
+                )
+                return TenantOutcome(account, request_fingerprint)
+        except IntegrityError:
+            prior = await self._prior_admin_request(command.request_id)
+            if prior is None:
+                raise
+            return prior
+
+    async def _prior_admin_request(self, request_id: str) -> TenantOutcome | None:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(admin_requests).where(admin_requests.c.request_id == request_id)
+                )
+            ).one_or_none()
+        if row is None:
+            return None
+        return TenantOutcome(_account_from_json(row.result), row.request_fingerprint)
+
+
+# Transaction bodies. Each takes an open connection inside one transaction.
+
+
+async def _place_hold(
+    conn: AsyncConnection, hold: Hold, create_with_limit: int | None
+) -> PlaceHoldResult:
+    for _ in range(2):
+        if hold.metered:
+            account = await _take_hold(conn, hold.tenant_id, hold.amount_micros)
+            if account is not None:
+                stored = replace(hold, decision_available_micros=account.available_micros)
+                await conn.execute(insert(holds).values(_hold_row(stored)))
+                await _append_entry(
+                    conn,
+                    account,
+                    EntryKind.HOLD,
+                    hold.created_at,
+                    hold_id=hold.hold_id,
+                    held_delta=hold.amount_micros,
+                )
+                return PlaceHoldResult(stored)
+            snapshot = await _get_account(conn, hold.tenant_id)
+        else:
+            # An included model moves no money: only the tenant's status matters.
+            snapshot = await _get_account(conn, hold.tenant_id)
+            if snapshot is not None and snapshot.status is TenantStatus.ACTIVE:
+                stored = replace(hold, decision_available_micros=snapshot.available_micros)
+                await conn.execute(insert(holds).values(_hold_row(stored)))
+                return PlaceHoldResult(stored)
+        if snapshot is not None:
+            return PlaceHoldResult(hold, refused_by=snapshot)
+        if create_with_limit is None:
+            raise _tenant_not_found(hold.tenant_id)
+        await _create_default_tenant(conn, hold.tenant_id, create_with_limit, hold.created_at)
+    raise AssertionError("a tenant created in this transaction cannot vanish")
+
+
+async def _take_hold(conn: AsyncConnection, tenant_id: str, amount_micros: int) -> Account | None:
+    """The exposure cap: moves `amount_micros` into held only if it fits in available credit."""
+    row = (
+        await conn.execute(
+            update(tenants)
+            .where(
+                tenants.c.tenant_id == tenant_id,
+                tenants.c.status == TenantStatus.ACTIVE,
+                available_credit_sql() >= amount_micros,
+            )
+            .values(held_micros=tenants.c.held_micros + amount_micros)
+            .returning(*_ACCOUNT_COLUMNS)
+        )
+    ).one_or_none()
+    return None if row is None else _account_from_row(row)
+
+
+async def _commit(
+    conn: AsyncConnection, command: Commit, request_fingerprint: str, now: datetime
+) -> CommitOutcome:
+    claimed = (
+        await conn.execute(
+            update(holds)
+            .where(
+                holds.c.hold_id == command.reservation_id,
+                holds.c.status == HoldStatus.OPEN,
+                holds.c.expires_at > now,
+            )
+            .values(status=HoldStatus.COMMITTED, settled_at=now)
+            .returning(*holds.c)
+        )
+    ).one_or_none()
+    if claimed is None:
+        prior = await _prior_commit(conn, command.request_id)
+        if prior is not None:
+            return prior
+        check_committable(
+            await _get_hold(conn, command.reservation_id), command.reservation_id, now
+        )
+        raise AssertionError("an open, unexpired hold is always claimable")
+    hold = _hold_from_row(claimed)
+    assert hold.price is not None
+    cost = hold.price.cost_micros(command.usage)
+    if hold.metered:
+        settlement, account = await _debit(conn, hold, cost)
+        await _append_entry(
+            conn,
+            account,
+            EntryKind.DEBIT,
+            now,
+            hold_id=hold.hold_id,
+            balance_delta=-settlement.charged_micros,
+            held_delta=-hold.amount_micros,
+        )
+        source = PaymentSource.CREDIT
+    else:
+        settlement = Settlement(charged_micros=0, uncollected_micros=0)
+        unchanged = await _get_account(conn, hold.tenant_id)
+        assert unchanged is not None
+        account = unchanged
+        source = PaymentSource.INCLUDED
+    record = UsageRecord(
+        hold_id=hold.hold_id,
+        tenant_id=hold.tenant_id,
+        user_id=hold.user_id,
+        model=hold.model,
+        usage=command.usage,
+        cost_micros=cost,
+        charged_micros=settlement.charged_micros,
+        uncollected_micros=settlement.uncollected_micros,
+        held_micros=hold.amount_micros,
+        payment_source=source,
+        reserved_at=hold.created_at,
+        committed_at=now,
+        request_id=command.request_id,
+        request_fingerprint=request_fingerprint,
+    )
+    await conn.execute(
+        insert(usage_records).values(
+            {**_usage_row(record), "available_after_micros": account.available_micros}
+        )
+    )
+    return CommitOutcome(record, account.available_micros)
+
+
+async def _debit(conn: AsyncConnection, hold: Hold, cost_micros: int) -> tuple[Settlement, Account]:
+    """Releases the hold and debits the cost, capped so the tenant never passes its limit."""
+    if cost_micros <= hold.amount_micros:
+        # Within the hold: it was granted inside the cap, so no read is needed to decide.
+        settlement = Settlement(charged_micros=cost_micros, uncollected_micros=0)
+    else:
+        before = (
+            await conn.execute(
+                select(*_ACCOUNT_COLUMNS)
+                .where(tenants.c.tenant_id == hold.tenant_id)
+                .with_for_update()
+            )
+        ).one()
+        settlement = settle(hold, cost_micros, _account_from_row(before).available_micros)
+    account = await _move(conn, hold.tenant_id, -settlement.charged_micros, -hold.amount_micros)
+    assert account is not None
+    return settlement, account
+
+
+async def _refund(
+    conn: AsyncConnection, command: Refund, request_fingerprint: str, now: datetime
+) -> RefundOutcome:
+    found = (
+        await conn.execute(
+            select(holds).where(holds.c.hold_id == command.reservation_id).with_for_update()
+        )
+    ).one_or_none()
+    hold = require_reservation(
+        None if found is None else _hold_from_row(found), command.reservation_id
+    )
+    try:
+        if hold.status is HoldStatus.COMMITTED:
+            return await _refund_charge(conn, hold, command, request_fingerprint, now)
+        check_releasable(hold, command.amount_micros)
+    except FailedPrecondition:
+        # A retry of a refund that already happened finds the hold in its new state.
+        prior = await _prior_refund(conn, command.request_id)
+        if prior is not None:
+            return prior
+        raise
+    await conn.execute(
+        update(holds)
+        .where(holds.c.hold_id == hold.hold_id)
+        .values(status=HoldStatus.RELEASED, settled_at=now)
+    )
+    released = hold.amount_micros if hold.metered else 0
+    account = await _move(conn, hold.tenant_id, 0, -released)
+    assert account is not None
+    await _append_entry(
+        conn,
+        account,
+        EntryKind.RELEASE,
+        now,
+        hold_id=hold.hold_id,
+        held_delta=-released,
+        request_id=command.request_id,
+        request_fingerprint=request_fingerprint,
+        memo=command.reason or None,
+    )
+    return RefundOutcome(
+        EntryKind.RELEASE, released, account.available_micros, 0, request_fingerprint
+    )
+
+
+async def _refund_charge(
+    conn: AsyncConnection, hold: Hold, command: Refund, request_fingerprint: str, now: datetime
+) -> RefundOutcome:
+    charged = (
+        await conn.execute(
+            select(usage_records.c.charged_micros).where(usage_records.c.hold_id == hold.hold_id)
+        )
+    ).scalar_one()
+    amount = refund_amount(hold, charged, command.amount_micros)
+    await conn.execute(
+        update(holds)
+        .where(holds.c.hold_id == hold.hold_id)
+        .values(refunded_micros=holds.c.refunded_micros + amount)
+    )
+    account = await _move(conn, hold.tenant_id, amount, 0)
+    assert account is not None
+    await _append_entry(
+        conn,
+        account,
+        EntryKind.REFUND,
+        now,
+        hold_id=hold.hold_id,
+        balance_delta=amount,
+        request_id=command.request_id,
+        request_fingerprint=request_fingerprint,
+        memo=command.reason or None,
+    )
+    return RefundOutcome(
+        EntryKind.REFUND,
+        amount,
+        account.available_micros,
+        hold.refunded_micros + amount,
+        request_fingerprint,
+    )
+
+
+async def _expire(conn: AsyncConnection, hold_id: str, now: datetime) -> int:
+    row = (
+        await conn.execute(
+            update(holds)
+            .where(
+                holds.c.hold_id == hold_id,
+                holds.c.status == HoldStatus.OPEN,
+                holds.c.expires_at <= now,
+            )
+            .values(status=HoldStatus.EXPIRED, settled_at=now)
+            .returning(holds.c.tenant_id, holds.c.amount_micros, holds.c.billing)
+        )
+    ).one_or_none()
+    if row is None:
+        return 0
+    if row.billing == ModelBilling.METERED and row.amount_micros:
+        account = await _move(conn, row.tenant_id, 0, -row.amount_micros)
+        assert account is not None
+        await _append_entry(
+            conn, account, EntryKind.EXPIRY, now, hold_id=hold_id, held_delta=-row.amount_micros
+        )
+    return 1
+
+
+# Statements shared by the bodies above.
+
+
+async def _get_account(conn: AsyncConnection, tenant_id: str) -> Account | None:
+    row = (
+        await conn.execute(select(*_ACCOUNT_COLUMNS).where(tenants.c.tenant_id == tenant_id))
+    ).one_or_none()
+    return None if row is None else _account_from_row(row)
+
+
+async def _get_hold(conn: AsyncConnection, hold_id: str) -> Hold | None:
+    row = (await conn.execute(select(holds).where(holds.c.hold_id == hold_id))).one_or_none()
+    return None if row is None else _hold_from_row(row)
+
+
+async def _move(
+    conn: AsyncConnection, tenant_id: str, balance_delta: int, held_delta: int
+) -> Account | None:
+    row = (
+        await conn.execute(
+            update(tenants)
+            .where(tenants.c.tenant_id == tenant_id)
+            .values(
+                balance_micros=tenants.c.balance_micros + balance_delta,
+                held_micros=tenants.c.held_micros + held_delta,
+            )
+            .returning(*_ACCOUNT_COLUMNS)
+        )
+    ).one_or_none()
+    return None if row is None else _account_from_row(row)
+
+
+async def _append_entry(
+    conn: AsyncConnection,
+    account_after: Account,
+    kind: EntryKind,
+    now: datetime,
+    *,
+    hold_id: str | None = None,
+    balance_delta: int = 0,
+    held_delta: int = 0,
+    request_id: str | None = None,
+    request_fingerprint: str | None = None,
+    memo: str | None = None,
+) -> int:
+    entry_id = (
+        await conn.execute(
+            insert(ledger_entries)
+            .values(
+                tenant_id=account_after.tenant_id,
+                kind=kind,
+                hold_id=hold_id,
+                request_id=request_id,
+                request_fingerprint=request_fingerprint,
+                balance_delta_micros=balance_delta,
+                held_delta_micros=held_delta,
+                balance_after_micros=account_after.balance_micros,
+                held_after_micros=account_after.held_micros,
+                available_after_micros=account_after.available_micros,
+                memo=memo,
+                created_at=now,
+            )
+            .returning(ledger_entries.c.entry_id)
+        )
+    ).scalar_one()
+    return int(entry_id)
+
+
+async def _create_default_tenant(
+    conn: AsyncConnection, tenant_id: str, credit_limit_micros: int, now: datetime
+) -> None:
+    row = _account_row(
+        Account(
+            tenant_id=tenant_id,
+            status=TenantStatus.ACTIVE,
+            credit_limit_micros=credit_limit_micros,
+            payment_method_on_file=False,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    # Two first calls of a new tenant may race to create it: the second creates nothing.
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    await conn.execute(dialect_insert(tenants).values(row).on_conflict_do_nothing())
+
+
+async def _record_admin_request(
+    conn: AsyncConnection,
+    request_id: str,
+    request_fingerprint: str,
+    operation: str,
+    account: Account,
+    now: datetime,
+) -> None:
+    await conn.execute(
+        insert(admin_requests).values(
+            request_id=request_id,
+            request_fingerprint=request_fingerprint,
+            operation=operation,
+            tenant_id=account.tenant_id,
+            result=_account_to_json(account),
+            created_at=now,
+        )
+    )
+
+
+async def _prior_commit(conn: AsyncConnection, request_id: str) -> CommitOutcome | None:
+    row = (
+        await conn.execute(select(usage_records).where(usage_records.c.request_id == request_id))
+    ).one_or_none()
+    if row is None:
+        return None
+    return CommitOutcome(_usage_from_row(row), row.available_after_micros)
+
+
+async def _entry_by_request(conn: AsyncConnection, request_id: str) -> Row[Any] | None:
+    return (
+        await conn.execute(select(ledger_entries).where(ledger_entries.c.request_id == request_id))
+    ).one_or_none()
+
+
+async def _prior_refund(conn: AsyncConnection, request_id: str) -> RefundOutcome | None:
+    entry = await _entry_by_request(conn, request_id)
+    if entry is None:
+        return None
+    kind = EntryKind(entry.kind)
+    if kind not in (EntryKind.RELEASE, EntryKind.REFUND):
+        # The request_id was used by another kind of call: report it as reused.
+        return RefundOutcome(kind, 0, 0, 0, entry.request_fingerprint or "")
+    refunded_total = 0
+    if kind is EntryKind.REFUND:
+        refunded_total = (
+            await conn.execute(
+                select(func.coalesce(func.sum(ledger_entries.c.balance_delta_micros), 0)).where(
+                    ledger_entries.c.hold_id == entry.hold_id,
+                    ledger_entries.c.kind == EntryKind.REFUND,
+                    ledger_entries.c.entry_id <= entry.entry_id,
+                )
+            )
+        ).scalar_one()
+    amount = entry.balance_delta_micros if kind is EntryKind.REFUND else -entry.held_delta_micros
+    return RefundOutcome(
+        kind,
+        amount,
+        entry.available_after_micros,
+        int(refunded_total),
+        entry.request_fingerprint or "",
+    )
+
+
+def _tenant_not_found(tenant_id: str) -> NotFound:
+    return NotFound(ErrorReason.TENANT_NOT_FOUND, f"tenant {tenant_id} does not exist")
+
+
+# Row <-> domain conversions.
+
+
+def _account_from_row(row: Any) -> Account:
+    return Account(
+        tenant_id=row.tenant_id,
+        status=TenantStatus(row.status),
+        credit_limit_micros=row.credit_limit_micros,
+        payment_method_on_file=bool(row.payment_method_on_file),
+        balance_micros=row.balance_micros,
+        held_micros=row.held_micros,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _account_row(account: Account) -> dict[str, Any]:
+    return {
+        "tenant_id": account.tenant_id,
+        "status": account.status,
+        "credit_limit_micros": account.credit_limit_micros,
+        "payment_method_on_file": account.payment_method_on_file,
+        "balance_micros": account.balance_micros,
+        "held_micros": account.held_micros,
+        "created_at": account.created_at,
+        "updated_at": account.updated_at,
+    }
+
+
+def _account_to_json(account: Account) -> str:
+    body = asdict(account)
+    for key in ("created_at", "updated_at"):
+        value = body[key]
+        body[key] = None if value is None else value.isoformat()
+    return json.dumps(body, sort_keys=True)
+
+
+def _account_from_json(text: str) -> Account:
+    body = json.loads(text)
+    for key in ("created_at", "updated_at"):
+        value = body[key]
+        body[key] = None if value is None else datetime.fromisoformat(value)
+    body["status"] = TenantStatus(body["status"])
+    return Account(**body)
+
+
+def _balance_after(entry: Any) -> Balance:
+    effective_limit = (
+        entry.available_after_micros - entry.balance_after_micros + entry.held_after_micros
+    )
+    return Balance(entry.balance_after_micros, entry.held_after_micros, effective_limit)
+
+
+def _hold_row(hold: Hold) -> dict[str, Any]:
+    price = hold.price
+    return {
+        "hold_id": hold.hold_id,
+        "request_id": hold.request_id,
+        "request_fingerprint": hold.request_fingerprint,
+        "tenant_id": hold.tenant_id,
+        "user_id": hold.user_id,
+        "model": hold.model,
+        "billing": None if price is None else price.billing,
+        "input_micros_per_mtok": 0 if price is None else price.input_micros_per_mtok,
+        "cached_input_micros_per_mtok": 0 if price is None else price.cached_input_micros_per_mtok,
+        "output_micros_per_mtok": 0 if price is None else price.output_micros_per_mtok,
+        "flat_micros_per_call": 0 if price is None else price.flat_micros_per_call,
+        "amount_micros": hold.amount_micros,
+        "status": hold.status,
+        "denial_reason": None if hold.denial_reason is None else hold.denial_reason,
+        "decision_available_micros": hold.decision_available_micros,
+        "refunded_micros": hold.refunded_micros,
+        "created_at": hold.created_at,
+        "expires_at": hold.expires_at,
+        "settled_at": hold.settled_at,
+    }
+
+
+def _hold_from_row(row: Any) -> Hold:
+    price = None
+    if row.billing is not None:
+        price = ModelPrice(
+            model=row.model,
+            billing=ModelBilling(row.billing),
+            input_micros_per_mtok=row.input_micros_per_mtok,
+            cached_input_micros_per_mtok=row.cached_input_micros_per_mtok,
+            output_micros_per_mtok=row.output_micros_per_mtok,
+            flat_micros_per_call=row.flat_micros_per_call,
+        )
+    return Hold(
+        hold_id=row.hold_id,
+        request_id=row.request_id,
+        request_fingerprint=row.request_fingerprint,
+        tenant_id=row.tenant_id,
+        user_id=row.user_id,
+        model=row.model,
+        price=price,
+        amount_micros=row.amount_micros,
+        status=HoldStatus(row.status),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        decision_available_micros=row.decision_available_micros,
+        denial_reason=None if row.denial_reason is None else DenialReason(row.denial_reason),
+        settled_at=row.settled_at,
+        refunded_micros=row.refunded_micros,
+    )
+
+
+def _usage_row(record: UsageRecord) -> dict[str, Any]:
+    return {
+        "hold_id": record.hold_id,
+        "request_id": record.request_id,
+        "request_fingerprint": record.request_fingerprint,
+        "tenant_id": record.tenant_id,
+        "user_id": record.user_id,
+        "model": record.model,
+        "input_tokens": record.usage.input_tokens,
+        "cached_input_tokens": record.usage.cached_input_tokens,
+        "output_tokens": record.usage.output_tokens,
+        "cost_micros": record.cost_micros,
+        "charged_micros": record.charged_micros,
+        "uncollected_micros": record.uncollected_micros,
+        "held_micros": record.held_micros,
+        "payment_source": record.payment_source,
+        "reserved_at": record.reserved_at,
+        "committed_at": record.committed_at,
+    }
+
+
+def _usage_from_row(row: Any) -> UsageRecord:
+    return UsageRecord(
+        hold_id=row.hold_id,
+        tenant_id=row.tenant_id,
+        user_id=row.user_id,
+        model=row.model,
+        usage=TokenUsage(row.input_tokens, row.cached_input_tokens, row.output_tokens),
+        cost_micros=row.cost_micros,
+        charged_micros=row.charged_micros,
+        uncollected_micros=row.uncollected_micros,
+        held_micros=row.held_micros,
+        payment_source=PaymentSource(row.payment_source),
+        reserved_at=row.reserved_at,
+        committed_at=row.committed_at,
+        request_id=row.request_id,
+        request_fingerprint=row.request_fingerprint,
+    )

@@ -1,0 +1,176 @@
+"""The schema. Money columns are BIGINT micros; times are UTC.
+
+Invariants the ledger keeps (checked by tests after every step):
+  tenants.balance_micros = sum(ledger_entries.balance_delta_micros) per tenant
+  tenants.held_micros    = sum(ledger_entries.held_delta_micros) per tenant
+                         = sum(holds.amount_micros) over the tenant's open metered holds
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite has no time zones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _micros(name: str, **kwargs: Any) -> Column[int]:
+    return Column(name, BigInteger, nullable=False, **kwargs)
+
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("tenant_id", String(128), primary_key=True),
+    Column("status", String(16), nullable=False),
+    _micros("credit_limit_micros"),
+    Column("payment_method_on_file", Boolean, nullable=False),
+    _micros("balance_micros", server_default=text("0")),
+    _micros("held_micros", server_default=text("0")),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    CheckConstraint("held_micros >= 0", name="held_not_negative"),
+    CheckConstraint("credit_limit_micros >= 0", name="credit_limit_not_negative"),
+)
+
+holds = Table(
+    "holds",
+    metadata,
+    Column("hold_id", String(36), primary_key=True),
+    Column("request_id", String(128), nullable=False, unique=True),
+    Column("request_fingerprint", String(64), nullable=False),
+    Column("tenant_id", String(128), ForeignKey("tenants.tenant_id"), nullable=False),
+    Column("user_id", String(128), nullable=False),
+    Column("model", String(128), nullable=False),
+    # The model's billing and prices when the hold was taken (NULL billing: model not offered).
+    Column("billing", String(16), nullable=True),
+    _micros("input_micros_per_mtok"),
+    _micros("cached_input_micros_per_mtok"),
+    _micros("output_micros_per_mtok"),
+    _micros("flat_micros_per_call"),
+    _micros("amount_micros"),
+    Column("status", String(16), nullable=False),
+    Column("denial_reason", String(32), nullable=True),
+    _micros("decision_available_micros"),
+    _micros("refunded_micros", server_default=text("0")),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("settled_at", UtcDateTime, nullable=True),
+    CheckConstraint("amount_micros >= 0", name="amount_not_negative"),
+    CheckConstraint("refunded_micros >= 0", name="refunded_not_negative"),
+)
+Index(
+    "ix_holds_open_expires_at",
+    holds.c.expires_at,
+    postgresql_where=holds.c.status == "open",
+    sqlite_where=holds.c.status == "open",
+)
+Index("ix_holds_tenant_id_created_at", holds.c.tenant_id, holds.c.created_at)
+
+ledger_entries = Table(
+    "ledger_entries",
+    metadata,
+    Column("entry_id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("tenant_id", String(128), ForeignKey("tenants.tenant_id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("hold_id", String(36), ForeignKey("holds.hold_id"), nullable=True),
+    # Set on entries made by a Refund or a GrantCredit: the idempotency key of that call.
+    Column("request_id", String(128), nullable=True, unique=True),
+    Column("request_fingerprint", String(64), nullable=True),
+    _micros("balance_delta_micros"),
+    _micros("held_delta_micros"),
+    # The tenant's state right after this entry, so a statement can be read without replaying.
+    _micros("balance_after_micros"),
+    _micros("held_after_micros"),
+    _micros("available_after_micros"),
+    Column("memo", String(500), nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+Index("ix_ledger_entries_tenant_id_entry_id", ledger_entries.c.tenant_id, ledger_entries.c.entry_id)
+Index("ix_ledger_entries_hold_id", ledger_entries.c.hold_id)
+
+usage_records = Table(
+    "usage_records",
+    metadata,
+    Column("hold_id", String(36), ForeignKey("holds.hold_id"), primary_key=True),
+    Column("request_id", String(128), nullable=False, unique=True),
+    Column("request_fingerprint", String(64), nullable=False),
+    Column("tenant_id", String(128), ForeignKey("tenants.tenant_id"), nullable=False),
+    Column("user_id", String(128), nullable=False),
+    Column("model", String(128), nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("cached_input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    _micros("cost_micros"),
+    _micros("charged_micros"),
+    _micros("uncollected_micros"),
+    _micros("held_micros"),
+    Column("payment_source", String(16), nullable=False),
+    Column("reserved_at", UtcDateTime, nullable=False),
+    Column("committed_at", UtcDateTime, nullable=False),
+    Column("available_after_micros", BigInteger, nullable=False),
+)
+Index(
+    "ix_usage_records_tenant_id_committed_at",
+    usage_records.c.tenant_id,
+    usage_records.c.committed_at,
+)
+
+# Operator requests (create/update tenant), kept for idempotent replay and as an audit trail.
+admin_requests = Table(
+    "admin_requests",
+    metadata,
+    Column("request_id", String(128), primary_key=True),
+    Column("request_fingerprint", String(64), nullable=False),
+    Column("operation", String(32), nullable=False),
+    Column("tenant_id", String(128), nullable=False),
+    Column("result", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
