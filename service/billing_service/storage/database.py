@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
@@ -62,8 +62,8 @@ def _is_fault(error: BaseException) -> bool:
 
 
 def storage_faults_unavailable(
-    method: Callable[P, Awaitable[T]],
-) -> Callable[P, Awaitable[T]]:
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
     """Turns a database fault into Unavailable: the caller retries with the same request_id."""
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:

@@ -1,0 +1,1 @@
+"""The gRPC transport: servicers translate messages and map errors; no rule lives here."""

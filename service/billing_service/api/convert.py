@@ -1,0 +1,223 @@
+"""Messages <-> domain values. Pure translation: no validation, no rule."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from billing.v1 import admin_pb2, billing_pb2, types_pb2
+from billing_service.domain import commands
+from billing_service.domain.ledger import EntryKind
+from billing_service.domain.model import (
+    Account,
+    Balance,
+    DenialReason,
+    Hold,
+    HoldStatus,
+    PaymentSource,
+    TenantStatus,
+    UsageRecord,
+)
+from billing_service.domain.outcomes import CommitOutcome, RefundOutcome
+from billing_service.domain.policy import Decision
+from billing_service.domain.pricing import ModelBilling, TokenUsage
+
+_DENIAL_REASONS = {
+    None: types_pb2.DENIAL_REASON_UNSPECIFIED,
+    DenialReason.PAYMENT_METHOD_REQUIRED: types_pb2.DENIAL_REASON_PAYMENT_METHOD_REQUIRED,
+    DenialReason.CREDIT_LIMIT_REACHED: types_pb2.DENIAL_REASON_CREDIT_LIMIT_REACHED,
+    DenialReason.ACCOUNT_SUSPENDED: types_pb2.DENIAL_REASON_ACCOUNT_SUSPENDED,
+    DenialReason.MODEL_NOT_OFFERED: types_pb2.DENIAL_REASON_MODEL_NOT_OFFERED,
+}
+_BILLINGS = {
+    None: types_pb2.MODEL_BILLING_UNSPECIFIED,
+    ModelBilling.INCLUDED: types_pb2.MODEL_BILLING_INCLUDED,
+    ModelBilling.METERED: types_pb2.MODEL_BILLING_METERED,
+}
+_HOLD_STATUSES = {
+    HoldStatus.OPEN: types_pb2.RESERVATION_STATUS_OPEN,
+    HoldStatus.COMMITTED: types_pb2.RESERVATION_STATUS_COMMITTED,
+    HoldStatus.RELEASED: types_pb2.RESERVATION_STATUS_RELEASED,
+    HoldStatus.EXPIRED: types_pb2.RESERVATION_STATUS_EXPIRED,
+}
+_PAYMENT_SOURCES = {
+    PaymentSource.CREDIT: types_pb2.PAYMENT_SOURCE_CREDIT,
+    PaymentSource.INCLUDED: types_pb2.PAYMENT_SOURCE_INCLUDED,
+}
+_REFUND_KINDS = {
+    EntryKind.RELEASE: billing_pb2.REFUND_KIND_RELEASE,
+    EntryKind.REFUND: billing_pb2.REFUND_KIND_REFUND,
+}
+_TENANT_STATUSES = {
+    TenantStatus.ACTIVE: admin_pb2.TENANT_STATUS_ACTIVE,
+    TenantStatus.SUSPENDED: admin_pb2.TENANT_STATUS_SUSPENDED,
+}
+_TENANT_STATUSES_IN = {value: key for key, value in _TENANT_STATUSES.items()}
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+# Requests
+
+
+def check_access(request: billing_pb2.CheckAccessRequest) -> commands.CheckAccess:
+    estimate = _estimate(request.estimate) if request.HasField("estimate") else None
+    return commands.CheckAccess(request.tenant_id, request.model, estimate)
+
+
+def reserve(request: billing_pb2.ReserveCreditRequest) -> commands.Reserve:
+    size = request.WhichOneof("size")
+    return commands.Reserve(
+        request_id=request.request_id,
+        tenant_id=request.tenant_id,
+        user_id=request.user_id,
+        model=request.model,
+        estimate=_estimate(request.estimate) if size == "estimate" else None,
+        amount_micros=request.amount_micros if size == "amount_micros" else None,
+        ttl=request.ttl.ToTimedelta() if request.HasField("ttl") else None,
+    )
+
+
+def commit(request: billing_pb2.CommitRequest) -> commands.Commit:
+    usage = request.usage
+    return commands.Commit(
+        request_id=request.request_id,
+        reservation_id=request.reservation_id,
+        usage=TokenUsage(usage.input_tokens, usage.cached_input_tokens, usage.output_tokens),
+    )
+
+
+def refund(request: billing_pb2.RefundRequest) -> commands.Refund:
+    return commands.Refund(
+        request.request_id, request.reservation_id, request.amount_micros, request.reason
+    )
+
+
+def create_tenant(request: admin_pb2.CreateTenantRequest) -> commands.CreateTenant:
+    return commands.CreateTenant(
+        request_id=request.request_id,
+        tenant_id=request.tenant_id,
+        credit_limit_micros=(
+            request.credit_limit_micros if request.HasField("credit_limit_micros") else None
+        ),
+        status=_TENANT_STATUSES_IN.get(request.status, TenantStatus.ACTIVE),
+        payment_method_on_file=request.payment_method_on_file,
+    )
+
+
+def update_tenant(request: admin_pb2.UpdateTenantRequest) -> commands.UpdateTenant:
+    return commands.UpdateTenant(
+        request_id=request.request_id,
+        tenant_id=request.tenant_id,
+        credit_limit_micros=(
+            request.credit_limit_micros if request.HasField("credit_limit_micros") else None
+        ),
+        status=_TENANT_STATUSES_IN.get(request.status),
+        payment_method_on_file=(
+            request.payment_method_on_file if request.HasField("payment_method_on_file") else None
+        ),
+    )
+
+
+def grant_credit(request: admin_pb2.GrantCreditRequest) -> commands.GrantCredit:
+    return commands.GrantCredit(
+        request.request_id, request.tenant_id, request.amount_micros, request.reason
+    )
+
+
+def _estimate(estimate: billing_pb2.QueryEstimate) -> commands.QueryEstimate:
+    return commands.QueryEstimate(estimate.input_tokens, estimate.max_output_tokens)
+
+
+# Responses
+
+
+def decision(value: Decision) -> types_pb2.Decision:
+    return types_pb2.Decision(
+        allowed=value.allowed,
+        reason=_DENIAL_REASONS[value.reason],
+        message=value.message,
+        available_credit_micros=value.available_micros,
+        model_billing=_BILLINGS[value.billing],
+        required_micros=value.required_micros,
+    )
+
+
+def reservation(hold: Hold) -> types_pb2.Reservation:
+    return types_pb2.Reservation(
+        reservation_id=hold.hold_id,
+        tenant_id=hold.tenant_id,
+        user_id=hold.user_id,
+        model=hold.model,
+        amount_micros=hold.amount_micros,
+        create_time=timestamp(hold.created_at),
+        expire_time=timestamp(hold.expires_at),
+        status=_HOLD_STATUSES[hold.status],
+    )
+
+
+def usage_record(record: UsageRecord) -> types_pb2.UsageRecord:
+    usage = record.usage
+    return types_pb2.UsageRecord(
+        reservation_id=record.hold_id,
+        tenant_id=record.tenant_id,
+        user_id=record.user_id,
+        model=record.model,
+        usage=types_pb2.TokenUsage(
+            input_tokens=usage.input_tokens,
+            cached_input_tokens=usage.cached_input_tokens,
+            output_tokens=usage.output_tokens,
+        ),
+        cost_micros=record.cost_micros,
+        charged_micros=record.charged_micros,
+        uncollected_micros=record.uncollected_micros,
+        held_micros=record.held_micros,
+        payment_source=_PAYMENT_SOURCES[record.payment_source],
+        reserve_time=timestamp(record.reserved_at),
+        commit_time=timestamp(record.committed_at),
+    )
+
+
+def commit_response(outcome: CommitOutcome) -> billing_pb2.CommitResponse:
+    return billing_pb2.CommitResponse(
+        usage_record=usage_record(outcome.record),
+        available_credit_micros=outcome.available_after_micros,
+    )
+
+
+def refund_response(outcome: RefundOutcome) -> billing_pb2.RefundResponse:
+    return billing_pb2.RefundResponse(
+        kind=_REFUND_KINDS[outcome.kind],
+        amount_micros=outcome.amount_micros,
+        available_credit_micros=outcome.available_after_micros,
+        refunded_total_micros=outcome.refunded_total_micros,
+    )
+
+
+def balance(value: Balance) -> admin_pb2.Balance:
+    return admin_pb2.Balance(
+        balance_micros=value.balance_micros,
+        held_micros=value.held_micros,
+        effective_credit_limit_micros=value.effective_credit_limit_micros,
+        available_credit_micros=value.available_micros,
+        exposure_micros=value.exposure_micros,
+    )
+
+
+def tenant(account: Account) -> admin_pb2.Tenant:
+    return admin_pb2.Tenant(
+        tenant_id=account.tenant_id,
+        status=_TENANT_STATUSES[account.status],
+        credit_limit_micros=account.credit_limit_micros,
+        payment_method_on_file=account.payment_method_on_file,
+        balance=balance(Balance.of(account)),
+        create_time=timestamp(account.created_at),
+        update_time=timestamp(account.updated_at),
+    )

@@ -1,0 +1,105 @@
+"""gRPC servicers of billing.v1: each method converts, calls the core, converts back."""
+
+from __future__ import annotations
+
+import grpc
+
+from billing.v1 import admin_pb2, admin_pb2_grpc, billing_pb2, billing_pb2_grpc
+from billing_service.api import convert
+from billing_service.api.errors import maps_errors
+from billing_service.core import BillingCore
+
+
+class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
+    def __init__(self, core: BillingCore) -> None:
+        self._core = core
+
+    @maps_errors
+    async def CheckAccess(
+        self,
+        request: billing_pb2.CheckAccessRequest,
+        context: grpc.aio.ServicerContext[
+            billing_pb2.CheckAccessRequest, billing_pb2.CheckAccessResponse
+        ],
+    ) -> billing_pb2.CheckAccessResponse:
+        decision = await self._core.check_access(convert.check_access(request))
+        return billing_pb2.CheckAccessResponse(decision=convert.decision(decision))
+
+    @maps_errors
+    async def ReserveCredit(
+        self,
+        request: billing_pb2.ReserveCreditRequest,
+        context: grpc.aio.ServicerContext[
+            billing_pb2.ReserveCreditRequest, billing_pb2.ReserveCreditResponse
+        ],
+    ) -> billing_pb2.ReserveCreditResponse:
+        result = await self._core.reserve(convert.reserve(request))
+        return billing_pb2.ReserveCreditResponse(
+            decision=convert.decision(result.decision),
+            reservation=None if result.hold is None else convert.reservation(result.hold),
+        )
+
+    @maps_errors
+    async def Commit(
+        self,
+        request: billing_pb2.CommitRequest,
+        context: grpc.aio.ServicerContext[billing_pb2.CommitRequest, billing_pb2.CommitResponse],
+    ) -> billing_pb2.CommitResponse:
+        return convert.commit_response(await self._core.commit(convert.commit(request)))
+
+    @maps_errors
+    async def Refund(
+        self,
+        request: billing_pb2.RefundRequest,
+        context: grpc.aio.ServicerContext[billing_pb2.RefundRequest, billing_pb2.RefundResponse],
+    ) -> billing_pb2.RefundResponse:
+        return convert.refund_response(await self._core.refund(convert.refund(request)))
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, core: BillingCore) -> None:
+        self._core = core
+
+    @maps_errors
+    async def CreateTenant(
+        self,
+        request: admin_pb2.CreateTenantRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.CreateTenantRequest, admin_pb2.CreateTenantResponse
+        ],
+    ) -> admin_pb2.CreateTenantResponse:
+        account = await self._core.create_tenant(convert.create_tenant(request))
+        return admin_pb2.CreateTenantResponse(tenant=convert.tenant(account))
+
+    @maps_errors
+    async def UpdateTenant(
+        self,
+        request: admin_pb2.UpdateTenantRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.UpdateTenantRequest, admin_pb2.UpdateTenantResponse
+        ],
+    ) -> admin_pb2.UpdateTenantResponse:
+        account = await self._core.update_tenant(convert.update_tenant(request))
+        return admin_pb2.UpdateTenantResponse(tenant=convert.tenant(account))
+
+    @maps_errors
+    async def GetTenant(
+        self,
+        request: admin_pb2.GetTenantRequest,
+        context: grpc.aio.ServicerContext[admin_pb2.GetTenantRequest, admin_pb2.GetTenantResponse],
+    ) -> admin_pb2.GetTenantResponse:
+        account = await self._core.get_tenant(request.tenant_id)
+        return admin_pb2.GetTenantResponse(tenant=convert.tenant(account))
+
+    @maps_errors
+    async def GrantCredit(
+        self,
+        request: admin_pb2.GrantCreditRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.GrantCreditRequest, admin_pb2.GrantCreditResponse
+        ],
+    ) -> admin_pb2.GrantCreditResponse:
+        outcome = await self._core.grant_credit(convert.grant_credit(request))
+        return admin_pb2.GrantCreditResponse(
+            ledger_entry_id=outcome.entry_id, balance=convert.balance(outcome.balance)
+        )
