@@ -1,0 +1,28 @@
+"""Shared pytest fixtures, grouped by subject under ``# <Subject>`` headers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.postgres import PostgresServer
+
+# PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the whole session; see ``tests/support/postgres.py``.
+
+    Tests create their own databases on it with ``postgres_server.create_database(name)``.
+    """
+    if os.environ.get("BILLING_TEST_POSTGRES_URL"):
+        pytest.fail(
+            "BILLING_TEST_POSTGRES_URL is set, but only throwaway servers are supported so far; "
+            "unset it",
+            pytrace=False,
+        )
+    with PostgresServer() as server:
+        yield server
