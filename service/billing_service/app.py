@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.v1 import admin_pb2, admin_pb2_grpc, billing_pb2, billing_pb2_grpc
+from billing_service.api.reflection import enable_reflection
 from billing_service.api.servicers import AdminServicer, BillingServicer
 from billing_service.config import Settings, load_price_table
 from billing_service.core import BillingCore, Clock, utc_now
@@ -59,9 +59,7 @@ class Application:
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         if settings.reflection:
-            reflection.enable_server_reflection(
-                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-            )
+            enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
         port = server.add_insecure_port(settings.listen_address)
         if port == 0:
             await engine.dispose()
