@@ -11,13 +11,17 @@ from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from billing_service.core import CoreSettings
 from billing_service.domain.commands import TtlBounds
 from billing_service.domain.money import AMOUNT_MICROS_MAX
 from billing_service.domain.pricing import PriceTable, PriceTableError, parse_price_table
+
+_SUPPORTED_DRIVERS = frozenset({"sqlite+aiosqlite", "postgresql+asyncpg"})
 
 
 class ConfigError(Exception):
@@ -56,6 +60,17 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Python logging level.")
 
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, url: str) -> str:
+        try:
+            driver = make_url(url).drivername
+        except ArgumentError:
+            raise ValueError("not a SQLAlchemy database URL") from None
+        if driver not in _SUPPORTED_DRIVERS:
+            raise ValueError(f"use one of {', '.join(sorted(_SUPPORTED_DRIVERS))}, not {driver}")
+        return url
+
     @model_validator(mode="after")
     def _ttl_bounds_ordered(self) -> Settings:
         if not self.hold_ttl_min_s <= self.hold_ttl_default_s <= self.hold_ttl_max_s:
@@ -83,7 +98,8 @@ def load_settings() -> Settings:
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "settings"
-        raise ConfigError(f"invalid configuration: {where}: {first['msg']}") from None
+        variable = f"BILLING_{where.upper()}" if where != "settings" else where
+        raise ConfigError(f"invalid configuration: {variable}: {first['msg']}") from None
 
 
 def load_price_table(path: Path | None) -> PriceTable:
