@@ -36,11 +36,10 @@ from billing_service.domain.model import Account, DenialReason, Hold, HoldStatus
 from billing_service.domain.outcomes import (
     CommitOutcome,
     GrantOutcome,
-    PlaceHoldResult,
     RefundOutcome,
     TenantOutcome,
 )
-from billing_service.domain.policy import Decision, decide, denial, denial_message, explain_refusal
+from billing_service.domain.policy import Decision, decide, denial, denial_message
 from billing_service.domain.pricing import ModelBilling, ModelPrice, PriceTable
 
 Clock = Callable[[], datetime]
@@ -59,9 +58,7 @@ class LedgerPort(Protocol):
 
     async def get_account(self, tenant_id: str) -> Account | None: ...
 
-    async def place_hold(self, hold: Hold, *, create_with_limit: int | None) -> PlaceHoldResult: ...
-
-    async def record_denial(self, hold: Hold) -> Hold: ...
+    async def place_hold(self, hold: Hold, *, create_with_limit: int | None) -> Hold: ...
 
     async def commit(
         self, command: Commit, request_fingerprint: str, now: datetime
@@ -159,18 +156,7 @@ class BillingCore:
             expires_at=now + ttl,
             decision_available_micros=0,
         )
-        placed = await self._ledger.place_hold(hold, create_with_limit=self._creation_limit())
-        stored = placed.hold
-        if placed.refused_by is not None:
-            refusal = explain_refusal(placed.refused_by, command.model, price, hold.amount_micros)
-            stored = await self._ledger.record_denial(
-                replace(
-                    hold,
-                    status=HoldStatus.DENIED,
-                    denial_reason=refusal.reason,
-                    decision_available_micros=refusal.available_micros,
-                )
-            )
+        stored = await self._ledger.place_hold(hold, create_with_limit=self._creation_limit())
         if stored.request_fingerprint != request_fingerprint:
             raise request_id_reused(command.request_id)
         return _reserve_result(stored)

@@ -9,16 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from billing_service.domain.ledger import EntryKind
-from billing_service.domain.model import Account, Balance, Hold, UsageRecord
-
-
-@dataclass(frozen=True, slots=True)
-class PlaceHoldResult:
-    """The stored hold (new, or the earlier one with the same request_id), or a refusal."""
-
-    hold: Hold
-    # Set when no hold was taken: the account as read right after the refusal.
-    refused_by: Account | None = None
+from billing_service.domain.model import Account, Balance, UsageRecord
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,10 +48,10 @@ from billing_service.domain.model import (
 from billing_service.domain.outcomes import (
     CommitOutcome,
     GrantOutcome,
-    PlaceHoldResult,
     RefundOutcome,
     TenantOutcome,
 )
+from billing_service.domain.policy import explain_refusal
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
 from billing_service.storage.database import storage_faults_unavailable, transaction
 from billing_service.storage.tables import (
@@ -107,26 +107,16 @@ class LedgerStore:
     # ReserveCredit
 
     @storage_faults_unavailable
-    async def place_hold(self, hold: Hold, *, create_with_limit: int | None) -> PlaceHoldResult:
-        """Takes `hold` if it fits; else returns the account that refused it.
+    async def place_hold(self, hold: Hold, *, create_with_limit: int | None) -> Hold:
+        """Takes `hold` if it fits; else stores it as denied, with the reason. One transaction.
 
+        Returns the stored hold, or the earlier one with the same request_id (a retry).
         create_with_limit: when set, an unknown tenant is created with this credit limit;
         when None, an unknown tenant raises NotFound.
         """
         try:
             async with transaction(self._engine) as conn:
                 return await _place_hold(conn, hold, create_with_limit)
-        except IntegrityError:
-            return PlaceHoldResult(await self._prior_hold(hold.request_id))
-
-    @storage_faults_unavailable
-    async def record_denial(self, hold: Hold) -> Hold:
-        """Stores a refused reservation so that a retry replays the refusal."""
-        assert hold.status is HoldStatus.DENIED
-        try:
-            async with transaction(self._engine) as conn:
-                await conn.execute(insert(holds).values(_hold_row(hold)))
-                return hold
         except IntegrityError:
             return await self._prior_hold(hold.request_id)
 
@@ -308,9 +298,8 @@ class LedgerStore:
 # Transaction bodies. Each takes an open connection inside one transaction.
 
 
-async def _place_hold(
-    conn: AsyncConnection, hold: Hold, create_with_limit: int | None
-) -> PlaceHoldResult:
+async def _place_hold(conn: AsyncConnection, hold: Hold, create_with_limit: int | None) -> Hold:
+    assert hold.price is not None
     for _ in range(2):
         if hold.metered:
             account = await _take_hold(conn, hold.tenant_id, hold.amount_micros)
@@ -325,7 +314,7 @@ async def _place_hold(
                     hold_id=hold.hold_id,
                     held_delta=hold.amount_micros,
                 )
-                return PlaceHoldResult(stored)
+                return stored
             snapshot = await _get_account(conn, hold.tenant_id)
         else:
             # An included model moves no money: only the tenant's status matters.
@@ -333,9 +322,18 @@ async def _place_hold(
             if snapshot is not None and snapshot.status is TenantStatus.ACTIVE:
                 stored = replace(hold, decision_available_micros=snapshot.available_micros)
                 await conn.execute(insert(holds).values(_hold_row(stored)))
-                return PlaceHoldResult(stored)
+                return stored
         if snapshot is not None:
-            return PlaceHoldResult(hold, refused_by=snapshot)
+            # Kept so that a retry of this request replays the same denial.
+            refusal = explain_refusal(snapshot, hold.model, hold.price, hold.amount_micros)
+            denied = replace(
+                hold,
+                status=HoldStatus.DENIED,
+                denial_reason=refusal.reason,
+                decision_available_micros=refusal.available_micros,
+            )
+            await conn.execute(insert(holds).values(_hold_row(denied)))
+            return denied
         if create_with_limit is None:
             raise _tenant_not_found(hold.tenant_id)
         await _create_default_tenant(conn, hold.tenant_id, create_with_limit, hold.created_at)
