@@ -22,8 +22,10 @@ TOKENS_PER_PRICE_UNIT = 1_000_000
 # The most tokens of one kind a single call may report (a guard against overflow and typos).
 TOKENS_MAX = 100_000_000
 
-# $100,000 per million tokens: far above any real price, low enough that no cost overflows int64.
-PRICE_MICROS_PER_MTOK_MAX = 100_000_000_000
+# $10,000 per million tokens: far above any real price, and low enough that the cost of
+# TOKENS_MAX tokens of each kind (3 x 1e8 x 1e10) fits in a signed 64-bit integer, as the
+# database computes it.
+PRICE_MICROS_PER_MTOK_MAX = 10_000_000_000
 
 
 class ModelBilling(StrEnum):

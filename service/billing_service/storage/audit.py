@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing_service.domain.model import HoldStatus
 from billing_service.domain.pricing import ModelBilling
-from billing_service.storage.ledger_store import available_credit_sql
+from billing_service.storage.credit_sql import available_credit_sql
 from billing_service.storage.tables import holds, ledger_entries, tenants
 
 

@@ -18,11 +18,10 @@ from dataclasses import asdict, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, case, func, insert, select, update
+from sqlalchemy import Row, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql import ColumnElement
 
 from billing_service.domain.commands import Commit, CreateTenant, GrantCredit, Refund, UpdateTenant
 from billing_service.domain.errors import AlreadyExists, ErrorReason, FailedPrecondition, NotFound
@@ -53,6 +52,8 @@ from billing_service.domain.outcomes import (
 )
 from billing_service.domain.policy import explain_refusal
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
+from billing_service.storage import postgres_hot_path
+from billing_service.storage.credit_sql import available_credit_sql
 from billing_service.storage.database import storage_faults_unavailable, transaction
 from billing_service.storage.tables import (
     admin_requests,
@@ -74,19 +75,14 @@ _ACCOUNT_COLUMNS = (
 )
 
 
-def available_credit_sql() -> ColumnElement[int]:
-    """Account.available_micros as SQL: the fit rule of `_take_hold`."""
-    effective_limit = case(
-        (tenants.c.payment_method_on_file, tenants.c.credit_limit_micros), else_=0
-    )
-    return tenants.c.balance_micros + effective_limit - tenants.c.held_micros
-
-
 class LedgerStore:
     """Tenants, holds, usage records and the append-only ledger, in one SQL database."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        # The one-statement hot path runs without BEGIN/COMMIT round trips.
+        self._postgres = engine.dialect.name == "postgresql"
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
     def engine(self) -> AsyncEngine:
@@ -115,6 +111,11 @@ class LedgerStore:
         when None, an unknown tenant raises NotFound.
         """
         try:
+            if self._postgres and hold.metered:
+                async with self._autocommit.connect() as conn:
+                    available = await postgres_hot_path.reserve(conn, hold)
+                if available is not None:
+                    return replace(hold, decision_available_micros=available)
             async with transaction(self._engine) as conn:
                 return await _place_hold(conn, hold, create_with_limit)
         except IntegrityError:
@@ -136,6 +137,11 @@ class LedgerStore:
         self, command: Commit, request_fingerprint: str, now: datetime
     ) -> CommitOutcome:
         try:
+            if self._postgres:
+                async with self._autocommit.connect() as conn:
+                    row = await postgres_hot_path.commit(conn, command, request_fingerprint, now)
+                if row is not None:
+                    return CommitOutcome(_usage_from_row(row), row.available_after_micros)
             async with transaction(self._engine) as conn:
                 return await _commit(conn, command, request_fingerprint, now)
         except IntegrityError:

@@ -1,0 +1,204 @@
+"""ReserveCredit and Commit on PostgreSQL in one statement each: one round trip, no BEGIN/COMMIT.
+
+Each statement is a chain of data-modifying CTEs run in autocommit mode. The tenant's row is
+locked only while the statement runs, so concurrent calls for one tenant queue for
+microseconds, not for a whole transaction's round trips.
+
+These statements cover the normal case only. When one returns no row (no room, unknown tenant,
+hold not open, ...), the caller falls back to the general multi-statement transaction in
+ledger_store, which decides and explains the outcome. A unique-key violation (a retried
+request_id) aborts the whole statement, so nothing is half-written.
+
+Rules they apply, and where those rules are defined and tested to agree:
+- the fit rule `available >= amount`: storage.credit_sql (rendered into the text below);
+- the cost of a call: domain.pricing.ModelPrice.cost_micros (the SQL `COST` below);
+- what a commit charges: domain.ledger.settle (the SQL `charged_micros` below).
+tests/ledger/test_hot_path_agrees.py checks the last two against the domain on random inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, DateTime, String, bindparam, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import BindParameter, TextClause
+from sqlalchemy.types import TypeEngine
+
+from billing_service.domain.commands import Commit
+from billing_service.domain.model import Hold
+from billing_service.storage.credit_sql import available_credit_postgres_text
+
+_AVAILABLE = available_credit_postgres_text()
+
+_RESERVE_SQL = f"""
+WITH account AS (
+    UPDATE tenants
+    SET held_micros = held_micros + :amount_micros
+    WHERE tenant_id = :tenant_id AND status = 'active' AND {_AVAILABLE} >= :amount_micros
+    RETURNING tenant_id, balance_micros, held_micros, {_AVAILABLE} AS available_micros
+), hold AS (
+    INSERT INTO holds (
+        hold_id, request_id, request_fingerprint, tenant_id, user_id, model, billing,
+        input_micros_per_mtok, cached_input_micros_per_mtok, output_micros_per_mtok,
+        flat_micros_per_call, amount_micros, status, decision_available_micros,
+        refunded_micros, created_at, expires_at
+    )
+    SELECT :hold_id, :request_id, :request_fingerprint, account.tenant_id, :user_id, :model,
+        'metered', :input_price, :cached_input_price, :output_price, :flat_price,
+        :amount_micros, 'open', account.available_micros, 0, :now, :expires_at
+    FROM account
+    RETURNING hold_id
+)
+INSERT INTO ledger_entries (
+    tenant_id, kind, hold_id, balance_delta_micros, held_delta_micros,
+    balance_after_micros, held_after_micros, available_after_micros, created_at
+)
+SELECT account.tenant_id, 'hold', hold.hold_id, 0, :amount_micros,
+    account.balance_micros, account.held_micros, account.available_micros, :now
+FROM account, hold
+RETURNING available_after_micros
+"""
+
+# flat + ceil(sum(tokens x price per million) / 1e6), in bigint: prices <= 1e10 and tokens
+# <= 1e8 keep the sum below 2^63 (domain.pricing bounds both).
+_COST = """flat_micros_per_call + (
+        :input_tokens * input_micros_per_mtok
+        + :cached_input_tokens * cached_input_micros_per_mtok
+        + :output_tokens * output_micros_per_mtok
+        + 999999) / 1000000"""
+
+_COMMIT_SQL = f"""
+WITH claimed AS (
+    UPDATE holds
+    SET status = 'committed', settled_at = :now
+    WHERE hold_id = :hold_id AND status = 'open' AND expires_at > :now
+    RETURNING hold_id, tenant_id, user_id, model, billing, amount_micros, created_at,
+        {_COST} AS cost_micros
+), locked AS (
+    SELECT tenants.tenant_id, {_AVAILABLE} AS available_micros
+    FROM tenants JOIN claimed ON tenants.tenant_id = claimed.tenant_id
+    WHERE claimed.billing = 'metered'
+    FOR UPDATE OF tenants
+), settled AS (
+    SELECT claimed.*,
+        CASE WHEN claimed.billing = 'metered'
+            THEN LEAST(
+                claimed.cost_micros,
+                claimed.amount_micros + GREATEST(0, locked.available_micros))
+            ELSE 0 END AS charged_micros
+    FROM claimed LEFT JOIN locked ON locked.tenant_id = claimed.tenant_id
+), moved AS (
+    UPDATE tenants
+    SET balance_micros = tenants.balance_micros - settled.charged_micros,
+        held_micros = tenants.held_micros - settled.amount_micros
+    FROM settled
+    WHERE tenants.tenant_id = settled.tenant_id AND settled.billing = 'metered'
+    RETURNING tenants.tenant_id, tenants.balance_micros, tenants.held_micros,
+        {_AVAILABLE} AS available_micros
+), entry AS (
+    INSERT INTO ledger_entries (
+        tenant_id, kind, hold_id, balance_delta_micros, held_delta_micros,
+        balance_after_micros, held_after_micros, available_after_micros, created_at
+    )
+    SELECT moved.tenant_id, 'debit', settled.hold_id, -settled.charged_micros,
+        -settled.amount_micros, moved.balance_micros, moved.held_micros,
+        moved.available_micros, :now
+    FROM settled JOIN moved ON moved.tenant_id = settled.tenant_id
+), unchanged AS (
+    SELECT tenants.tenant_id, {_AVAILABLE} AS available_micros
+    FROM tenants JOIN claimed ON tenants.tenant_id = claimed.tenant_id
+    WHERE claimed.billing <> 'metered'
+)
+INSERT INTO usage_records (
+    hold_id, request_id, request_fingerprint, tenant_id, user_id, model, input_tokens,
+    cached_input_tokens, output_tokens, cost_micros, charged_micros, uncollected_micros,
+    held_micros, payment_source, reserved_at, committed_at, available_after_micros
+)
+SELECT settled.hold_id, :request_id, :request_fingerprint, settled.tenant_id,
+    settled.user_id, settled.model, :input_tokens, :cached_input_tokens, :output_tokens,
+    settled.cost_micros, settled.charged_micros,
+    CASE WHEN settled.billing = 'metered'
+        THEN settled.cost_micros - settled.charged_micros ELSE 0 END,
+    settled.amount_micros,
+    CASE WHEN settled.billing = 'metered' THEN 'credit' ELSE 'included' END,
+    settled.created_at, :now, COALESCE(moved.available_micros, unchanged.available_micros)
+FROM settled
+LEFT JOIN moved ON moved.tenant_id = settled.tenant_id
+LEFT JOIN unchanged ON unchanged.tenant_id = settled.tenant_id
+RETURNING *
+"""
+
+
+_PARAM_NAMES = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def _statement(
+    sql: str, *, text_params: tuple[str, ...], time_params: tuple[str, ...]
+) -> TextClause:
+    """A prepared-once statement whose parameters carry their SQL types (bigint by default)."""
+    names = sorted(set(_PARAM_NAMES.findall(sql)))
+    params: list[BindParameter[Any]] = []
+    for name in names:
+        sql_type: TypeEngine[Any] = BigInteger()
+        if name in text_params:
+            sql_type = String()
+        elif name in time_params:
+            sql_type = DateTime(timezone=True)
+        params.append(bindparam(name, type_=sql_type))
+    return text(sql).bindparams(*params)
+
+
+RESERVE = _statement(
+    _RESERVE_SQL,
+    text_params=("tenant_id", "hold_id", "request_id", "request_fingerprint", "user_id", "model"),
+    time_params=("now", "expires_at"),
+)
+COMMIT = _statement(
+    _COMMIT_SQL,
+    text_params=("hold_id", "request_id", "request_fingerprint"),
+    time_params=("now",),
+)
+
+
+async def reserve(conn: AsyncConnection, hold: Hold) -> int | None:
+    """Takes a metered hold if it fits; returns the available credit after it, else None."""
+    price = hold.price
+    assert price is not None
+    assert hold.metered
+    params: dict[str, Any] = {
+        "amount_micros": hold.amount_micros,
+        "tenant_id": hold.tenant_id,
+        "hold_id": hold.hold_id,
+        "request_id": hold.request_id,
+        "request_fingerprint": hold.request_fingerprint,
+        "user_id": hold.user_id,
+        "model": hold.model,
+        "input_price": price.input_micros_per_mtok,
+        "cached_input_price": price.cached_input_micros_per_mtok,
+        "output_price": price.output_micros_per_mtok,
+        "flat_price": price.flat_micros_per_call,
+        "now": hold.created_at,
+        "expires_at": hold.expires_at,
+    }
+    available = (await conn.execute(RESERVE, params)).scalar_one_or_none()
+    return None if available is None else int(available)
+
+
+async def commit(
+    conn: AsyncConnection, command: Commit, request_fingerprint: str, now: datetime
+) -> Any | None:
+    """Settles an open, unexpired hold; returns the usage_records row written, else None."""
+    usage = command.usage
+    params: dict[str, Any] = {
+        "hold_id": command.reservation_id,
+        "request_id": command.request_id,
+        "request_fingerprint": request_fingerprint,
+        "input_tokens": usage.input_tokens,
+        "cached_input_tokens": usage.cached_input_tokens,
+        "output_tokens": usage.output_tokens,
+        "now": now,
+    }
+    return (await conn.execute(COMMIT, params)).one_or_none()
