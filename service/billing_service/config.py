@@ -6,12 +6,14 @@ micros.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from datetime import timedelta
 from importlib import resources
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -59,6 +61,71 @@ class Settings(BaseSettings):
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object per line; text: for a terminal."
+    )
+    access_log: bool = Field(True, description="Log one line per finished call (INFO).")
+
+    # Security. With neither tokens nor a client CA, callers are not authenticated.
+    auth_tokens: SecretStr | None = Field(
+        None, description="Bearer tokens as role=token entries, separated by commas or spaces."
+    )
+    auth_tokens_file: Path | None = Field(
+        None, description="A file of role=token lines (# comments); joins BILLING_AUTH_TOKENS."
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain of the server.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of the server.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle; when set, every client must present a certificate."
+    )
+    tls_client_roles: str = Field(
+        "", description="role=identity entries: a client certificate's CN or SAN -> role."
+    )
+
+    # Transport limits.
+    health_listen_address: str = Field(
+        "", description="host:port of a plaintext listener serving only grpc.health.v1."
+    )
+    max_message_bytes: int = Field(
+        1_048_576, ge=1024, le=64 * 1_048_576, description="Largest message received or sent."
+    )
+    keepalive_time_s: float = Field(60.0, gt=0, description="Ping an idle connection this often.")
+    keepalive_timeout_s: float = Field(
+        20.0, gt=0, description="Close a connection whose ping is not answered in this time."
+    )
+    keepalive_min_client_interval_s: float = Field(
+        10.0, gt=0, description="Clients may ping this often without being disconnected."
+    )
+    max_connection_age_s: float = Field(
+        0.0, ge=0, description="Close connections after this long (0: never)."
+    )
+
+    # Observability and readiness.
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus HTTP port (0: off).")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics port binds.")
+    health_check_interval_s: float = Field(
+        5.0, gt=0, description="How often the database is checked for readiness."
+    )
+    health_check_timeout_s: float = Field(
+        2.0, gt=0, description="A readiness check slower than this counts as a failure."
+    )
+    tracing: Literal["off", "otlp", "console"] = Field(
+        "off", description="OpenTelemetry spans of every call: off, otlp, console."
+    )
+
+    @field_validator(
+        "auth_tokens_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file", mode="before"
+    )
+    @classmethod
+    def _empty_path_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, level: str) -> str:
+        if not isinstance(logging.getLevelNamesMapping().get(level.upper()), int):
+            raise ValueError("use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level.upper()
 
     @field_validator("database_url")
     @classmethod
@@ -78,6 +145,16 @@ class Settings(BaseSettings):
                 "hold TTLs must satisfy BILLING_HOLD_TTL_MIN_S <= BILLING_HOLD_TTL_DEFAULT_S "
                 "<= BILLING_HOLD_TTL_MAX_S"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both BILLING_TLS_CERT_FILE and BILLING_TLS_KEY_FILE, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("BILLING_TLS_CLIENT_CA_FILE needs BILLING_TLS_CERT_FILE (mutual TLS)")
+        if self.tls_client_roles.strip() and self.tls_client_ca_file is None:
+            raise ValueError("BILLING_TLS_CLIENT_ROLES needs BILLING_TLS_CLIENT_CA_FILE")
         return self
 
     def core_settings(self) -> CoreSettings:

@@ -25,6 +25,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -91,8 +92,16 @@ class PostgresServer:
     :attr:`host`:attr:`port` once started.
     """
 
-    def __init__(self, binaries: PostgresBinaries | None = None) -> None:
+    def __init__(
+        self,
+        binaries: PostgresBinaries | None = None,
+        *,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        """``settings``: extra server settings (``-c key=value``) over the defaults, e.g.
+        ``{"shared_preload_libraries": "pg_stat_statements"}``."""
         self._binaries = binaries
+        self._settings = {**_SERVER_SETTINGS, **(settings or {})}
         self._root: Path | None = None
         self._port: int | None = None
         self._run_as_postgres = os.geteuid() == 0
@@ -257,7 +266,7 @@ class PostgresServer:
         )
 
     def _pg_ctl_start(self, binaries: PostgresBinaries, port: int) -> None:
-        settings = [f"-c {key}={value}" for key, value in _SERVER_SETTINGS.items()]
+        settings = [f"-c {key}={value}" for key, value in self._settings.items()]
         # pg_ctl hands these to the server through /bin/sh, hence the quoting.
         options = " ".join(["-p", str(port), "-k", shlex.quote(str(self._socket_dir)), *settings])
         self._run(
