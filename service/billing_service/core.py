@@ -60,6 +60,8 @@ class LedgerPort(Protocol):
 
     async def place_hold(self, hold: Hold, *, create_with_limit: int | None) -> Hold: ...
 
+    async def find_hold(self, request_id: str) -> Hold | None: ...
+
     async def commit(
         self, command: Commit, request_fingerprint: str, now: datetime
     ) -> CommitOutcome: ...
@@ -137,11 +139,10 @@ class BillingCore:
     async def reserve(self, command: Reserve) -> ReserveResult:
         ttl = validate_reserve(command, self._settings.ttl_bounds)
         price = self._prices.get(command.model)
-        if price is None:
-            account = await self._account_or_default(command.tenant_id)
-            return ReserveResult(decide(account, command.model, None, 0), None)
-        now = self._clock()
         request_fingerprint = fingerprint(command)
+        if price is None:
+            return await self._model_not_offered(command, request_fingerprint)
+        now = self._clock()
         hold = Hold(
             hold_id=new_reservation_id(),
             request_id=command.request_id,
@@ -160,6 +161,17 @@ class BillingCore:
         if stored.request_fingerprint != request_fingerprint:
             raise request_id_reused(command.request_id)
         return _reserve_result(stored)
+
+    async def _model_not_offered(self, command: Reserve, request_fingerprint: str) -> ReserveResult:
+        """A model missing from the price table is refused without writing anything, unless
+        this is a retry of a request made while the model was offered: that replays."""
+        prior = await self._ledger.find_hold(command.request_id)
+        if prior is not None:
+            if prior.request_fingerprint != request_fingerprint:
+                raise request_id_reused(command.request_id)
+            return _reserve_result(prior)
+        account = await self._account_or_default(command.tenant_id)
+        return ReserveResult(decide(account, command.model, None, 0), None)
 
     async def commit(self, command: Commit) -> CommitOutcome:
         validate_commit(command)

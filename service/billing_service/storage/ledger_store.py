@@ -121,14 +121,20 @@ class LedgerStore:
         except IntegrityError:
             return await self._prior_hold(hold.request_id)
 
-    async def _prior_hold(self, request_id: str) -> Hold:
+    @storage_faults_unavailable
+    async def find_hold(self, request_id: str) -> Hold | None:
+        """The reservation made by a ReserveCredit with this request_id, if any."""
         async with self._engine.connect() as conn:
             row = (
                 await conn.execute(select(holds).where(holds.c.request_id == request_id))
             ).one_or_none()
-        if row is None:
+        return None if row is None else _hold_from_row(row)
+
+    async def _prior_hold(self, request_id: str) -> Hold:
+        prior = await self.find_hold(request_id)
+        if prior is None:
             raise LookupError(f"no hold with request_id {request_id!r} after a conflict")
-        return _hold_from_row(row)
+        return prior
 
     # Commit
 
