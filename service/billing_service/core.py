@@ -39,7 +39,7 @@ from billing_service.domain.outcomes import (
     RefundOutcome,
     TenantOutcome,
 )
-from billing_service.domain.policy import Decision, decide, denial, denial_message
+from billing_service.domain.policy import Decision, decide, denial
 from billing_service.domain.pricing import ModelBilling, ModelPrice, PriceTable
 
 Clock = Callable[[], datetime]
@@ -250,17 +250,12 @@ def _hold_amount(command: Reserve, price: ModelPrice) -> int:
 
 
 def _reserve_result(hold: Hold) -> ReserveResult:
+    """The answer a reservation was first given, rebuilt from what was stored."""
     billing = None if hold.price is None else hold.price.billing
     if hold.status is HoldStatus.DENIED:
         reason = hold.denial_reason or DenialReason.CREDIT_LIMIT_REACHED
         decision = denial(
             reason, hold.model, hold.decision_available_micros, billing, hold.amount_micros
-        )
-        decision = replace(
-            decision,
-            message=denial_message(
-                reason, hold.model, hold.decision_available_micros, hold.amount_micros
-            ),
         )
         return ReserveResult(decision, None)
     decision = Decision(
@@ -271,7 +266,9 @@ def _reserve_result(hold: Hold) -> ReserveResult:
         billing=billing,
         required_micros=hold.amount_micros,
     )
-    return ReserveResult(decision, hold)
+    # A retry replays the grant as it was given, whatever happened to the hold since.
+    as_granted = replace(hold, status=HoldStatus.OPEN, settled_at=None, refunded_micros=0)
+    return ReserveResult(decision, as_granted)
 
 
 def _checked(outcome: TenantOutcome, request_fingerprint: str, request_id: str) -> TenantOutcome:

@@ -89,7 +89,8 @@ class CheckAccessRequest(_message.Message):
     @_builtins.property
     def estimate(self) -> Global___QueryEstimate:
         """Optional. The size of the query. When set, the answer says whether a hold
-        for it would fit now; when empty, whether a hold of 1 micro would.
+        for it would fit now; when empty, whether the smallest query would: one
+        with no tokens, priced at the model's flat price and at least 1 micro.
         """
 
     def __init__(
