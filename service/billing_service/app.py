@@ -1,4 +1,5 @@
-"""Wiring: settings -> engine, ledger store, core -> gRPC server with health and reflection."""
+"""Wiring: settings -> engine, ledger store, core -> gRPC server with health, reflection, the
+call guard (auth, deadlines, metrics, logs), readiness, metrics and tracing; and the drain."""
 
 from __future__ import annotations
 
@@ -6,22 +7,30 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import _async as health_aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.v1 import admin_pb2, admin_pb2_grpc, billing_pb2, billing_pb2_grpc
+from billing_service.api.interceptors import CallGuard
 from billing_service.api.reflection import enable_reflection
 from billing_service.api.servicers import AdminServicer, BillingServicer
+from billing_service.api.transport import exposure_warning, listen, server_options
 from billing_service.config import Settings, load_price_table
 from billing_service.core import BillingCore, Clock, utc_now
 from billing_service.domain.errors import Unavailable
+from billing_service.metrics import Metrics, MetricsServer
+from billing_service.readiness import Readiness
+from billing_service.security import load_authenticator, server_credentials
 from billing_service.storage.database import create_engine
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.migrations import migrate
+from billing_service.tracing import Tracing, start_tracing
 
 _log = logging.getLogger(__name__)
 
@@ -44,54 +53,153 @@ class Application:
     server: grpc.aio.Server
     health: health_aio.HealthServicer
     port: int
+    metrics: Metrics
+    readiness: Readiness
+    # The plaintext health-only listener (BILLING_HEALTH_LISTEN_ADDRESS), for kubelet probes.
+    health_server: grpc.aio.Server | None
+    health_port: int | None
+    metrics_server: MetricsServer | None
+    _guard: CallGuard
+    _tracing: Tracing | None
     _sweeper: asyncio.Task[None]
+    _stopping: asyncio.Event
 
     @classmethod
-    async def start(cls, settings: Settings, clock: Clock = utc_now) -> Application:
+    async def start(
+        cls,
+        settings: Settings,
+        clock: Clock = utc_now,
+        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    ) -> Application:
+        """Serves until `stop()`. `interceptors` run before the built-in ones (tests use it)."""
         prices = load_price_table(settings.price_table)
+        authenticator = load_authenticator(settings)
+        credentials = server_credentials(settings)
         if settings.migrate_on_start:
             await migrate(settings.database_url)
         engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
-        core = BillingCore(LedgerStore(engine), prices, settings.core_settings(), clock)
-        server = grpc.aio.server()
-        billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingServicer(core), server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(core), server)
-        health_servicer = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        if settings.reflection:
-            enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
-        port = server.add_insecure_port(settings.listen_address)
-        if port == 0:
-            await engine.dispose()
-            raise OSError(f"cannot listen on {settings.listen_address}")
-        await server.start()
-        for name in ("", *SERVICE_NAMES):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        sweeper = asyncio.create_task(_sweep_expired_holds(core, settings.expiry_sweep_interval_s))
+        async with contextlib.AsyncExitStack() as on_failure:
+            on_failure.push_async_callback(engine.dispose)
+            tracing = start_tracing(settings.tracing)
+            if tracing is not None:
+                on_failure.callback(tracing.shutdown)
+            metrics = Metrics()
+            metrics.watch_pool(engine)
+            core = BillingCore(LedgerStore(engine), prices, settings.core_settings(), clock)
+            guard = CallGuard(authenticator, metrics, access_log=settings.access_log)
+            chain = [*interceptors, *([tracing.interceptor] if tracing else []), guard]
+            server = grpc.aio.server(interceptors=chain, options=server_options(settings))
+            billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingServicer(core), server)
+            admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(core), server)
+            health_servicer = health_aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            if settings.reflection:
+                enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
+            port = listen(server, settings.listen_address, credentials)
+            on_failure.push_async_callback(server.stop, None)
+            health_server, health_port = None, None
+            if settings.health_listen_address:
+                health_server = grpc.aio.server(options=server_options(settings))
+                health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+                health_port = listen(health_server, settings.health_listen_address, None)
+                on_failure.push_async_callback(health_server.stop, None)
+            metrics_server = None
+            if settings.metrics_port:
+                metrics_server = metrics.serve(settings.metrics_host, settings.metrics_port)
+                on_failure.callback(metrics_server.stop)
+            readiness = Readiness(
+                engine,
+                health_servicer,
+                SERVICE_NAMES,
+                metrics,
+                interval_s=settings.health_check_interval_s,
+                timeout_s=settings.health_check_timeout_s,
+                database_url=settings.database_url,
+            )
+            await readiness.check()
+            await server.start()
+            if health_server is not None:
+                await health_server.start()
+            if warning := exposure_warning(settings.listen_address, authenticator.enabled):
+                _log.warning(warning)
+            stopping = asyncio.Event()
+            sweeper = asyncio.create_task(
+                _sweep_expired_holds(core, metrics, settings.expiry_sweep_interval_s, stopping),
+                name="expiry-sweeper",
+            )
+            readiness.start()
+            on_failure.pop_all()
+        if health_server is not None:
+            health_address = settings.health_listen_address
+            _log.info("serving grpc.health.v1 on %s (port %d)", health_address, health_port)
+        if metrics_server is not None:
+            host, metrics_port = settings.metrics_host, metrics_server.port
+            _log.info("serving metrics on http://%s:%d/metrics", host, metrics_port)
         _log.info("serving billing.v1 on %s (port %d)", settings.listen_address, port)
-        return cls(settings, engine, core, server, health_servicer, port, sweeper)
+        return cls(
+            settings,
+            engine,
+            core,
+            server,
+            health_servicer,
+            port,
+            metrics,
+            readiness,
+            health_server,
+            health_port,
+            metrics_server,
+            guard,
+            tracing,
+            sweeper,
+            stopping,
+        )
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stops taking calls, lets in-flight ones finish within the grace period, closes."""
-        await self.health.enter_graceful_shutdown()
+        """Drains: readiness NOT_SERVING, in-flight calls finish within the grace period (new
+        ones are refused), background work stops, then everything closes."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        await self.readiness.drain()
+        _log.info(
+            "draining: %d calls in flight, grace %.1fs",
+            self._guard.in_flight,
+            grace,
+            extra={"in_flight": self._guard.in_flight, "grace_s": grace},
+        )
         await self.server.stop(grace)
-        self._sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._sweeper
-        await self.engine.dispose()
-
-
-async def _sweep_expired_holds(core: BillingCore, interval_s: float) -> None:
-    while True:
         try:
-            while await core.release_expired(_SWEEP_BATCH) == _SWEEP_BATCH:
-                pass
+            await asyncio.wait_for(self._sweeper, timeout=max(grace, 1.0))
+        except TimeoutError:
+            _log.warning("the expiry sweeper did not stop in time; its transaction is rolled back")
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        if self._tracing is not None:
+            self._tracing.shutdown()
+        await self.engine.dispose()
+        _log.info("stopped")
+
+
+async def _sweep_expired_holds(
+    core: BillingCore, metrics: Metrics, interval_s: float, stopping: asyncio.Event
+) -> None:
+    while not stopping.is_set():
+        try:
+            while not stopping.is_set():
+                released = await core.release_expired(_SWEEP_BATCH)
+                metrics.holds_expired.inc(released)
+                if released < _SWEEP_BATCH:
+                    break
         except Unavailable as error:
             _log.warning("releasing expired holds failed, will retry: %s", error.__cause__)
         except Exception:
             _log.exception("releasing expired holds failed, will retry")
-        await asyncio.sleep(interval_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval_s):
+                await stopping.wait()
 
 
 async def serve(settings: Settings) -> None:
@@ -102,5 +210,4 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
-    _log.info("draining (grace %.1fs)", settings.shutdown_grace_s)
     await app.stop()

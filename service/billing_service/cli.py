@@ -7,8 +7,14 @@ import asyncio
 import logging
 import sys
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from billing_service.config import ConfigError, load_price_table, load_settings
+from billing_service.logs import configure_logging
+from billing_service.security import load_authenticator, server_credentials
 from billing_service.storage.migrations import migrate
+
+_log = logging.getLogger("billing_service.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,12 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        )
+        configure_logging(settings.log_level, settings.log_format)
         if args.command == "check-config":
             prices = load_price_table(settings.price_table)
+            load_authenticator(settings)
+            server_credentials(settings)
             print(f"configuration ok: {len(prices.models)} models priced")
         elif args.command == "migrate":
             asyncio.run(migrate(settings.database_url))
@@ -41,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"billing-service: {error}", file=sys.stderr)
         return 2
+    except (OSError, SQLAlchemyError) as error:
+        # The database or a port is not there: one line for the operator, not a traceback.
+        _log.debug("start failed", exc_info=True)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"billing-service: cannot {args.command}: {reason}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
     return 0

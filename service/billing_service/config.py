@@ -61,8 +61,10 @@ class Settings(BaseSettings):
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
     )
     log_level: str = Field("INFO", description="Python logging level.")
-    log_format: Literal["json", "text"] = Field(
-        "json", description="json: one JSON object per line; text: for a terminal."
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="json: one JSON object per line; text: for a terminal; auto: text "
+        "when stderr is a terminal, else json.",
     )
     access_log: bool = Field(True, description="Log one line per finished call (INFO).")
 

@@ -175,6 +175,20 @@ class PostgresServer:
             self._port = None
             self._remove_root()
 
+    def pause(self) -> None:
+        """Stop the server but keep its data and port: an outage. :meth:`resume` ends it."""
+        binaries = self._binaries or PostgresBinaries.locate()
+        self._run(
+            [str(binaries.pg_ctl), "-D", str(self._data_dir), "-m", "fast", "-w", "stop"],
+            as_postgres=True,
+            what="pg_ctl stop",
+        )
+
+    def resume(self) -> None:
+        """Start a paused server again on the same port, with the same data."""
+        binaries = self._binaries or PostgresBinaries.locate()
+        self._pg_ctl_start(binaries, self.port)
+
     def __enter__(self) -> Self:
         return self.start()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import grpc
@@ -49,9 +49,19 @@ def rich_status(error: BillingError) -> grpc.Status:
             field=error.field, description=error.description
         )
         details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
-    details.insert(0, _packed(info))
-    status = status_pb2.Status(code=_CODES[type(error)], message=error.message, details=details)
+    return error_info_status(_CODES[type(error)], error.reason, error.message, metadata, details)
+
+
+def error_info_status(
+    code: int,
+    reason: str,
+    message: str,
+    metadata: Mapping[str, str] | None = None,
+    more_details: Sequence[any_pb2.Any] = (),
+) -> grpc.Status:
+    """A status (google.rpc.Code value) carrying an ErrorInfo of our domain, then more details."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+    status = status_pb2.Status(code=code, message=message, details=[_packed(info), *more_details])
     return rpc_status.to_status(status)
 
 

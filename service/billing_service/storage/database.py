@@ -10,6 +10,7 @@ from typing import Any, ParamSpec, TypeVar
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from billing_service.domain.errors import ErrorReason, Unavailable
@@ -57,7 +58,8 @@ def is_postgres(connection: AsyncConnection | AsyncEngine) -> bool:
     return connection.dialect.name == "postgresql"
 
 
-_FAULTS = (OperationalError, InterfaceError, OSError, asyncio.TimeoutError)
+# PoolTimeoutError: every pooled connection stayed busy for pool_timeout; the caller retries.
+_FAULTS = (OperationalError, InterfaceError, PoolTimeoutError, OSError, asyncio.TimeoutError)
 
 
 def _is_fault(error: BaseException) -> bool:
