@@ -83,6 +83,9 @@ class LedgerStore:
         # The one-statement hot path runs without BEGIN/COMMIT round trips.
         self._postgres = engine.dialect.name == "postgresql"
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Reads of one row need no transaction either (no BEGIN/ROLLBACK). SQLite reads keep
+        # theirs: its connection begins every transaction with BEGIN IMMEDIATE.
+        self._reads = self._autocommit if self._postgres else engine
 
     @property
     def engine(self) -> AsyncEngine:
@@ -92,12 +95,12 @@ class LedgerStore:
 
     @storage_faults_unavailable
     async def get_account(self, tenant_id: str) -> Account | None:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return await _get_account(conn, tenant_id)
 
     @storage_faults_unavailable
     async def get_hold(self, hold_id: str) -> Hold | None:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return await _get_hold(conn, hold_id)
 
     # ReserveCredit
@@ -124,7 +127,7 @@ class LedgerStore:
     @storage_faults_unavailable
     async def find_hold(self, request_id: str) -> Hold | None:
         """The reservation made by a ReserveCredit with this request_id, if any."""
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             row = (
                 await conn.execute(select(holds).where(holds.c.request_id == request_id))
             ).one_or_none()
@@ -151,7 +154,7 @@ class LedgerStore:
             async with transaction(self._engine) as conn:
                 return await _commit(conn, command, request_fingerprint, now)
         except IntegrityError:
-            async with self._engine.connect() as conn:
+            async with self._reads.connect() as conn:
                 prior = await _prior_commit(conn, command.request_id)
             if prior is None:
                 raise
@@ -167,7 +170,7 @@ class LedgerStore:
             async with transaction(self._engine) as conn:
                 return await _refund(conn, command, request_fingerprint, now)
         except IntegrityError:
-            async with self._engine.connect() as conn:
+            async with self._reads.connect() as conn:
                 prior = await _prior_refund(conn, command.request_id)
             if prior is None:
                 raise
@@ -178,7 +181,7 @@ class LedgerStore:
     @storage_faults_unavailable
     async def release_expired(self, now: datetime, limit: int = 100) -> int:
         """Releases up to `limit` open holds whose expire time has passed; returns how many."""
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             due = (
                 await conn.execute(
                     select(holds.c.hold_id)
@@ -218,7 +221,7 @@ class LedgerStore:
                 )
                 return GrantOutcome(entry_id, Balance.of(account), request_fingerprint)
         except IntegrityError:
-            async with self._engine.connect() as conn:
+            async with self._reads.connect() as conn:
                 entry = await _entry_by_request(conn, command.request_id)
             if entry is None:
                 raise
@@ -296,7 +299,7 @@ class LedgerStore:
             return prior
 
     async def _prior_admin_request(self, request_id: str) -> TenantOutcome | None:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             row = (
                 await conn.execute(
                     select(admin_requests).where(admin_requests.c.request_id == request_id)
