@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support.cli import run_cli
 from tests.support.server_process import ServerProcess
-
-
-def _cli(*args: str, cwd: Path, **settings: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
-    env.update(settings)
-    return subprocess.run(
-        [sys.executable, "-m", "billing_service.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_serve_without_configuration_listens_on_50051_with_a_sqlite_file(tmp_path: Path) -> None:
@@ -44,7 +28,7 @@ def test_serve_without_configuration_listens_on_50051_with_a_sqlite_file(tmp_pat
 def test_migrate_creates_the_schema_and_is_repeatable(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
     for _ in range(2):
-        result = _cli("migrate", cwd=tmp_path, BILLING_DATABASE_URL=url)
+        result = run_cli("migrate", cwd=tmp_path, BILLING_DATABASE_URL=url)
         assert result.returncode == 0, result.stderr
         assert "up to date" in result.stdout
     assert (tmp_path / "fresh.db").exists()
@@ -63,7 +47,7 @@ def test_migrate_creates_the_schema_and_is_repeatable(tmp_path: Path) -> None:
 def test_a_configuration_error_stops_the_start_with_one_clear_line(
     tmp_path: Path, settings: dict[str, str], named: str
 ) -> None:
-    result = _cli("serve", cwd=tmp_path, **settings)
+    result = run_cli("serve", cwd=tmp_path, **settings)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -74,6 +58,6 @@ def test_a_configuration_error_stops_the_start_with_one_clear_line(
 def test_an_invalid_price_table_names_the_model_and_field(tmp_path: Path) -> None:
     prices = tmp_path / "prices.toml"
     prices.write_text('[models."gpt-x"]\nbilling = "metered"\noutput_micros_per_mtok = 2.5\n')
-    result = _cli("check-config", cwd=tmp_path, BILLING_PRICE_TABLE=str(prices))
+    result = run_cli("check-config", cwd=tmp_path, BILLING_PRICE_TABLE=str(prices))
     assert result.returncode == 2
     assert "models.gpt-x.output_micros_per_mtok" in result.stderr

@@ -4,9 +4,6 @@ secrets, optional OpenTelemetry spans, and one clear line for each configuration
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ import pytest
 from billing.v1 import admin_pb2, admin_pb2_grpc, billing_pb2, billing_pb2_grpc, types_pb2
 from tests.ops.conftest import UNIT_PRICES
 from tests.support.certs import CertificateAuthority
+from tests.support.cli import run_cli
 from tests.support.ports import free_port
 from tests.support.postgres import PostgresServer
 from tests.support.server_process import ServerProcess
@@ -130,20 +128,6 @@ def _console_spans(text: str) -> list[dict[str, Any]]:
     return spans
 
 
-def _cli(*args: str, cwd: Path, **settings: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
-    env.update(settings)
-    return subprocess.run(
-        [sys.executable, "-m", "billing_service.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def pem_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     directory = tmp_path_factory.mktemp("pem")
@@ -193,7 +177,7 @@ def test_a_security_or_transport_setting_error_is_one_clear_line(
     tmp_path: Path, pem_files: dict[str, str], settings: dict[str, str], named: str
 ) -> None:
     settings = {key: value.format(**pem_files) for key, value in settings.items()}
-    result = _cli("check-config", cwd=tmp_path, **settings)
+    result = run_cli("check-config", cwd=tmp_path, **settings)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -205,7 +189,7 @@ def test_a_security_or_transport_setting_error_is_one_clear_line(
 
 def test_an_unreachable_database_stops_the_start_with_one_line(tmp_path: Path) -> None:
     url = f"postgresql+asyncpg://billing:{DB_PASSWORD}@127.0.0.1:{free_port()}/billing"
-    result = _cli("serve", cwd=tmp_path, BILLING_DATABASE_URL=url)
+    result = run_cli("serve", cwd=tmp_path, BILLING_DATABASE_URL=url)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -221,7 +205,7 @@ def test_a_busy_metrics_port_stops_the_start_with_one_line(tmp_path: Path) -> No
             "BILLING_METRICS_PORT": str(port := free_port()),
         }
     ):
-        result = _cli(
+        result = run_cli(
             "serve",
             cwd=tmp_path,
             BILLING_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'b.db'}",
