@@ -32,3 +32,10 @@ def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
     assert generated, "nothing was generated"
     _match, mismatch, errors = filecmp.cmpfiles(committed, fresh, generated, shallow=False)
     assert (mismatch, errors) == ([], []), "stale stubs: run scripts/generate-protos"
+
+
+def test_no_breaking_change_since_the_first_release() -> None:
+    # The image of billing.v1 as first released; a breaking change needs billing.v2.
+    released = REPO / "protos-released" / "billing-v1-2026-11-24.binpb"
+    result = _run(tool("buf"), "breaking", "--against", str(released))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -3,9 +3,12 @@
 isort:skip_file
 """
 
+from billing.v1 import types_pb2 as _types_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -106,6 +109,7 @@ class Tenant(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    BILLING_STATUS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Output only in responses; required in CreateTenantRequest. 1-128
     characters.
@@ -121,6 +125,8 @@ class Tenant(_message.Message):
     """Whether a payment method is on file. Until card support lands an operator
     sets it by hand; without it the effective credit limit is 0.
     """
+    billing_status: _types_pb2.BillingStatus.ValueType
+    """Output only. Whether the tenant's card payments are in good standing."""
     @_builtins.property
     def balance(self) -> Global___Balance:
         """Output only. The tenant's balance, as of the read."""
@@ -143,10 +149,11 @@ class Tenant(_message.Message):
         balance: Global___Balance | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        billing_status: _types_pb2.BillingStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "create_time", b"create_time", "credit_limit_micros", b"credit_limit_micros", "payment_method_on_file", b"payment_method_on_file", "status", b"status", "tenant_id", b"tenant_id", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "billing_status", b"billing_status", "create_time", b"create_time", "credit_limit_micros", b"credit_limit_micros", "payment_method_on_file", b"payment_method_on_file", "status", b"status", "tenant_id", b"tenant_id", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -399,3 +406,65 @@ class GrantCreditResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GrantCreditResponse: _TypeAlias = GrantCreditResponse  # noqa: Y015
+
+@_typing.final
+class ListTenantsRequest(_message.Message):
+    """Request of AdminService.ListTenants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BILLING_STATUS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    billing_status: _types_pb2.BillingStatus.ValueType
+    """Optional. Only tenants in this billing status; UNSPECIFIED: all tenants."""
+    page_size: _builtins.int
+    """Optional. The most tenants to return, 1 to 1,000; 0 means 100."""
+    page_token: _builtins.str
+    """Optional. `next_page_token` of the previous page; empty for the first
+    page. The other fields must be the same as for the first page.
+    """
+    def __init__(
+        self,
+        *,
+        billing_status: _types_pb2.BillingStatus.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_status", b"billing_status", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTenantsRequest: _TypeAlias = ListTenantsRequest  # noqa: Y015
+
+@_typing.final
+class ListTenantsResponse(_message.Message):
+    """Response of AdminService.ListTenants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Output only. Pass it as `page_token` for the next page; empty on the last
+    page.
+    """
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tenant]:
+        """Output only. The tenants of this page, with their balances."""
+
+    def __init__(
+        self,
+        *,
+        tenants: _abc.Iterable[Global___Tenant] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tenants", b"tenants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTenantsResponse: _TypeAlias = ListTenantsResponse  # noqa: Y015

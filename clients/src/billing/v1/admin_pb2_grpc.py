@@ -58,6 +58,11 @@ class AdminServiceStub(object):
                 request_serializer=billing_dot_v1_dot_admin__pb2.GrantCreditRequest.SerializeToString,
                 response_deserializer=billing_dot_v1_dot_admin__pb2.GrantCreditResponse.FromString,
                 _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/billing.v1.AdminService/ListTenants',
+                request_serializer=billing_dot_v1_dot_admin__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_admin__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer(object):
@@ -100,6 +105,15 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTenants(self, request, context):
+        """Lists tenants in tenant_id order, optionally only those in one billing
+        status (e.g. every tenant whose last card charge failed). Paginated
+        (AIP-158). Errors: INVALID_ARGUMENT (bad page size or page token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +136,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GrantCredit,
                     request_deserializer=billing_dot_v1_dot_admin__pb2.GrantCreditRequest.FromString,
                     response_serializer=billing_dot_v1_dot_admin__pb2.GrantCreditResponse.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=billing_dot_v1_dot_admin__pb2.ListTenantsRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_admin__pb2.ListTenantsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -236,6 +255,33 @@ class AdminService(object):
             '/billing.v1.AdminService/GrantCredit',
             billing_dot_v1_dot_admin__pb2.GrantCreditRequest.SerializeToString,
             billing_dot_v1_dot_admin__pb2.GrantCreditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/billing.v1.AdminService/ListTenants',
+            billing_dot_v1_dot_admin__pb2.ListTenantsRequest.SerializeToString,
+            billing_dot_v1_dot_admin__pb2.ListTenantsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,11 @@ class AdminServiceStub:
     the ledger. Errors: INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS (request_id
     reused).
     """
+    ListTenants: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTenantsRequest, _admin_pb2.ListTenantsResponse]
+    """Lists tenants in tenant_id order, optionally only those in one billing
+    status (e.g. every tenant whose last card charge failed). Paginated
+    (AIP-158). Errors: INVALID_ARGUMENT (bad page size or page token).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -78,6 +83,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Adds prepaid credit to a tenant's balance, with a reason that is kept in
     the ledger. Errors: INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS (request_id
     reused).
+    """
+    ListTenants: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTenantsRequest, _admin_pb2.ListTenantsResponse]  # type: ignore[assignment]
+    """Lists tenants in tenant_id order, optionally only those in one billing
+    status (e.g. every tenant whose last card charge failed). Paginated
+    (AIP-158). Errors: INVALID_ARGUMENT (bad page size or page token).
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -125,6 +135,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Adds prepaid credit to a tenant's balance, with a reason that is kept in
         the ledger. Errors: INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS (request_id
         reused).
+        """
+
+    @_abc_1.abstractmethod
+    def ListTenants(
+        self,
+        request: _admin_pb2.ListTenantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListTenantsResponse, _abc.Awaitable[_admin_pb2.ListTenantsResponse]]:
+        """Lists tenants in tenant_id order, optionally only those in one billing
+        status (e.g. every tenant whose last card charge failed). Paginated
+        (AIP-158). Errors: INVALID_ARGUMENT (bad page size or page token).
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

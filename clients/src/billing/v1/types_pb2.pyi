@@ -38,6 +38,20 @@ class _DenialReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DenialRe
     """An operator suspended the tenant; no model may be used."""
     DENIAL_REASON_MODEL_NOT_OFFERED: _DenialReason.ValueType  # 4
     """The price table has no such model."""
+    DENIAL_REASON_PAYMENT_FAILED: _DenialReason.ValueType  # 5
+    """The model is metered and the tenant's last card charge was declined:
+    update the card or top up now. Included models keep working.
+    """
+    DENIAL_REASON_PAYMENT_ACTION_REQUIRED: _DenialReason.ValueType  # 6
+    """The model is metered and the tenant's bank asks the card holder to
+    authenticate the last charge; complete it in the billing page. Included
+    models keep working.
+    """
+    DENIAL_REASON_PAYMENT_DISPUTED: _DenialReason.ValueType  # 7
+    """The model is metered and a card payment of the tenant is disputed; metered
+    use is suspended until the dispute is resolved. Included models keep
+    working.
+    """
 
 class DenialReason(_DenialReason, metaclass=_DenialReasonEnumTypeWrapper):
     """Conventions shared by every message of this package:
@@ -70,7 +84,64 @@ DENIAL_REASON_ACCOUNT_SUSPENDED: DenialReason.ValueType  # 3
 """An operator suspended the tenant; no model may be used."""
 DENIAL_REASON_MODEL_NOT_OFFERED: DenialReason.ValueType  # 4
 """The price table has no such model."""
+DENIAL_REASON_PAYMENT_FAILED: DenialReason.ValueType  # 5
+"""The model is metered and the tenant's last card charge was declined:
+update the card or top up now. Included models keep working.
+"""
+DENIAL_REASON_PAYMENT_ACTION_REQUIRED: DenialReason.ValueType  # 6
+"""The model is metered and the tenant's bank asks the card holder to
+authenticate the last charge; complete it in the billing page. Included
+models keep working.
+"""
+DENIAL_REASON_PAYMENT_DISPUTED: DenialReason.ValueType  # 7
+"""The model is metered and a card payment of the tenant is disputed; metered
+use is suspended until the dispute is resolved. Included models keep
+working.
+"""
 Global___DenialReason: _TypeAlias = DenialReason  # noqa: Y015
+
+class _BillingStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BillingStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BillingStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BILLING_STATUS_UNSPECIFIED: _BillingStatus.ValueType  # 0
+    """Unset; in a filter it means "any status"."""
+    BILLING_STATUS_GOOD_STANDING: _BillingStatus.ValueType  # 1
+    """No payment problem (also the status of a tenant without a card)."""
+    BILLING_STATUS_PAYMENT_FAILED: _BillingStatus.ValueType  # 2
+    """The last charge was declined. A later successful charge or a new card
+    clears it.
+    """
+    BILLING_STATUS_ACTION_REQUIRED: _BillingStatus.ValueType  # 3
+    """The last charge needs the card holder's authentication. A later
+    successful charge or a new card clears it.
+    """
+    BILLING_STATUS_DISPUTED: _BillingStatus.ValueType  # 4
+    """A card payment is disputed; an operator clears it once it is resolved."""
+
+class BillingStatus(_BillingStatus, metaclass=_BillingStatusEnumTypeWrapper):
+    """Whether the tenant's card payments are in good standing. Anything but
+    GOOD_STANDING denies metered models (with the DenialReason of the same name)
+    and keeps included models working.
+    """
+
+BILLING_STATUS_UNSPECIFIED: BillingStatus.ValueType  # 0
+"""Unset; in a filter it means "any status"."""
+BILLING_STATUS_GOOD_STANDING: BillingStatus.ValueType  # 1
+"""No payment problem (also the status of a tenant without a card)."""
+BILLING_STATUS_PAYMENT_FAILED: BillingStatus.ValueType  # 2
+"""The last charge was declined. A later successful charge or a new card
+clears it.
+"""
+BILLING_STATUS_ACTION_REQUIRED: BillingStatus.ValueType  # 3
+"""The last charge needs the card holder's authentication. A later
+successful charge or a new card clears it.
+"""
+BILLING_STATUS_DISPUTED: BillingStatus.ValueType  # 4
+"""A card payment is disputed; an operator clears it once it is resolved."""
+Global___BillingStatus: _TypeAlias = BillingStatus  # noqa: Y015
 
 class _ModelBilling:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -163,6 +234,81 @@ RESERVATION_STATUS_RELEASED: ReservationStatus.ValueType  # 3
 RESERVATION_STATUS_EXPIRED: ReservationStatus.ValueType  # 4
 """Released automatically at its expire time; nothing was charged."""
 Global___ReservationStatus: _TypeAlias = ReservationStatus  # noqa: Y015
+
+@_typing.final
+class PaymentMethod(_message.Message):
+    """A card saved at Stripe for off-session charges. Nothing but these fields
+    is ever stored: no card number, no expiry, no CVC.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYMENT_METHOD_ID_FIELD_NUMBER: _builtins.int
+    BRAND_FIELD_NUMBER: _builtins.int
+    LAST4_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    payment_method_id: _builtins.str
+    """Output only. Stripe's PaymentMethod id, "pm_..."."""
+    brand: _builtins.str
+    """Output only. The card brand as Stripe names it, e.g. "visa"."""
+    last4: _builtins.str
+    """Output only. The last four digits of the card number."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the card was saved."""
+
+    def __init__(
+        self,
+        *,
+        payment_method_id: _builtins.str = ...,
+        brand: _builtins.str = ...,
+        last4: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["brand", b"brand", "create_time", b"create_time", "last4", b"last4", "payment_method_id", b"payment_method_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PaymentMethod: _TypeAlias = PaymentMethod  # noqa: Y015
+
+@_typing.final
+class AutoTopUpSettings(_message.Message):
+    """A tenant's automatic top-up: when available credit falls below
+    `threshold_micros`, the saved card is charged `amount_micros` off-session.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    THRESHOLD_MICROS_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """Whether automatic top-ups are on. Default: on for a tenant with a card."""
+    threshold_micros: _builtins.int
+    """Available credit below which a top-up starts, in micros, 0 to
+    1,000,000,000,000. Default: the server's default.
+    """
+    amount_micros: _builtins.int
+    """How much each top-up charges, in micros: a whole number of cents
+    (a multiple of 10,000), 500,000 ($0.50, Stripe's minimum) to
+    1,000,000,000,000. Default: the server's default.
+    """
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        threshold_micros: _builtins.int = ...,
+        amount_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "enabled", b"enabled", "threshold_micros", b"threshold_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AutoTopUpSettings: _TypeAlias = AutoTopUpSettings  # noqa: Y015
 
 @_typing.final
 class Decision(_message.Message):
