@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.localstripe import LocalStripe
 from tests.support.postgres import PostgresServer
 
 # PostgreSQL
@@ -25,4 +26,18 @@ def postgres_server() -> Iterator[PostgresServer]:
             pytrace=False,
         )
     with PostgresServer() as server:
+        yield server
+
+
+# Stripe
+
+
+@pytest.fixture(scope="session")
+def localstripe() -> Iterator[LocalStripe]:
+    """One localstripe process for the session; see ``tests/support/localstripe.py``.
+
+    Tests isolate themselves by creating their own tenants (hence Stripe customers), not by
+    wiping it, so that tests can share it.
+    """
+    with LocalStripe() as server:
         yield server

@@ -1,0 +1,1 @@
+"""Payments: the Stripe adapter, the charge outbox and its worker, webhook verification."""
