@@ -316,3 +316,21 @@ def test_mutual_tls(database_url: str, prices: Path, tmp_path: Path) -> None:
             no_certificate.check_access("acme", "unit-priced")
     finally:
         running.stop()
+
+
+def test_total_timeout_bounds_the_attempts_of_one_call() -> None:
+    retries: list[RetryEvent] = []
+    address = f"127.0.0.1:{free_port()}"
+    with (
+        BillingClient(
+            address,
+            timeout_s=0.2,
+            max_attempts=1000,
+            total_timeout_s=0.5,
+            on_retry=retries.append,
+        ) as client,
+        pytest.raises(BillingUnavailable),
+    ):
+        client.check_access("acme", "unit-priced")
+    # Retries wait for the channel until their deadline, so 0.5 s leaves room for a few only.
+    assert 1 <= len(retries) < 10
