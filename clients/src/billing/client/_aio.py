@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
@@ -260,7 +261,8 @@ class AsyncHold(HoldBase):
             await self.commit(input_tokens=input_tokens, output_tokens=max_tokens)
             return
         try:
-            await self.release(exit_reason(exc_type))
+            # Shielded: a second cancellation of a cancelled task must not leave the hold open.
+            await asyncio.shield(self.release(exit_reason(exc_type)))
         except BillingError as error:
             log_release_failure(self, error)
 
