@@ -25,6 +25,8 @@ from billing_service.config import Settings, load_price_table
 from billing_service.core import BillingCore, Clock, utc_now
 from billing_service.domain.errors import Unavailable
 from billing_service.metrics import Metrics, MetricsServer
+from billing_service.payments.events import StripeEventSink
+from billing_service.payments.webhooks import WebhookServer, start_webhook_server
 from billing_service.readiness import Readiness
 from billing_service.security import load_authenticator, server_credentials
 from billing_service.storage.database import create_engine
@@ -59,6 +61,8 @@ class Application:
     health_server: grpc.aio.Server | None
     health_port: int | None
     metrics_server: MetricsServer | None
+    # The Stripe webhook endpoint (BILLING_WEBHOOK_PORT); None when off.
+    webhook_server: WebhookServer | None
     _guard: CallGuard
     _tracing: Tracing | None
     _sweeper: asyncio.Task[None]
@@ -70,8 +74,13 @@ class Application:
         settings: Settings,
         clock: Clock = utc_now,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+        stripe_event_sink: StripeEventSink | None = None,
     ) -> Application:
-        """Serves until `stop()`. `interceptors` run before the built-in ones (tests use it)."""
+        """Serves until `stop()`. `interceptors` run before the built-in ones (tests use it).
+
+        `stripe_event_sink` receives what the webhook endpoint learns from Stripe; the
+        endpoint (BILLING_WEBHOOK_PORT) cannot be served without one.
+        """
         prices = load_price_table(settings.price_table)
         authenticator = load_authenticator(settings)
         credentials = server_credentials(settings)
@@ -107,6 +116,9 @@ class Application:
             if settings.metrics_port:
                 metrics_server = metrics.serve(settings.metrics_host, settings.metrics_port)
                 on_failure.callback(metrics_server.stop)
+            webhook_server = await start_webhook_server(settings, stripe_event_sink, engine, clock)
+            if webhook_server is not None:
+                on_failure.push_async_callback(webhook_server.stop)
             readiness = Readiness(
                 engine,
                 health_servicer,
@@ -148,6 +160,7 @@ class Application:
             health_server,
             health_port,
             metrics_server,
+            webhook_server,
             guard,
             tracing,
             sweeper,
@@ -168,7 +181,11 @@ class Application:
             grace,
             extra={"in_flight": self._guard.in_flight, "grace_s": grace},
         )
-        await self.server.stop(grace)
+        # Stripe redelivers whatever the webhook endpoint did not acknowledge before it closed.
+        stops = [self.server.stop(grace)]
+        if self.webhook_server is not None:
+            stops.append(self.webhook_server.stop())
+        await asyncio.gather(*stops)
         try:
             await asyncio.wait_for(self._sweeper, timeout=max(grace, 1.0))
         except TimeoutError:

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
             prices = load_price_table(settings.price_table)
             load_authenticator(settings)
             server_credentials(settings)
+            if settings.webhook_port:
+                from billing_service.payments.webhooks import load_webhook_secret
+
+                load_webhook_secret(settings)
             print(f"configuration ok: {len(prices.models)} models priced")
         elif args.command == "migrate":
             asyncio.run(migrate(settings.database_url))

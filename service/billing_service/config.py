@@ -115,11 +115,40 @@ class Settings(BaseSettings):
         "off", description="OpenTelemetry spans of every call: off, otlp, console."
     )
 
+    # Stripe webhooks (off unless a port is set).
+    webhook_port: int = Field(
+        0, ge=0, le=65535, description="HTTP port of the Stripe webhook endpoint (0: off)."
+    )
+    webhook_host: str = Field("127.0.0.1", description="Address the webhook port binds.")
+    stripe_webhook_secret: SecretStr | None = Field(
+        None, description="The webhook endpoint's signing secret (whsec_...)."
+    )
+    stripe_webhook_secret_file: Path | None = Field(
+        None,
+        description="A file holding the signing secret, instead of BILLING_STRIPE_WEBHOOK_SECRET.",
+    )
+    stripe_webhook_tolerance_s: int = Field(
+        300, ge=1, description="Oldest signature timestamp accepted, in seconds before now."
+    )
+    stripe_webhook_timeout_s: float = Field(
+        10.0, gt=0, description="An event not processed in this time is answered 503 (redelivered)."
+    )
+
     @field_validator(
-        "auth_tokens_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file", mode="before"
+        "auth_tokens_file",
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
+        "stripe_webhook_secret_file",
+        mode="before",
     )
     @classmethod
     def _empty_path_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("stripe_webhook_secret", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
 
     @field_validator("log_level")
@@ -157,6 +186,22 @@ class Settings(BaseSettings):
             raise ValueError("BILLING_TLS_CLIENT_CA_FILE needs BILLING_TLS_CERT_FILE (mutual TLS)")
         if self.tls_client_roles.strip() and self.tls_client_ca_file is None:
             raise ValueError("BILLING_TLS_CLIENT_ROLES needs BILLING_TLS_CLIENT_CA_FILE")
+        return self
+
+    @model_validator(mode="after")
+    def _webhook_secret_given(self) -> Settings:
+        given = (self.stripe_webhook_secret is not None) + (
+            self.stripe_webhook_secret_file is not None
+        )
+        if given == 2:
+            raise ValueError(
+                "set BILLING_STRIPE_WEBHOOK_SECRET or BILLING_STRIPE_WEBHOOK_SECRET_FILE, not both"
+            )
+        if self.webhook_port and not given:
+            raise ValueError(
+                "BILLING_WEBHOOK_PORT needs BILLING_STRIPE_WEBHOOK_SECRET or "
+                "BILLING_STRIPE_WEBHOOK_SECRET_FILE (the endpoint's signing secret)"
+            )
         return self
 
     def core_settings(self) -> CoreSettings:

@@ -174,3 +174,15 @@ admin_requests = Table(
     Column("result", Text, nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
 )
+
+# Stripe webhook events already applied: a redelivery of one of them is acknowledged unapplied.
+stripe_events = Table(
+    "stripe_events",
+    metadata,
+    Column("event_id", String(255), primary_key=True),
+    Column("type", String(128), nullable=False),
+    # When Stripe created the event (its `created`), when it reached us, when it was applied.
+    Column("created", UtcDateTime, nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+    Column("processed_at", UtcDateTime, nullable=False),
+)

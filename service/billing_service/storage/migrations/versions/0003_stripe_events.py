@@ -7,6 +7,9 @@ Create Date: 2026-11-24 18:20:00.000000
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
+from alembic import op
+
 revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
@@ -14,8 +17,16 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    pass
+    op.create_table(
+        "stripe_events",
+        sa.Column("event_id", sa.String(length=255), nullable=False),
+        sa.Column("type", sa.String(length=128), nullable=False),
+        sa.Column("created", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("event_id", name=op.f("pk_stripe_events")),
+    )
 
 
 def downgrade() -> None:
-    pass
+    op.drop_table("stripe_events")
