@@ -3,6 +3,7 @@ PostgreSQL, and the helpers a tenant admin's browser would run (Stripe.js's part
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ import stripe
 from billing.v1 import account_pb2, account_pb2_grpc, admin_pb2, admin_pb2_grpc, billing_pb2_grpc
 from billing_service.app import Application
 from billing_service.config import Settings
+from billing_service.core import Clock, utc_now
 from billing_service.domain.payments import Charge
 from billing_service.storage.audit import audit_ledger
 from tests.support.localstripe import API_KEY, LocalStripe
@@ -109,10 +111,12 @@ class Payments:
         return settled
 
 
-async def start_app(database_url: str, localstripe: LocalStripe | None) -> Application:
+async def start_app(
+    database_url: str, stripe_url: str | None, clock: Clock = utc_now
+) -> Application:
     stripe_settings = {}
-    if localstripe is not None:
-        stripe_settings = {"stripe_api_key": API_KEY, "stripe_api_base": localstripe.url}
+    if stripe_url is not None:
+        stripe_settings = {"stripe_api_key": API_KEY, "stripe_api_base": stripe_url}
     settings = Settings(
         database_url=database_url,
         listen_address="127.0.0.1:0",
@@ -120,12 +124,21 @@ async def start_app(database_url: str, localstripe: LocalStripe | None) -> Appli
         charge_worker_interval_s=3600,
         **stripe_settings,  # type: ignore[arg-type]
     )
-    return await Application.start(settings)
+    return await Application.start(settings, clock=clock)
 
 
 @pytest.fixture
 async def payments(database_url: str, localstripe: LocalStripe) -> AsyncIterator[Payments]:
-    app = await start_app(database_url, localstripe)
+    async with serving(database_url, localstripe.url, localstripe) as payments:
+        yield payments
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    database_url: str, stripe_url: str, localstripe: LocalStripe, clock: Clock = utc_now
+) -> AsyncIterator[Payments]:
+    """The server with Stripe at `stripe_url`; the test's browser talks to localstripe."""
+    app = await start_app(database_url, stripe_url, clock)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
     try:
         yield Payments(

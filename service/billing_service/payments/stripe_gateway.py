@@ -42,8 +42,13 @@ _DECLINED_STATUSES = frozenset({"requires_payment_method", "canceled"})
 def _transient(error: BaseException) -> bool:
     if isinstance(error, stripe.APIConnectionError | stripe.RateLimitError):
         return True
+    # 409: the same idempotency key is still in flight (an earlier attempt): try again later.
     status = getattr(error, "http_status", None)
-    return isinstance(error, stripe.StripeError) and isinstance(status, int) and status >= 500
+    return (
+        isinstance(error, stripe.StripeError)
+        and isinstance(status, int)
+        and (status >= 500 or status == 409)
+    )
 
 
 class Pacer:
