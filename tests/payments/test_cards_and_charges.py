@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import grpc
 import pytest
 import stripe
@@ -10,6 +12,7 @@ from billing.v1 import account_pb2, admin_pb2, billing_pb2, types_pb2
 from billing_service.domain.ledger import EntryKind
 from billing_service.domain.payments import ChargeStatus, ChargeTrigger
 from billing_service.payments.events import PaymentIntentFacts
+from billing_service.payments.reconcile import CardReconciler
 from billing_service.storage.tables import ledger_entries
 from tests.payments.conftest import (
     CARD_DECLINED,
@@ -345,3 +348,36 @@ async def test_removing_the_card_detaches_it_and_ends_the_credit_limit(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await top_up_now(payments, tenant_id, 5_000_000)
     assert rich_error(raised.value).reason == "NO_PAYMENT_METHOD"
+
+
+async def test_webhook_and_reconciliation_learn_card_changes_made_at_stripe(
+    payments: Payments,
+) -> None:
+    tenant_id = await payments.create_tenant()
+    started = await payments.start_setup(tenant_id)
+    payments.confirm_in_browser(started.setup_intent_id, CARD_OK)
+    sink = payments.app.payments_sink
+    assert sink is not None
+    intent = payments.stripe.v1.setup_intents.retrieve(started.setup_intent_id)
+
+    # setup_intent.succeeded saves the card as ConfirmPaymentMethod would (and only once).
+    for _ in range(2):
+        await sink.setup_intent_succeeded(
+            setup_intent_id=started.setup_intent_id,
+            customer_id=started.stripe_customer_id,
+            payment_method_id=str(intent.payment_method),
+            occurred_at=datetime.now(UTC),
+        )
+    saved = await profile(payments, tenant_id)
+    assert saved.payment_method.payment_method_id == intent.payment_method
+    assert (await balance(payments, tenant_id)).effective_credit_limit_micros == 25_000_000
+
+    # The card is detached at Stripe and the webhook is lost: reconciliation finds out.
+    payments.stripe.v1.payment_methods.detach(saved.payment_method.payment_method_id)
+    assert payments.app.account is not None
+    reconciler = CardReconciler(payments.app.account.store, payments.app.account.gateway)
+    assert await reconciler.reconcile_once() == 1
+    assert await reconciler.reconcile_once() == 0
+
+    assert not (await profile(payments, tenant_id)).HasField("payment_method")
+    assert (await balance(payments, tenant_id)).effective_credit_limit_micros == 0
