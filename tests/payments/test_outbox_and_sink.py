@@ -378,3 +378,21 @@ async def test_a_failure_after_an_action_required_keeps_the_latest_problem(world
     assert profile is not None
     assert profile.billing_status is BillingStatus.PAYMENT_FAILED
     assert await world.entries(tenant_id) == []
+
+
+async def test_a_charge_whose_card_was_removed_fails_without_blaming_the_tenant(
+    world: World,
+) -> None:
+    tenant_id = await world.tenant_with_card()
+    charge = await world.enqueue(tenant_id)
+    await world.store.forget_card(tenant_id, None, world.clock())
+
+    await world.worker().run_once()
+
+    settled = await world.store.get_charge(charge.charge_id)
+    assert settled is not None
+    assert settled.status is ChargeStatus.FAILED
+    assert world.stripe.calls == 0
+    profile = await world.store.get_profile(tenant_id)
+    assert profile is not None
+    assert profile.billing_status is BillingStatus.GOOD_STANDING

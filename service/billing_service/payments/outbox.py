@@ -105,7 +105,10 @@ class ChargeWorker:
     async def _send(self, item: ClaimedCharge) -> None:
         charge = item.charge
         if item.payment_method_id is None or item.stripe_customer_id is None:
-            await self._record(charge, ChargeStatus.FAILED, None, "No card on file.")
+            # The card was removed while the charge waited: nothing to charge, nobody to blame.
+            await self._record(
+                charge, ChargeStatus.FAILED, None, "No card on file.", card_problem=False
+            )
             return
         try:
             result = await self._gateway.charge(
@@ -132,9 +135,16 @@ class ChargeWorker:
         status: ChargeStatus,
         payment_intent_id: str | None,
         failure_message: str | None,
+        *,
+        card_problem: bool = True,
     ) -> None:
         after = await self._store.record_outcome(
-            charge.charge_id, status, payment_intent_id, failure_message, self._clock()
+            charge.charge_id,
+            status,
+            payment_intent_id,
+            failure_message,
+            self._clock(),
+            card_problem=card_problem,
         )
         _log.info(
             "charge %s of tenant %s: %s",

@@ -447,9 +447,12 @@ class PaymentsStore:
         payment_intent_id: str | None,
         failure_message: str | None,
         now: datetime,
+        *,
+        card_problem: bool = True,
     ) -> Charge | None:
         """Moves the charge to `status` if its current status allows; on success credits the
-        balance once. Returns the charge as it is after (None: no such charge)."""
+        balance once; a failure marks the tenant's billing status unless `card_problem` is
+        False. Returns the charge as it is after (None: no such charge)."""
         async with transaction(self._engine) as conn:
             moved = (
                 await conn.execute(
@@ -479,7 +482,7 @@ class PaymentsStore:
             charge = _charge_from_row(moved)
             if status is ChargeStatus.SUCCEEDED:
                 charge = await _credit_top_up(conn, charge, now)
-            elif problem := STATUS_AFTER_CHARGE.get(status):
+            elif card_problem and (problem := STATUS_AFTER_CHARGE.get(status)):
                 await conn.execute(
                     update(tenants)
                     .where(
