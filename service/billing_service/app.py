@@ -36,6 +36,7 @@ from billing_service.domain.errors import Unavailable
 from billing_service.domain.payments import AutoTopUp
 from billing_service.metrics import Metrics, MetricsServer
 from billing_service.payments.account import AccountCore, Payments
+from billing_service.payments.events import StripeEventSink
 from billing_service.payments.outbox import ChargeWorker, OnDemandTopUp
 from billing_service.payments.reconcile import CardReconciler
 from billing_service.payments.sink import PaymentsEventSink
@@ -82,7 +83,7 @@ class Application:
     _stopping: asyncio.Event
     # Card payments: the webhook endpoint hands Stripe's facts to `payments_sink`.
     account: AccountCore | None = None
-    payments_sink: PaymentsEventSink | None = None
+    payments_sink: StripeEventSink | None = None
     charge_worker: ChargeWorker | None = None
     _payment_tasks: tuple[asyncio.Task[None], ...] = ()
 

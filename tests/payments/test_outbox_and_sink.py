@@ -396,3 +396,16 @@ async def test_a_charge_whose_card_was_removed_fails_without_blaming_the_tenant(
     profile = await world.store.get_profile(tenant_id)
     assert profile is not None
     assert profile.billing_status is BillingStatus.GOOD_STANDING
+
+
+async def test_a_charge_older_than_stripes_key_memory_is_not_resent(world: World) -> None:
+    tenant_id = await world.tenant_with_card()
+    charge = await world.enqueue(tenant_id)
+    world.clock.advance(hours=21)
+
+    await world.worker().run_once()
+
+    assert world.stripe.calls == 0
+    pending = await world.store.get_charge(charge.charge_id)
+    assert pending is not None
+    assert pending.status is ChargeStatus.PENDING

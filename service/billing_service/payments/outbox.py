@@ -35,6 +35,10 @@ _log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 
+# Stripe keeps an idempotency key for 24 hours. Past that a resend could charge a second time,
+# so an older pending charge is left for an operator (and logged) instead of being resent.
+RESEND_LIMIT = timedelta(hours=20)
+
 
 def new_charge_id() -> str:
     return f"chg_{uuid.uuid4().hex}"
@@ -104,6 +108,17 @@ class ChargeWorker:
 
     async def _send(self, item: ClaimedCharge) -> None:
         charge = item.charge
+        if self._clock() - charge.created_at > RESEND_LIMIT:
+            _log.error(
+                "charge %s of tenant %s is pending for more than %s: not resent (Stripe may "
+                "have forgotten its idempotency key); check the PaymentIntent with metadata "
+                "charge_id=%s in Stripe and resolve it",
+                charge.charge_id,
+                charge.tenant_id,
+                RESEND_LIMIT,
+                charge.charge_id,
+            )
+            return
         if item.payment_method_id is None or item.stripe_customer_id is None:
             # The card was removed while the charge waited: nothing to charge, nobody to blame.
             await self._record(
