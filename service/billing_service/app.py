@@ -9,6 +9,7 @@ import logging
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -16,7 +17,15 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing.v1 import admin_pb2, admin_pb2_grpc, billing_pb2, billing_pb2_grpc
+from billing.v1 import (
+    account_pb2,
+    account_pb2_grpc,
+    admin_pb2,
+    admin_pb2_grpc,
+    billing_pb2,
+    billing_pb2_grpc,
+)
+from billing_service.api.account_servicer import AccountServicer
 from billing_service.api.interceptors import CallGuard
 from billing_service.api.reflection import enable_reflection
 from billing_service.api.servicers import AdminServicer, BillingServicer
@@ -24,14 +33,21 @@ from billing_service.api.transport import exposure_warning, listen, server_optio
 from billing_service.config import Settings, load_price_table
 from billing_service.core import BillingCore, Clock, utc_now
 from billing_service.domain.errors import Unavailable
+from billing_service.domain.payments import AutoTopUp
 from billing_service.metrics import Metrics, MetricsServer
+from billing_service.payments.account import AccountCore, Payments
 from billing_service.payments.events import StripeEventSink
+from billing_service.payments.outbox import ChargeWorker, OnDemandTopUp
+from billing_service.payments.reconcile import CardReconciler
+from billing_service.payments.sink import PaymentsEventSink
+from billing_service.payments.stripe_gateway import StripeGateway
 from billing_service.payments.webhooks import WebhookServer, start_webhook_server
 from billing_service.readiness import Readiness
 from billing_service.security import load_authenticator, server_credentials
 from billing_service.storage.database import create_engine
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.migrations import migrate
+from billing_service.storage.payments_store import PaymentsStore
 from billing_service.tracing import Tracing, start_tracing
 
 _log = logging.getLogger(__name__)
@@ -39,6 +55,7 @@ _log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
 )
 
 # Releases at most this many expired holds per sweep transaction batch.
@@ -67,6 +84,11 @@ class Application:
     _tracing: Tracing | None
     _sweeper: asyncio.Task[None]
     _stopping: asyncio.Event
+    # Card payments: the webhook endpoint hands Stripe's facts to `payments_sink`.
+    account: AccountCore | None = None
+    payments_sink: StripeEventSink | None = None
+    charge_worker: ChargeWorker | None = None
+    _payment_tasks: tuple[asyncio.Task[None], ...] = ()
 
     @classmethod
     async def start(
@@ -78,8 +100,8 @@ class Application:
     ) -> Application:
         """Serves until `stop()`. `interceptors` run before the built-in ones (tests use it).
 
-        `stripe_event_sink` receives what the webhook endpoint learns from Stripe; the
-        endpoint (BILLING_WEBHOOK_PORT) cannot be served without one.
+        `stripe_event_sink` receives what the webhook endpoint learns from Stripe; by default
+        the payments core's own sink.
         """
         prices = load_price_table(settings.price_table)
         authenticator = load_authenticator(settings)
@@ -95,11 +117,13 @@ class Application:
             metrics = Metrics()
             metrics.watch_pool(engine)
             core = BillingCore(LedgerStore(engine), prices, settings.core_settings(), clock)
+            account, worker = payments_for(settings, engine, core, clock)
             guard = CallGuard(authenticator, metrics, access_log=settings.access_log)
             chain = [*interceptors, *([tracing.interceptor] if tracing else []), guard]
             server = grpc.aio.server(interceptors=chain, options=server_options(settings))
             billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingServicer(core), server)
-            admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(core), server)
+            admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(core, account), server)
+            account_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(account), server)
             health_servicer = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             if settings.reflection:
@@ -116,7 +140,10 @@ class Application:
             if settings.metrics_port:
                 metrics_server = metrics.serve(settings.metrics_host, settings.metrics_port)
                 on_failure.callback(metrics_server.stop)
-            webhook_server = await start_webhook_server(settings, stripe_event_sink, engine, clock)
+            payments_sink = PaymentsEventSink(account.store, account, worker, clock)
+            webhook_server = await start_webhook_server(
+                settings, stripe_event_sink or payments_sink, engine, clock
+            )
             if webhook_server is not None:
                 on_failure.push_async_callback(webhook_server.stop)
             readiness = Readiness(
@@ -139,6 +166,7 @@ class Application:
                 _sweep_expired_holds(core, metrics, settings.expiry_sweep_interval_s, stopping),
                 name="expiry-sweeper",
             )
+            payment_tasks = _start_payment_tasks(settings, account, worker, stopping)
             readiness.start()
             on_failure.pop_all()
         if health_server is not None:
@@ -165,6 +193,10 @@ class Application:
             tracing,
             sweeper,
             stopping,
+            account=account,
+            payments_sink=payments_sink,
+            charge_worker=worker,
+            _payment_tasks=payment_tasks,
         )
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -190,6 +222,13 @@ class Application:
             await asyncio.wait_for(self._sweeper, timeout=max(grace, 1.0))
         except TimeoutError:
             _log.warning("the expiry sweeper did not stop in time; its transaction is rolled back")
+        for task in self._payment_tasks:
+            try:
+                await asyncio.wait_for(task, timeout=max(grace, 1.0))
+            except TimeoutError:
+                _log.warning(
+                    "%s did not stop in time; its charge is retried later", task.get_name()
+                )
         if self.health_server is not None:
             await self.health_server.stop(0)
         if self.metrics_server is not None:
@@ -217,6 +256,52 @@ async def _sweep_expired_holds(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(interval_s):
                 await stopping.wait()
+
+
+def payments_for(
+    settings: Settings, engine: AsyncEngine, core: BillingCore, clock: Clock
+) -> tuple[AccountCore, ChargeWorker | None]:
+    """The account use cases; with a Stripe key also the charge worker and on-demand top-ups."""
+    defaults = AutoTopUp(
+        True, settings.auto_top_up_threshold_micros, settings.auto_top_up_amount_micros
+    )
+    store = PaymentsStore(engine, defaults)
+    key = settings.stripe_key()
+    if not key:
+        return AccountCore(store, None, clock), None
+    gateway = StripeGateway(
+        key,
+        api_base=settings.stripe_api_base,
+        currency=settings.stripe_currency,
+        requests_per_second=settings.stripe_requests_per_second,
+    )
+    worker = ChargeWorker(
+        store,
+        gateway,
+        clock,
+        poll_interval_s=settings.charge_worker_interval_s,
+        lease=timedelta(seconds=settings.charge_lease_s),
+    )
+    if settings.on_demand_top_up:
+        core.top_up = OnDemandTopUp(store, worker, clock)
+    return AccountCore(store, Payments(gateway, worker), clock), worker
+
+
+def _start_payment_tasks(
+    settings: Settings,
+    account: AccountCore,
+    worker: ChargeWorker | None,
+    stopping: asyncio.Event,
+) -> tuple[asyncio.Task[None], ...]:
+    if worker is None:
+        return ()
+    reconciler = CardReconciler(account.store, account.gateway)
+    return (
+        asyncio.create_task(worker.run(stopping), name="charge-worker"),
+        asyncio.create_task(
+            reconciler.run(settings.reconcile_interval_s, stopping), name="card-reconciler"
+        ),
+    )
 
 
 async def serve(settings: Settings) -> None:

@@ -13,7 +13,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -21,6 +28,7 @@ from sqlalchemy.exc import ArgumentError
 from billing_service.core import CoreSettings
 from billing_service.domain.commands import TtlBounds
 from billing_service.domain.money import AMOUNT_MICROS_MAX
+from billing_service.domain.payments import MICROS_PER_CENT, TOP_UP_MICROS_MIN
 from billing_service.domain.pricing import PriceTable, PriceTableError, parse_price_table
 
 _SUPPORTED_DRIVERS = frozenset({"sqlite+aiosqlite", "postgresql+asyncpg"})
@@ -31,7 +39,9 @@ class ConfigError(Exception):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BILLING_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="BILLING_", extra="ignore", frozen=True, populate_by_name=True
+    )
 
     database_url: str = Field(
         "sqlite+aiosqlite:///billing.db",
@@ -134,12 +144,52 @@ class Settings(BaseSettings):
         10.0, gt=0, description="An event not processed in this time is answered 503 (redelivered)."
     )
 
+    # Stripe. Without a key the service runs without card payments.
+    stripe_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("BILLING_STRIPE_API_KEY", "STRIPE_API_KEY"),
+        description="Stripe secret key (sk_...); also read from STRIPE_API_KEY.",
+    )
+    stripe_api_key_file: Path | None = Field(
+        None, description="A file holding the Stripe secret key (e.g. a mounted secret)."
+    )
+    stripe_api_base: str | None = Field(
+        None, description="Stripe API URL override (tests point it at localstripe)."
+    )
+    stripe_currency: str = Field("usd", description="Currency of every charge.")
+    stripe_requests_per_second: float = Field(
+        20.0, gt=0, le=100, description="Most Stripe API calls per second from one process."
+    )
+    auto_top_up_threshold_micros: int = Field(
+        5_000_000, ge=0, le=AMOUNT_MICROS_MAX, description="Default automatic top-up threshold."
+    )
+    auto_top_up_amount_micros: int = Field(
+        20_000_000,
+        ge=TOP_UP_MICROS_MIN,
+        le=AMOUNT_MICROS_MAX,
+        multiple_of=MICROS_PER_CENT,
+        description="Default automatic top-up amount (whole cents).",
+    )
+    charge_worker_interval_s: float = Field(
+        5.0, gt=0, description="How often the charge worker looks for due top-ups and charges."
+    )
+    charge_lease_s: float = Field(
+        60.0, gt=0, description="How long a worker owns a charge before another may retry it."
+    )
+    on_demand_top_up: bool = Field(
+        True, description="A ReserveCredit without room waits for a top-up of a card on file."
+    )
+    reconcile_interval_s: float = Field(
+        3600.0, gt=0, description="How often cards on file and stale charges are re-read."
+    )
+
     @field_validator(
         "auth_tokens_file",
         "tls_cert_file",
         "tls_key_file",
         "tls_client_ca_file",
         "stripe_webhook_secret_file",
+        "stripe_api_key_file",
         mode="before",
     )
     @classmethod
@@ -203,6 +253,21 @@ class Settings(BaseSettings):
                 "BILLING_STRIPE_WEBHOOK_SECRET_FILE (the endpoint's signing secret)"
             )
         return self
+
+    def stripe_key(self) -> str | None:
+        """The Stripe secret key, from the environment or the mounted file; None: no Stripe."""
+        if self.stripe_api_key is not None and self.stripe_api_key.get_secret_value():
+            return self.stripe_api_key.get_secret_value().strip()
+        if self.stripe_api_key_file is None:
+            return None
+        try:
+            key = self.stripe_api_key_file.read_text().strip()
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read BILLING_STRIPE_API_KEY_FILE {self.stripe_api_key_file}: "
+                f"{error.strerror}"
+            ) from None
+        return key or None
 
     def core_settings(self) -> CoreSettings:
         return CoreSettings(

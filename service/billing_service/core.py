@@ -58,7 +58,9 @@ class LedgerPort(Protocol):
 
     async def get_account(self, tenant_id: str) -> Account | None: ...
 
-    async def place_hold(self, hold: Hold, *, create_with_limit: int | None) -> Hold: ...
+    async def place_hold(
+        self, hold: Hold, *, create_with_limit: int | None, defer_credit_denial: bool = False
+    ) -> Hold: ...
 
     async def find_hold(self, request_id: str) -> Hold | None: ...
 
@@ -89,6 +91,17 @@ class LedgerPort(Protocol):
     ) -> TenantOutcome: ...
 
 
+class TopUpPort(Protocol):
+    """Card top-ups, as the reservation path sees them (implemented in payments/)."""
+
+    def credit_seen(self, tenant_id: str, available_micros: int) -> None:
+        """Told the credit left after a grant; must not block (it may wake a worker)."""
+
+    async def top_up(self, tenant_id: str, shortfall_micros: int, wait_s: float) -> bool:
+        """Starts or joins a top-up and waits up to `wait_s`; True if it succeeded."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class CoreSettings:
     # The credit limit of a new tenant, extended once it has a payment method ($25).
@@ -112,11 +125,13 @@ class BillingCore:
         prices: PriceTable,
         settings: CoreSettings | None = None,
         clock: Clock = utc_now,
+        top_up: TopUpPort | None = None,
     ) -> None:
         self._ledger = ledger
         self._prices = prices
         self._settings = settings or CoreSettings()
         self._clock = clock
+        self.top_up = top_up
 
     @property
     def prices(self) -> PriceTable:
@@ -136,7 +151,8 @@ class BillingCore:
             )
         return decide(account, command.model, price, required)
 
-    async def reserve(self, command: Reserve) -> ReserveResult:
+    async def reserve(self, command: Reserve, wait_s: float = 0.0) -> ReserveResult:
+        """wait_s: how long a reservation without room may wait for a card top-up."""
         ttl = validate_reserve(command, self._settings.ttl_bounds)
         price = self._prices.get(command.model)
         request_fingerprint = fingerprint(command)
@@ -157,9 +173,25 @@ class BillingCore:
             expires_at=now + ttl,
             decision_available_micros=0,
         )
-        stored = await self._ledger.place_hold(hold, create_with_limit=self._creation_limit())
+        top_up = self.top_up
+        may_wait = top_up is not None and wait_s > 0 and hold.metered
+        stored = await self._ledger.place_hold(
+            hold, create_with_limit=self._creation_limit(), defer_credit_denial=may_wait
+        )
         if stored.request_fingerprint != request_fingerprint:
             raise request_id_reused(command.request_id)
+        if top_up is not None and stored.hold_id == hold.hold_id:
+            if stored.status is HoldStatus.DENIED and may_wait:
+                # Not stored yet: the answer given after the top-up is the one kept.
+                shortfall = hold.amount_micros - stored.decision_available_micros
+                await top_up.top_up(hold.tenant_id, shortfall, wait_s)
+                stored = await self._ledger.place_hold(
+                    hold, create_with_limit=self._creation_limit()
+                )
+                if stored.request_fingerprint != request_fingerprint:
+                    raise request_id_reused(command.request_id)
+            elif stored.status is HoldStatus.OPEN and hold.metered:
+                top_up.credit_seen(hold.tenant_id, stored.decision_available_micros)
         return _reserve_result(stored)
 
     async def _model_not_offered(self, command: Reserve, request_fingerprint: str) -> ReserveResult:

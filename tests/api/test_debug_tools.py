@@ -16,7 +16,22 @@ pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 METHODS = {
     "billing.v1.BillingService": ["CheckAccess", "ReserveCredit", "Commit", "Refund"],
-    "billing.v1.AdminService": ["CreateTenant", "UpdateTenant", "GetTenant", "GrantCredit"],
+    "billing.v1.AdminService": [
+        "CreateTenant",
+        "UpdateTenant",
+        "GetTenant",
+        "GrantCredit",
+        "ListTenants",
+    ],
+    "billing.v1.AccountService": [
+        "GetBillingProfile",
+        "CreateSetupIntent",
+        "ConfirmPaymentMethod",
+        "RemovePaymentMethod",
+        "UpdateAutoTopUp",
+        "TopUpNow",
+        "GetCharge",
+    ],
 }
 
 

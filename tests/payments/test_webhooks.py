@@ -847,10 +847,22 @@ def test_an_unusable_secret_file_is_a_configuration_error(
         load_webhook_secret(settings)
 
 
-async def test_a_webhook_port_without_a_payments_sink_does_not_start(tmp_path: Path) -> None:
+async def test_by_default_the_endpoint_feeds_the_payments_core(tmp_path: Path) -> None:
     settings = webhook_settings(f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}")
-    with pytest.raises(ConfigError, match="BILLING_WEBHOOK_PORT"):
-        await Application.start(settings)
+    app = await Application.start(settings)
+    url = f"http://127.0.0.1:{settings.webhook_port}{WEBHOOK_PATH}"
+    try:
+        assert app.payments_sink is not None
+        async with httpx.AsyncClient(timeout=_WAIT_S) as http:
+            # A refund of a PaymentIntent we never created: acknowledged, recorded, no effect.
+            refunded = event("charge.refunded", charge_refunded("pi_unknown", 500))
+            answer = await _post_signed(http, url, refunded)
+        assert answer.status_code == 200
+        async with app.engine.connect() as conn:
+            rows = await conn.execute(select(stripe_events.c.event_id))
+            assert [row.event_id for row in rows] == [refunded["id"]]
+    finally:
+        await app.stop(grace_s=0)
 
 
 def test_check_config_names_the_missing_webhook_secret(tmp_path: Path) -> None:

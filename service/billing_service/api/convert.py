@@ -20,6 +20,7 @@ from billing_service.domain.model import (
     UsageRecord,
 )
 from billing_service.domain.outcomes import CommitOutcome, RefundOutcome
+from billing_service.domain.payments import BillingStatus
 from billing_service.domain.policy import Decision
 from billing_service.domain.pricing import ModelBilling, TokenUsage
 
@@ -29,7 +30,17 @@ _DENIAL_REASONS = {
     DenialReason.CREDIT_LIMIT_REACHED: types_pb2.DENIAL_REASON_CREDIT_LIMIT_REACHED,
     DenialReason.ACCOUNT_SUSPENDED: types_pb2.DENIAL_REASON_ACCOUNT_SUSPENDED,
     DenialReason.MODEL_NOT_OFFERED: types_pb2.DENIAL_REASON_MODEL_NOT_OFFERED,
+    DenialReason.PAYMENT_FAILED: types_pb2.DENIAL_REASON_PAYMENT_FAILED,
+    DenialReason.PAYMENT_ACTION_REQUIRED: types_pb2.DENIAL_REASON_PAYMENT_ACTION_REQUIRED,
+    DenialReason.PAYMENT_DISPUTED: types_pb2.DENIAL_REASON_PAYMENT_DISPUTED,
 }
+BILLING_STATUSES = {
+    BillingStatus.GOOD_STANDING: types_pb2.BILLING_STATUS_GOOD_STANDING,
+    BillingStatus.PAYMENT_FAILED: types_pb2.BILLING_STATUS_PAYMENT_FAILED,
+    BillingStatus.ACTION_REQUIRED: types_pb2.BILLING_STATUS_ACTION_REQUIRED,
+    BillingStatus.DISPUTED: types_pb2.BILLING_STATUS_DISPUTED,
+}
+BILLING_STATUSES_IN = {value: key for key, value in BILLING_STATUSES.items()}
 _BILLINGS = {
     None: types_pb2.MODEL_BILLING_UNSPECIFIED,
     ModelBilling.INCLUDED: types_pb2.MODEL_BILLING_INCLUDED,
@@ -220,4 +231,5 @@ def tenant(account: Account) -> admin_pb2.Tenant:
         balance=balance(Balance.of(account)),
         create_time=timestamp(account.created_at),
         update_time=timestamp(account.updated_at),
+        billing_status=BILLING_STATUSES[account.billing_status],
     )

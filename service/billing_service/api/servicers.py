@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from billing.v1 import admin_pb2, admin_pb2_grpc, billing_pb2, billing_pb2_grpc
 from billing_service.api import convert
 from billing_service.api.errors import maps_errors
 from billing_service.core import BillingCore
+from billing_service.payments.account import AccountCore
 
 
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
@@ -33,7 +36,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             billing_pb2.ReserveCreditRequest, billing_pb2.ReserveCreditResponse
         ],
     ) -> billing_pb2.ReserveCreditResponse:
-        result = await self._core.reserve(convert.reserve(request))
+        result = await self._core.reserve(convert.reserve(request), _top_up_wait_s(context))
         return billing_pb2.ReserveCreditResponse(
             decision=convert.decision(result.decision),
             reservation=None if result.hold is None else convert.reservation(result.hold),
@@ -56,9 +59,40 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         return convert.refund_response(await self._core.refund(convert.refund(request)))
 
 
+# A reservation that waits for a card top-up answers this long before its deadline.
+_DEADLINE_MARGIN_S = 0.5
+
+
+def _top_up_wait_s(context: grpc.aio.ServicerContext[Any, Any]) -> float:
+    """Only a call with a deadline waits for a top-up, and never past it."""
+    left = context.time_remaining()
+    return 0.0 if left is None else max(0.0, left - _DEADLINE_MARGIN_S)
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, core: BillingCore) -> None:
+    def __init__(self, core: BillingCore, account: AccountCore | None = None) -> None:
         self._core = core
+        self._account = account
+
+    @maps_errors
+    async def ListTenants(
+        self,
+        request: admin_pb2.ListTenantsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ListTenantsRequest, admin_pb2.ListTenantsResponse
+        ],
+    ) -> admin_pb2.ListTenantsResponse:
+        if self._account is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListTenants is not wired")
+        assert self._account is not None
+        status = convert.BILLING_STATUSES_IN.get(request.billing_status)
+        accounts, next_token = await self._account.list_tenants(
+            status, request.page_size, request.page_token
+        )
+        return admin_pb2.ListTenantsResponse(
+            tenants=[convert.tenant(account) for account in accounts],
+            next_page_token=next_token,
+        )
 
     @maps_errors
     async def CreateTenant(

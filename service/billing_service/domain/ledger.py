@@ -22,6 +22,8 @@ class EntryKind(StrEnum):
     EXPIRY = "expiry"  # held - (released at its expire time)
     DEBIT = "debit"  # held - the hold, balance - the charge (a commit)
     REFUND = "refund"  # balance + (part of a committed charge given back)
+    TOP_UP = "top_up"  # balance + (a card charge succeeded; carries its charge id)
+    TOP_UP_REVERSAL = "top_up_reversal"  # balance - (a card charge refunded or disputed)
 
 
 @dataclass(frozen=True, slots=True)

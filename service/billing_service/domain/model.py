@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from billing_service.domain.payments import BillingStatus
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
 
 
@@ -30,6 +31,7 @@ class Account:
     held_micros: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    billing_status: BillingStatus = BillingStatus.GOOD_STANDING
 
     @property
     def effective_credit_limit_micros(self) -> int:
@@ -61,6 +63,17 @@ class DenialReason(StrEnum):
     CREDIT_LIMIT_REACHED = "credit_limit_reached"
     ACCOUNT_SUSPENDED = "account_suspended"
     MODEL_NOT_OFFERED = "model_not_offered"
+    PAYMENT_FAILED = "payment_failed"
+    PAYMENT_ACTION_REQUIRED = "payment_action_required"
+    PAYMENT_DISPUTED = "payment_disputed"
+
+
+# A payment problem denies metered models with the reason of the same name.
+PAYMENT_DENIALS = {
+    BillingStatus.PAYMENT_FAILED: DenialReason.PAYMENT_FAILED,
+    BillingStatus.ACTION_REQUIRED: DenialReason.PAYMENT_ACTION_REQUIRED,
+    BillingStatus.DISPUTED: DenialReason.PAYMENT_DISPUTED,
+}
 
 
 @dataclass(frozen=True, slots=True)

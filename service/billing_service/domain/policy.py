@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from billing_service.domain.model import Account, DenialReason, TenantStatus
+from billing_service.domain.model import PAYMENT_DENIALS, Account, DenialReason, TenantStatus
 from billing_service.domain.money import format_micros
+from billing_service.domain.payments import BILLING_STATUS_MESSAGES, BillingStatus
 from billing_service.domain.pricing import ModelBilling, ModelPrice
 
 
@@ -35,6 +36,10 @@ def decide(
         return denial(
             DenialReason.ACCOUNT_SUSPENDED, model, available, price.billing, required_micros
         )
+    if price.billing is ModelBilling.METERED and (
+        payment_denial := PAYMENT_DENIALS.get(account.billing_status)
+    ):
+        return denial(payment_denial, model, available, price.billing, required_micros)
     if price.billing is ModelBilling.INCLUDED or required_micros <= available:
         return Decision(True, None, "", available, price.billing, required_micros)
     reason = (
@@ -78,6 +83,12 @@ def denial_message(
                 f"{format_micros(max(0, available_micros))} is available. "
                 "Top up or wait for pending charges to settle."
             )
+        case DenialReason.PAYMENT_FAILED:
+            return f"{BILLING_STATUS_MESSAGES[BillingStatus.PAYMENT_FAILED]} ({model})"
+        case DenialReason.PAYMENT_ACTION_REQUIRED:
+            return f"{BILLING_STATUS_MESSAGES[BillingStatus.ACTION_REQUIRED]} ({model})"
+        case DenialReason.PAYMENT_DISPUTED:
+            return f"{BILLING_STATUS_MESSAGES[BillingStatus.DISPUTED]} ({model})"
 
 
 def explain_refusal(

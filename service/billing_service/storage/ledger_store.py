@@ -50,6 +50,7 @@ from billing_service.domain.outcomes import (
     RefundOutcome,
     TenantOutcome,
 )
+from billing_service.domain.payments import BillingStatus
 from billing_service.domain.policy import explain_refusal
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
 from billing_service.storage import postgres_hot_path
@@ -72,6 +73,7 @@ _ACCOUNT_COLUMNS = (
     tenants.c.held_micros,
     tenants.c.created_at,
     tenants.c.updated_at,
+    tenants.c.billing_status,
 )
 
 
@@ -106,12 +108,16 @@ class LedgerStore:
     # ReserveCredit
 
     @storage_faults_unavailable
-    async def place_hold(self, hold: Hold, *, create_with_limit: int | None) -> Hold:
+    async def place_hold(
+        self, hold: Hold, *, create_with_limit: int | None, defer_credit_denial: bool = False
+    ) -> Hold:
         """Takes `hold` if it fits; else stores it as denied, with the reason. One transaction.
 
         Returns the stored hold, or the earlier one with the same request_id (a retry).
         create_with_limit: when set, an unknown tenant is created with this credit limit;
         when None, an unknown tenant raises NotFound.
+        defer_credit_denial: a refusal for lack of credit is returned without being stored
+        (the caller waits for a top-up, then asks again and stores the final answer).
         """
         try:
             if self._postgres and hold.metered:
@@ -120,7 +126,7 @@ class LedgerStore:
                 if available is not None:
                     return replace(hold, decision_available_micros=available)
             async with transaction(self._engine) as conn:
-                return await _place_hold(conn, hold, create_with_limit)
+                return await _place_hold(conn, hold, create_with_limit, defer_credit_denial)
         except IntegrityError:
             return await self._prior_hold(hold.request_id)
 
@@ -313,7 +319,9 @@ class LedgerStore:
 # Transaction bodies. Each takes an open connection inside one transaction.
 
 
-async def _place_hold(conn: AsyncConnection, hold: Hold, create_with_limit: int | None) -> Hold:
+async def _place_hold(
+    conn: AsyncConnection, hold: Hold, create_with_limit: int | None, defer_credit_denial: bool
+) -> Hold:
     assert hold.price is not None
     for _ in range(2):
         if hold.metered:
@@ -347,6 +355,8 @@ async def _place_hold(conn: AsyncConnection, hold: Hold, create_with_limit: int 
                 denial_reason=refusal.reason,
                 decision_available_micros=refusal.available_micros,
             )
+            if defer_credit_denial and refusal.reason is DenialReason.CREDIT_LIMIT_REACHED:
+                return denied
             await conn.execute(insert(holds).values(_hold_row(denied)))
             return denied
         if create_with_limit is None:
@@ -363,6 +373,7 @@ async def _take_hold(conn: AsyncConnection, tenant_id: str, amount_micros: int) 
             .where(
                 tenants.c.tenant_id == tenant_id,
                 tenants.c.status == TenantStatus.ACTIVE,
+                tenants.c.billing_status == BillingStatus.GOOD_STANDING,
                 available_credit_sql() >= amount_micros,
             )
             .values(held_micros=tenants.c.held_micros + amount_micros)
@@ -608,6 +619,7 @@ async def _append_entry(
     request_id: str | None = None,
     request_fingerprint: str | None = None,
     memo: str | None = None,
+    charge_id: str | None = None,
 ) -> int:
     entry_id = (
         await conn.execute(
@@ -625,6 +637,7 @@ async def _append_entry(
                 available_after_micros=account_after.available_micros,
                 memo=memo,
                 created_at=now,
+                charge_id=charge_id,
             )
             .returning(ledger_entries.c.entry_id)
         )
@@ -731,6 +744,7 @@ def _account_from_row(row: Any) -> Account:
         held_micros=row.held_micros,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        billing_status=BillingStatus(row.billing_status),
     )
 
 
@@ -744,6 +758,7 @@ def _account_row(account: Account) -> dict[str, Any]:
         "held_micros": account.held_micros,
         "created_at": account.created_at,
         "updated_at": account.updated_at,
+        "billing_status": account.billing_status,
     }
 
 
@@ -761,6 +776,7 @@ def _account_from_json(text: str) -> Account:
         value = body[key]
         body[key] = None if value is None else datetime.fromisoformat(value)
     body["status"] = TenantStatus(body["status"])
+    body["billing_status"] = BillingStatus(body.get("billing_status", "good_standing"))
     return Account(**body)
 
 

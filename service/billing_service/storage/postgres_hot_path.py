@@ -37,7 +37,8 @@ _RESERVE_SQL = f"""
 WITH account AS (
     UPDATE tenants
     SET held_micros = held_micros + :amount_micros
-    WHERE tenant_id = :tenant_id AND status = 'active' AND {_AVAILABLE} >= :amount_micros
+    WHERE tenant_id = :tenant_id AND status = 'active' AND billing_status = 'good_standing'
+        AND {_AVAILABLE} >= :amount_micros
     RETURNING tenant_id, balance_micros, held_micros, {_AVAILABLE} AS available_micros
 ), hold AS (
     INSERT INTO holds (

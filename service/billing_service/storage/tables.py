@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     text,
+    true,
 )
 from sqlalchemy.types import TypeDecorator
 
@@ -76,6 +77,16 @@ tenants = Table(
     _micros("held_micros", server_default=text("0")),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    # Payments (migration 0002). A NULL top-up threshold or amount means the server's default.
+    Column("billing_status", String(24), nullable=False, server_default=text("'good_standing'")),
+    Column("stripe_customer_id", String(64), nullable=True),
+    Column("payment_method_id", String(64), nullable=True),
+    Column("card_brand", String(32), nullable=True),
+    Column("card_last4", String(4), nullable=True),
+    Column("card_saved_at", UtcDateTime, nullable=True),
+    Column("auto_top_up_enabled", Boolean, nullable=False, server_default=true()),
+    Column("auto_top_up_threshold_micros", BigInteger, nullable=True),
+    Column("auto_top_up_amount_micros", BigInteger, nullable=True),
     CheckConstraint("held_micros >= 0", name="held_not_negative"),
     CheckConstraint("credit_limit_micros >= 0", name="credit_limit_not_negative"),
 )
@@ -132,7 +143,10 @@ ledger_entries = Table(
     _micros("available_after_micros"),
     Column("memo", String(500), nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
+    # The card charge a TOP_UP or TOP_UP_REVERSAL entry records (migration 0002).
+    Column("charge_id", String(36), nullable=True),
 )
+Index("ix_ledger_entries_charge_id", ledger_entries.c.charge_id)
 Index("ix_ledger_entries_tenant_id_entry_id", ledger_entries.c.tenant_id, ledger_entries.c.entry_id)
 Index("ix_ledger_entries_hold_id", ledger_entries.c.hold_id)
 
@@ -185,4 +199,52 @@ stripe_events = Table(
     Column("created", UtcDateTime, nullable=False),
     Column("received_at", UtcDateTime, nullable=False),
     Column("processed_at", UtcDateTime, nullable=False),
+)
+
+# Card charges: the transactional outbox of top-ups. A row is written in the transaction that
+# decides the charge; the outbox worker then calls Stripe with an idempotency key made from
+# charge_id, so a crash and a retry can never charge twice.
+charges = Table(
+    "charges",
+    metadata,
+    Column("charge_id", String(36), primary_key=True),
+    Column("tenant_id", String(128), ForeignKey("tenants.tenant_id"), nullable=False),
+    _micros("amount_micros"),
+    Column("trigger", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    # Set for a TopUpNow: its idempotency key.
+    Column("request_id", String(128), nullable=True, unique=True),
+    Column("request_fingerprint", String(64), nullable=True),
+    Column("payment_intent_id", String(64), nullable=True),
+    Column("failure_message", String(500), nullable=True),
+    _micros("refunded_micros", server_default=text("0")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    # A worker that claimed the pending charge owns it until then (then another may retry it).
+    Column("lease_until", UtcDateTime, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    CheckConstraint("amount_micros > 0", name="amount_positive"),
+    CheckConstraint("refunded_micros >= 0", name="refunded_not_negative"),
+)
+# At most one charge in flight per tenant.
+Index(
+    "ix_charges_tenant_id_pending",
+    charges.c.tenant_id,
+    unique=True,
+    postgresql_where=charges.c.status == "pending",
+    sqlite_where=charges.c.status == "pending",
+)
+Index("ix_charges_payment_intent_id", charges.c.payment_intent_id)
+Index("ix_charges_status_created_at", charges.c.status, charges.c.created_at)
+
+# AccountService requests, kept for idempotent replay (AIP-155).
+account_requests = Table(
+    "account_requests",
+    metadata,
+    Column("request_id", String(128), primary_key=True),
+    Column("request_fingerprint", String(64), nullable=False),
+    Column("operation", String(32), nullable=False),
+    Column("tenant_id", String(128), nullable=False),
+    Column("result", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
 )

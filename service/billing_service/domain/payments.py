@@ -1,0 +1,176 @@
+"""Card payments: billing status, top-up charges and their states, cents <-> micros.
+
+Stripe counts money in cents, the ledger in micros (1 cent = 10,000 micros). Every conversion
+is explicit about its rounding; no float is ever involved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from billing_service.domain.errors import InvalidArgument
+from billing_service.domain.money import AMOUNT_MICROS_MAX
+
+MICROS_PER_CENT = 10_000
+# Stripe's smallest USD charge: $0.50.
+TOP_UP_MICROS_MIN = 500_000
+
+
+class BillingStatus(StrEnum):
+    GOOD_STANDING = "good_standing"
+    PAYMENT_FAILED = "payment_failed"
+    ACTION_REQUIRED = "action_required"
+    DISPUTED = "disputed"
+
+
+BILLING_STATUS_MESSAGES = {
+    BillingStatus.GOOD_STANDING: "",
+    BillingStatus.PAYMENT_FAILED: (
+        "The last card charge was declined. Update the card or top up now to use metered models."
+    ),
+    BillingStatus.ACTION_REQUIRED: (
+        "The bank asks the card holder to authenticate the last charge. Complete it on the "
+        "billing page to use metered models."
+    ),
+    BillingStatus.DISPUTED: (
+        "A card payment is disputed. Metered models are suspended until it is resolved; "
+        "contact support."
+    ),
+}
+
+
+class ChargeTrigger(StrEnum):
+    AUTOMATIC = "automatic"
+    ON_DEMAND = "on_demand"
+    MANUAL = "manual"
+
+
+class ChargeStatus(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ACTION_REQUIRED = "action_required"
+    REFUNDED = "refunded"
+
+
+# The statuses a charge may be in before it moves to the key's status. Success may follow a
+# failure or an authentication (the same PaymentIntent confirmed again); nothing ever moves a
+# succeeded or refunded charge back.
+ALLOWED_BEFORE: dict[ChargeStatus, frozenset[ChargeStatus]] = {
+    ChargeStatus.SUCCEEDED: frozenset(
+        {ChargeStatus.PENDING, ChargeStatus.FAILED, ChargeStatus.ACTION_REQUIRED}
+    ),
+    ChargeStatus.FAILED: frozenset({ChargeStatus.PENDING, ChargeStatus.ACTION_REQUIRED}),
+    ChargeStatus.ACTION_REQUIRED: frozenset({ChargeStatus.PENDING}),
+    ChargeStatus.REFUNDED: frozenset({ChargeStatus.SUCCEEDED, ChargeStatus.REFUNDED}),
+}
+
+# What a finished charge does to the tenant's billing status.
+STATUS_AFTER_CHARGE = {
+    ChargeStatus.FAILED: BillingStatus.PAYMENT_FAILED,
+    ChargeStatus.ACTION_REQUIRED: BillingStatus.ACTION_REQUIRED,
+}
+
+
+def clears_on_success(status: BillingStatus) -> bool:
+    """A successful charge or a new card clears a payment problem; only an operator clears a
+    dispute."""
+    return status in (BillingStatus.PAYMENT_FAILED, BillingStatus.ACTION_REQUIRED)
+
+
+def micros_to_cents(amount_micros: int) -> int:
+    """Exact: a charge amount is always a whole number of cents (checked where it is decided)."""
+    cents, rest = divmod(amount_micros, MICROS_PER_CENT)
+    if rest:
+        raise ValueError(f"{amount_micros} micros is not a whole number of cents")
+    return cents
+
+
+def cents_to_micros(amount_cents: int) -> int:
+    return amount_cents * MICROS_PER_CENT
+
+
+def round_up_to_cents(amount_micros: int) -> int:
+    """A top-up that must cover `amount_micros` charges the next whole cent (never less)."""
+    return -(-amount_micros // MICROS_PER_CENT) * MICROS_PER_CENT
+
+
+def check_top_up_amount(field: str, amount_micros: int) -> None:
+    if not TOP_UP_MICROS_MIN <= amount_micros <= AMOUNT_MICROS_MAX:
+        raise InvalidArgument(
+            field, f"must be {TOP_UP_MICROS_MIN} to {AMOUNT_MICROS_MAX} micros ($0.50 or more)"
+        )
+    if amount_micros % MICROS_PER_CENT:
+        raise InvalidArgument(field, "must be a whole number of cents (a multiple of 10000)")
+
+
+def check_threshold(field: str, amount_micros: int) -> None:
+    if not 0 <= amount_micros <= AMOUNT_MICROS_MAX:
+        raise InvalidArgument(field, f"must be 0 to {AMOUNT_MICROS_MAX} micros")
+
+
+def on_demand_amount(top_up_micros: int, shortfall_micros: int) -> int:
+    """An on-demand top-up charges the usual top-up, or more when one query needs more."""
+    return max(top_up_micros, round_up_to_cents(shortfall_micros), TOP_UP_MICROS_MIN)
+
+
+@dataclass(frozen=True, slots=True)
+class AutoTopUp:
+    enabled: bool
+    threshold_micros: int
+    amount_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class Card:
+    payment_method_id: str
+    brand: str
+    last4: str
+    saved_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class BillingProfile:
+    tenant_id: str
+    billing_status: BillingStatus
+    stripe_customer_id: str | None
+    card: Card | None
+    auto_top_up: AutoTopUp
+    pending_charge: Charge | None
+
+    @property
+    def billing_status_message(self) -> str:
+        return BILLING_STATUS_MESSAGES[self.billing_status]
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    charge_id: str
+    tenant_id: str
+    amount_micros: int
+    trigger: ChargeTrigger
+    status: ChargeStatus
+    payment_intent_id: str | None
+    failure_message: str | None
+    refunded_micros: int
+    created_at: datetime
+    updated_at: datetime
+    request_id: str | None = None
+    request_fingerprint: str | None = None
+
+
+class PaymentOutcome(StrEnum):
+    """What Stripe answered to a PaymentIntent create."""
+
+    SUCCEEDED = "succeeded"
+    DECLINED = "declined"
+    REQUIRES_ACTION = "requires_action"
+
+
+OUTCOME_STATUS = {
+    PaymentOutcome.SUCCEEDED: ChargeStatus.SUCCEEDED,
+    PaymentOutcome.DECLINED: ChargeStatus.FAILED,
+    PaymentOutcome.REQUIRES_ACTION: ChargeStatus.ACTION_REQUIRED,
+}
