@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event, select
+from sqlalchemy import event, insert, select
 
 from billing_service.domain.commands import Commit, CreateTenant
 from billing_service.domain.model import Hold, HoldStatus, TenantStatus
@@ -22,6 +22,7 @@ from billing_service.storage.database import create_engine
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.migrations import migrate
 from billing_service.storage.tables import usage_rollups
+from billing_service.storage.usage_store import UsageStore
 from tests.support.postgres import PostgresServer
 from tests.usage.books import rollup_problems
 
@@ -164,3 +165,34 @@ def test_the_postgresql_commit_with_its_rollup_is_one_statement(runner: Runner) 
     assert len(statements) == 2
     assert row.call_count == 2
     assert (row.input_tokens, row.output_tokens) == (20, 40)
+
+
+def test_the_summary_lists_the_costliest_thousand_users_and_says_it_cut(runner: Runner) -> None:
+    async def scenario() -> Any:
+        tenant = await new_tenant(runner.store)
+        day = MIDNIGHT.date()
+        rows = [
+            {
+                "tenant_id": tenant,
+                "day": day,
+                "model": "metered",
+                "user_id": f"user-{number:04d}",
+                "call_count": 1,
+                "input_tokens": 0,
+                "cached_input_tokens": 0,
+                "output_tokens": 0,
+                "cost_micros": number,
+                "charged_micros": number,
+            }
+            for number in range(1, 1003)
+        ]
+        async with runner.engine.begin() as conn:
+            await conn.execute(insert(usage_rollups), rows)
+        store = UsageStore(runner.engine)
+        return await store.period_usage(tenant, day, day + timedelta(days=1), 1000)
+
+    usage = runner.run(scenario())
+    assert usage.by_user_truncated
+    assert [user for user, _ in usage.by_user] == [f"user-{n:04d}" for n in range(1002, 2, -1)]
+    assert usage.totals.call_count == 1002
+    assert usage.totals.cost_micros == sum(range(1, 1003))
