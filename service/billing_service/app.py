@@ -24,12 +24,15 @@ from billing.v1 import (
     admin_pb2_grpc,
     billing_pb2,
     billing_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
 )
-from billing_service.api.account_servicer import AccountServicer
+from billing_service.api.account_servicer import AccountServicer, BillingProfileMessages
 from billing_service.api.interceptors import CallGuard
 from billing_service.api.reflection import enable_reflection
 from billing_service.api.servicers import AdminServicer, BillingServicer
 from billing_service.api.transport import exposure_warning, listen, server_options
+from billing_service.api.usage_servicer import UsageServicer
 from billing_service.config import Settings, load_price_table
 from billing_service.core import BillingCore, Clock, utc_now
 from billing_service.domain.errors import Unavailable
@@ -48,7 +51,9 @@ from billing_service.storage.database import create_engine
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.migrations import migrate
 from billing_service.storage.payments_store import PaymentsStore
+from billing_service.storage.usage_store import UsageStore
 from billing_service.tracing import Tracing, start_tracing
+from billing_service.usage import UsageDashboard
 
 _log = logging.getLogger(__name__)
 
@@ -56,6 +61,7 @@ SERVICE_NAMES = (
     billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
 )
 
 # Releases at most this many expired holds per sweep transaction batch.
@@ -124,6 +130,10 @@ class Application:
             billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingServicer(core), server)
             admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(core, account), server)
             account_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(account), server)
+            dashboard = UsageDashboard[account_pb2.BillingProfile](
+                UsageStore(engine), clock, billing_profiles=BillingProfileMessages(account)
+            )
+            usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(dashboard), server)
             health_servicer = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             if settings.reflection:

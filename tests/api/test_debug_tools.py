@@ -32,6 +32,12 @@ METHODS = {
         "TopUpNow",
         "GetCharge",
     ],
+    "billing.v1.UsageService": [
+        "GetUsageSummary",
+        "ListUsageRecords",
+        "ListLedgerEntries",
+        "ExportUsageCsv",
+    ],
 }
 
 

@@ -10,6 +10,7 @@ import grpc
 from billing.v1 import account_pb2, account_pb2_grpc, types_pb2
 from billing_service.api.convert import BILLING_STATUSES, timestamp
 from billing_service.api.errors import maps_errors
+from billing_service.domain.errors import NotFound
 from billing_service.domain.payments import (
     AutoTopUp,
     BillingProfile,
@@ -182,3 +183,16 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     ) -> account_pb2.GetChargeResponse:
         charge = await self._account.get_charge(request.tenant_id, request.charge_id)
         return account_pb2.GetChargeResponse(charge=charge_message(charge))
+
+
+class BillingProfileMessages:
+    """The payments side's billing profiles as the dashboard shows them (its BillingProfiles)."""
+
+    def __init__(self, account: AccountCore) -> None:
+        self._account = account
+
+    async def billing_profile(self, tenant_id: str) -> account_pb2.BillingProfile | None:
+        try:
+            return profile_message(await self._account.get_billing_profile(tenant_id))
+        except NotFound:
+            return None
