@@ -16,11 +16,20 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing.v1 import admin_pb2, admin_pb2_grpc, billing_pb2, billing_pb2_grpc
+from billing.v1 import (
+    account_pb2,
+    admin_pb2,
+    admin_pb2_grpc,
+    billing_pb2,
+    billing_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
 from billing_service.api.interceptors import CallGuard
 from billing_service.api.reflection import enable_reflection
 from billing_service.api.servicers import AdminServicer, BillingServicer
 from billing_service.api.transport import exposure_warning, listen, server_options
+from billing_service.api.usage_servicer import UsageServicer
 from billing_service.config import Settings, load_price_table
 from billing_service.core import BillingCore, Clock, utc_now
 from billing_service.domain.errors import Unavailable
@@ -30,13 +39,16 @@ from billing_service.security import load_authenticator, server_credentials
 from billing_service.storage.database import create_engine
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.migrations import migrate
+from billing_service.storage.usage_store import UsageStore
 from billing_service.tracing import Tracing, start_tracing
+from billing_service.usage import UsageDashboard
 
 _log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
 )
 
 # Releases at most this many expired holds per sweep transaction batch.
@@ -91,6 +103,9 @@ class Application:
             server = grpc.aio.server(interceptors=chain, options=server_options(settings))
             billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingServicer(core), server)
             admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(core), server)
+            # billing_profile= takes the payments side's BillingProfiles once it exists.
+            dashboard = UsageDashboard[account_pb2.BillingProfile](UsageStore(engine), clock)
+            usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(dashboard), server)
             health_servicer = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             if settings.reflection:

@@ -6,7 +6,7 @@ role may call some services:
 
     chat-service     billing.v1.BillingService
     operator         every service
-    product-backend  the tenant-facing service (not in this release: nothing yet)
+    product-backend  the tenant-facing services (billing.v1.UsageService)
 
 Health and reflection are open to everyone, so probes and debugging tools need no credentials.
 With no token and no client CA configured, authentication is off (local development, sidecars
@@ -46,8 +46,8 @@ class Role(StrEnum):
 
 BILLING_SERVICE = "billing.v1.BillingService"
 
-# The tenant-facing service (usage dashboard, payment methods) joins this set when it exists.
-TENANT_FACING_SERVICES: frozenset[str] = frozenset()
+# The tenant-facing services (usage dashboard; payment methods join it when they exist).
+TENANT_FACING_SERVICES: frozenset[str] = frozenset({"billing.v1.UsageService"})
 
 OPEN_SERVICES = frozenset(
     {

@@ -55,6 +55,7 @@ from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
 from billing_service.storage import postgres_hot_path
 from billing_service.storage.credit_sql import available_credit_sql
 from billing_service.storage.database import storage_faults_unavailable, transaction
+from billing_service.storage.rollups import add_to_rollup
 from billing_service.storage.tables import (
     admin_requests,
     holds,
@@ -437,6 +438,7 @@ async def _commit(
             {**_usage_row(record), "available_after_micros": account.available_micros}
         )
     )
+    await add_to_rollup(conn, record)
     return CommitOutcome(record, account.available_micros)
 
 

@@ -12,8 +12,9 @@ request_id) aborts the whole statement, so nothing is half-written.
 Rules they apply, and where those rules are defined and tested to agree:
 - the fit rule `available >= amount`: storage.credit_sql (rendered into the text below);
 - the cost of a call: domain.pricing.ModelPrice.cost_micros (the SQL `COST` below);
-- what a commit charges: domain.ledger.settle (the SQL `charged_micros` below).
-tests/ledger/test_hot_path_agrees.py checks the last two against the domain on random inputs.
+- what a commit charges: domain.ledger.settle (the SQL `charged_micros` below);
+- the usage rollup of a commit: storage.rollups.add_to_rollup (the `rollup` CTE below).
+tests/ledger/test_hot_path_agrees.py checks the last three against the domain on random inputs.
 """
 
 from __future__ import annotations
@@ -111,6 +112,22 @@ WITH claimed AS (
     SELECT tenants.tenant_id, {_AVAILABLE} AS available_micros
     FROM tenants JOIN claimed ON tenants.tenant_id = claimed.tenant_id
     WHERE claimed.billing <> 'metered'
+), rollup AS (
+    INSERT INTO usage_rollups AS r (
+        tenant_id, day, model, user_id, call_count, input_tokens, cached_input_tokens,
+        output_tokens, cost_micros, charged_micros
+    )
+    SELECT settled.tenant_id, (:now AT TIME ZONE 'UTC')::date, settled.model, settled.user_id,
+        1, :input_tokens, :cached_input_tokens, :output_tokens, settled.cost_micros,
+        settled.charged_micros
+    FROM settled
+    ON CONFLICT (tenant_id, day, model, user_id) DO UPDATE SET
+        call_count = r.call_count + 1,
+        input_tokens = r.input_tokens + EXCLUDED.input_tokens,
+        cached_input_tokens = r.cached_input_tokens + EXCLUDED.cached_input_tokens,
+        output_tokens = r.output_tokens + EXCLUDED.output_tokens,
+        cost_micros = r.cost_micros + EXCLUDED.cost_micros,
+        charged_micros = r.charged_micros + EXCLUDED.charged_micros
 )
 INSERT INTO usage_records (
     hold_id, request_id, request_fingerprint, tenant_id, user_id, model, input_tokens,

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
+    Date,
     DateTime,
     Dialect,
     ForeignKey,
@@ -157,11 +158,7 @@ usage_records = Table(
     Column("committed_at", UtcDateTime, nullable=False),
     Column("available_after_micros", BigInteger, nullable=False),
 )
-Index(
-    "ix_usage_records_tenant_id_committed_at",
-    usage_records.c.tenant_id,
-    usage_records.c.committed_at,
-)
+# The usage index (tenant_id, committed_at, hold_id) is declared with the rollups below.
 
 # Operator requests (create/update tenant), kept for idempotent replay and as an audit trail.
 admin_requests = Table(
@@ -173,4 +170,30 @@ admin_requests = Table(
     Column("tenant_id", String(128), nullable=False),
     Column("result", Text, nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
+)
+
+# Usage per tenant, UTC day, model and end user, kept in the commit's transaction (and in the
+# PostgreSQL commit statement): a dashboard summary reads days x models x users rows, never the
+# usage records, so its cost does not grow with a tenant's history. Each column is the sum of
+# the usage_records column of the same name (charged before any refund).
+usage_rollups = Table(
+    "usage_rollups",
+    metadata,
+    Column("tenant_id", String(128), ForeignKey("tenants.tenant_id"), primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("model", String(128), primary_key=True),
+    Column("user_id", String(128), primary_key=True),
+    Column("call_count", BigInteger, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("cached_input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    _micros("cost_micros"),
+    _micros("charged_micros"),
+)
+# Keyset pagination of a tenant's usage records, newest or oldest first.
+Index(
+    "ix_usage_records_tenant_id_committed_at_hold_id",
+    usage_records.c.tenant_id,
+    usage_records.c.committed_at,
+    usage_records.c.hold_id,
 )
