@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.ctl.conftest import Chat, Ctl, needs_list_tenants, needs_usage_service
+from tests.ctl.conftest import Chat, Ctl, needs_list_tenants
 
 
 def period() -> tuple[str, str]:
@@ -29,7 +29,6 @@ def used(chat: Chat, tenant: str) -> str:
     return tenant
 
 
-@needs_usage_service
 def test_summary_shows_money_and_usage_by_model_and_user(ctl: Ctl, used: str) -> None:
     since, until = period()
     text = ctl.ok("summary", used, "--since", since, "--until", until).stdout
@@ -51,7 +50,6 @@ def test_summary_shows_money_and_usage_by_model_and_user(ctl: Ctl, used: str) ->
     assert summary["tenant"]["tenant_id"] == used
 
 
-@needs_usage_service
 def test_summary_defaults_to_this_month(ctl: Ctl, used: str) -> None:
     summary = ctl.ok("summary", used, "--json").json()
     first = datetime.now(UTC).replace(day=1).date().isoformat()
@@ -59,7 +57,6 @@ def test_summary_defaults_to_this_month(ctl: Ctl, used: str) -> None:
     assert summary["totals"]["call_count"] == "4"
 
 
-@needs_usage_service
 def test_usage_list_filters_and_pages(ctl: Ctl, used: str) -> None:
     records = ctl.ok("usage", "list", used, "--json").json()["usage_records"]
     assert len(records) == 4
@@ -79,7 +76,6 @@ def test_usage_list_filters_and_pages(ctl: Ctl, used: str) -> None:
     assert table[3].startswith("(more: --page-token ")
 
 
-@needs_usage_service
 def test_usage_export_writes_the_periods_records_as_csv(ctl: Ctl, used: str) -> None:
     since, until = period()
     exported = ctl.ok("usage", "export", used, "--since", since, "--until", until).stdout
@@ -88,7 +84,6 @@ def test_usage_export_writes_the_periods_records_as_csv(ctl: Ctl, used: str) -> 
     assert all(used in row for row in rows[1:])
 
 
-@needs_usage_service
 def test_ledger_list_shows_the_statement(ctl: Ctl, chat: Chat, tenant: str) -> None:
     record = chat.query(tenant, 1_000)
     ctl.ok("refund", record.reservation_id, "--amount-micros", "400", "--reason", "ticket 4411")
@@ -102,7 +97,6 @@ def test_ledger_list_shows_the_statement(ctl: Ctl, chat: Chat, tenant: str) -> N
     assert "$10.00" in grants[1]
 
 
-@needs_usage_service
 def test_dashboard_commands_on_an_unknown_tenant(ctl: Ctl) -> None:
     for command in (["summary"], ["usage", "list"], ["ledger", "list"]):
         result = ctl(*command, "nobody-here", "--json")
