@@ -1,0 +1,306 @@
+"""The asyncio client: `AsyncBillingClient` with `await` and `async with`."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
+
+import grpc
+import grpc.aio
+
+from billing.client._channel import connect_aio_channel
+from billing.client._errors import BillingError, error_from_rpc
+from billing.client._hold import HoldBase, log_release_failure
+from billing.client._model import (
+    AccessDecision,
+    OnExit,
+    check_access_request,
+    commit_request,
+    exit_reason,
+    new_request_id,
+    refund_request,
+    reserve_request,
+)
+from billing.client._retry import OnRetry, RetryPolicy
+from billing.v1 import (
+    account_pb2_grpc,
+    admin_pb2_grpc,
+    billing_pb2,
+    billing_pb2_grpc,
+    types_pb2,
+    usage_pb2_grpc,
+)
+
+if TYPE_CHECKING:
+    from billing.v1.account_pb2_grpc import AccountServiceAsyncStub
+    from billing.v1.admin_pb2_grpc import AdminServiceAsyncStub
+    from billing.v1.billing_pb2_grpc import BillingServiceAsyncStub
+    from billing.v1.usage_pb2_grpc import UsageServiceAsyncStub
+
+__all__ = ["AsyncBillingClient", "AsyncHold", "AsyncHoldContext"]
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+
+class AsyncBillingClient:
+    """An asyncio client of BillingService; use it from one event loop.
+
+    Every call has its own deadline (`timeout_s` per attempt) and is retried on UNAVAILABLE and
+    DEADLINE_EXCEEDED only, up to `max_attempts` attempts, with the same request id. Retries
+    wait for the channel to be ready (a restarting server) within their deadline; the first
+    attempt fails fast. `billing`, `admin`, `account` and `usage` are the generated stubs on the
+    same channel, for anything else (no retries or request ids are added to those).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        tls: bool | None = None,
+        timeout_s: float = 2.0,
+        max_attempts: int = 4,
+        on_retry: OnRetry | None = None,
+    ) -> None:
+        channel = connect_aio_channel(
+            target,
+            token=token,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            tls=tls,
+        )
+        self._setup(channel, timeout_s, RetryPolicy(max_attempts, on_retry=on_retry), owned=True)
+
+    @classmethod
+    def from_channel(
+        cls,
+        channel: grpc.aio.Channel,
+        *,
+        timeout_s: float = 2.0,
+        max_attempts: int = 4,
+        on_retry: OnRetry | None = None,
+    ) -> AsyncBillingClient:
+        """A client over a channel the caller made (and closes)."""
+        client = cls.__new__(cls)
+        client._setup(channel, timeout_s, RetryPolicy(max_attempts, on_retry=on_retry), owned=False)
+        return client
+
+    def _setup(
+        self, channel: grpc.aio.Channel, timeout_s: float, retry: RetryPolicy, *, owned: bool
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        self.channel = channel
+        self.timeout_s = timeout_s
+        self.retry = retry
+        self._owned = owned
+        self.billing: BillingServiceAsyncStub = billing_pb2_grpc.BillingServiceStub(channel)
+        self.admin: AdminServiceAsyncStub = admin_pb2_grpc.AdminServiceStub(channel)
+        self.account: AccountServiceAsyncStub = account_pb2_grpc.AccountServiceStub(channel)
+        self.usage: UsageServiceAsyncStub = usage_pb2_grpc.UsageServiceStub(channel)
+
+    async def close(self) -> None:
+        if self._owned:
+            await self.channel.close(None)
+
+    async def __aenter__(self) -> AsyncBillingClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def call(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        *,
+        name: str,
+        request_id: str = "",
+    ) -> _Response:
+        """Calls `method` with this client's deadline and retries; raises a `BillingError`."""
+        try:
+            async for attempt in self.retry.aio(name, request_id):
+                with attempt:
+                    return await method(
+                        request,
+                        timeout=self.timeout_s,
+                        wait_for_ready=attempt.retry_state.attempt_number > 1,
+                    )
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from error
+        raise AssertionError("tenacity returned without an outcome")
+
+    async def check_access(
+        self, tenant_id: str, model: str, *, input_tokens: int = 0, max_tokens: int = 0
+    ) -> AccessDecision:
+        """May `tenant_id` run `model` now? Read-only advice: it holds nothing. Without a size,
+        whether the smallest query would fit."""
+        request = check_access_request(tenant_id, model, input_tokens, max_tokens)
+        response = await self.call(self.billing.CheckAccess, request, name="CheckAccess")
+        return AccessDecision.from_proto(response.decision)
+
+    def reserve(
+        self,
+        tenant_id: str,
+        user_id: str,
+        model: str,
+        *,
+        input_tokens: int,
+        max_tokens: int,
+        ttl_s: float | None = None,
+        on_exit: OnExit = "release",
+        request_id: str | None = None,
+    ) -> AsyncHoldContext:
+        """`async with client.reserve(...) as hold:` holds the most the query can cost.
+
+        Entering raises `Denied` if the hold is not granted. Leaving the block by an exception
+        releases the hold; leaving it without `hold.commit(...)` releases it too, or with
+        `on_exit="commit"` commits the estimate: `input_tokens` uncached input tokens and
+        `max_tokens` output tokens, which costs exactly the amount held.
+        """
+        if on_exit not in ("release", "commit"):
+            raise ValueError('on_exit must be "release" or "commit"')
+        request = reserve_request(
+            request_id or new_request_id(),
+            tenant_id,
+            user_id,
+            model,
+            input_tokens,
+            max_tokens,
+            ttl_s,
+        )
+        return AsyncHoldContext(self, request, on_exit)
+
+    async def refund(
+        self,
+        reservation_id: str,
+        *,
+        amount_micros: int = 0,
+        reason: str = "",
+        request_id: str | None = None,
+    ) -> billing_pb2.RefundResponse:
+        """Releases an open hold, or refunds `amount_micros` (0: all that is left) of a
+        committed charge. Pass your own `request_id` (e.g. a support ticket's) to make a refund
+        idempotent across processes."""
+        rid = request_id or new_request_id()
+        request = refund_request(rid, reservation_id, amount_micros, reason)
+        return await self.call(self.billing.Refund, request, name="Refund", request_id=rid)
+
+
+class AsyncHold(HoldBase):
+    """A granted hold inside `async with client.reserve(...) as hold:`."""
+
+    def __init__(
+        self,
+        client: AsyncBillingClient,
+        reservation: types_pb2.Reservation,
+        decision: AccessDecision,
+        *,
+        input_tokens: int,
+        max_tokens: int,
+        on_exit: OnExit,
+    ) -> None:
+        super().__init__(
+            reservation, decision, input_tokens=input_tokens, max_tokens=max_tokens, on_exit=on_exit
+        )
+        self._client = client
+
+    async def commit(
+        self, *, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+    ) -> types_pb2.UsageRecord:
+        """Settles the hold at the real token counts; returns the usage record. Raises
+        `HoldExpired` if the hold expired first (nothing was charged)."""
+        request = commit_request(
+            self._commit_request_id,
+            self.reservation_id,
+            input_tokens,
+            output_tokens,
+            cached_input_tokens,
+        )
+        try:
+            response = await self._client.call(
+                self._client.billing.Commit,
+                request,
+                name="Commit",
+                request_id=self._commit_request_id,
+            )
+        except BillingError as error:
+            self._note_failure(error)
+            raise
+        self.record = response.usage_record
+        self.state = "committed"
+        return response.usage_record
+
+    async def release(self, reason: str = "") -> billing_pb2.RefundResponse:
+        """Gives the hold back; nothing is charged."""
+        request = refund_request(self._release_request_id, self.reservation_id, 0, reason)
+        try:
+            response = await self._client.call(
+                self._client.billing.Refund,
+                request,
+                name="Refund",
+                request_id=self._release_request_id,
+            )
+        except BillingError as error:
+            self._note_failure(error)
+            raise
+        self.state = "released"
+        return response
+
+    async def _leave(self, exc_type: type[BaseException] | None) -> None:
+        if self.state != "open":
+            return
+        if exc_type is None and self._on_exit == "commit":
+            input_tokens, max_tokens = self._estimate
+            await self.commit(input_tokens=input_tokens, output_tokens=max_tokens)
+            return
+        try:
+            await self.release(exit_reason(exc_type))
+        except BillingError as error:
+            log_release_failure(self, error)
+
+
+class AsyncHoldContext:
+    """What `AsyncBillingClient.reserve` returns: reserves on entering, settles on leaving."""
+
+    def __init__(
+        self, client: AsyncBillingClient, request: billing_pb2.ReserveCreditRequest, on_exit: OnExit
+    ) -> None:
+        self._client = client
+        self.request = request
+        self._on_exit = on_exit
+        self._hold: AsyncHold | None = None
+
+    async def __aenter__(self) -> AsyncHold:
+        client = self._client
+        response = await client.call(
+            client.billing.ReserveCredit,
+            self.request,
+            name="ReserveCredit",
+            request_id=self.request.request_id,
+        )
+        decision = AccessDecision.from_proto(response.decision)
+        decision.raise_if_denied()
+        self._hold = AsyncHold(
+            client,
+            response.reservation,
+            decision,
+            input_tokens=self.request.estimate.input_tokens,
+            max_tokens=self.request.estimate.max_output_tokens,
+            on_exit=self._on_exit,
+        )
+        return self._hold
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._hold is not None:
+            await self._hold._leave(exc_type)

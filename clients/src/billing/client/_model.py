@@ -1,0 +1,139 @@
+"""Plain values the clients return, and the requests both clients send."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from google.protobuf.duration_pb2 import Duration
+
+from billing.client._errors import Denied
+from billing.v1 import billing_pb2, types_pb2
+
+__all__ = ["AccessDecision", "OnExit", "new_request_id"]
+
+OnExit = Literal["release", "commit"]
+
+_EnumValue = TypeVar("_EnumValue", bound=int)
+
+
+def new_request_id() -> str:
+    """An idempotency key: made once per logical operation and sent on each of its retries."""
+    return str(uuid.uuid4())
+
+
+def _enum_name(name_of: Callable[[_EnumValue], str], value: _EnumValue, prefix: str) -> str:
+    """ "CREDIT_LIMIT_REACHED" for DENIAL_REASON_CREDIT_LIMIT_REACHED; "" for UNSPECIFIED."""
+    if value == 0:
+        return ""
+    try:
+        return name_of(value).removeprefix(prefix)
+    except ValueError:  # a value added to the contract after this client was built
+        return str(value)
+
+
+@dataclass(frozen=True)
+class AccessDecision:
+    """Whether a tenant may run a query, and if not why (the contract's `Decision`).
+
+    `reason` is the DenialReason without its prefix ("CREDIT_LIMIT_REACHED", "" when allowed),
+    `model_billing` "METERED", "INCLUDED" or "" (model not offered). Money is in micros.
+    """
+
+    allowed: bool
+    reason: str
+    message: str
+    available_credit_micros: int
+    required_micros: int
+    model_billing: str
+
+    @classmethod
+    def from_proto(cls, decision: types_pb2.Decision) -> AccessDecision:
+        return cls(
+            allowed=decision.allowed,
+            reason=_enum_name(types_pb2.DenialReason.Name, decision.reason, "DENIAL_REASON_"),
+            message=decision.message,
+            available_credit_micros=decision.available_credit_micros,
+            required_micros=decision.required_micros,
+            model_billing=_enum_name(
+                types_pb2.ModelBilling.Name, decision.model_billing, "MODEL_BILLING_"
+            ),
+        )
+
+    def raise_if_denied(self) -> AccessDecision:
+        """Raises `Denied` for a denial; returns the decision otherwise."""
+        if not self.allowed:
+            raise Denied(self)
+        return self
+
+
+def check_access_request(
+    tenant_id: str, model: str, input_tokens: int, max_tokens: int
+) -> billing_pb2.CheckAccessRequest:
+    request = billing_pb2.CheckAccessRequest(tenant_id=tenant_id, model=model)
+    if input_tokens or max_tokens:
+        request.estimate.CopyFrom(
+            billing_pb2.QueryEstimate(input_tokens=input_tokens, max_output_tokens=max_tokens)
+        )
+    return request
+
+
+def reserve_request(
+    request_id: str,
+    tenant_id: str,
+    user_id: str,
+    model: str,
+    input_tokens: int,
+    max_tokens: int,
+    ttl_s: float | None,
+) -> billing_pb2.ReserveCreditRequest:
+    request = billing_pb2.ReserveCreditRequest(
+        request_id=request_id,
+        tenant_id=tenant_id,
+        user_id=user_id,
+        model=model,
+        estimate=billing_pb2.QueryEstimate(input_tokens=input_tokens, max_output_tokens=max_tokens),
+    )
+    if ttl_s is not None:
+        ttl = Duration()
+        ttl.FromNanoseconds(round(ttl_s * 1_000_000_000))
+        request.ttl.CopyFrom(ttl)
+    return request
+
+
+def commit_request(
+    request_id: str,
+    reservation_id: str,
+    input_tokens: int,
+    output_tokens: int,
+    cached_input_tokens: int,
+) -> billing_pb2.CommitRequest:
+    return billing_pb2.CommitRequest(
+        request_id=request_id,
+        reservation_id=reservation_id,
+        usage=types_pb2.TokenUsage(
+            input_tokens=input_tokens,
+            cached_input_tokens=cached_input_tokens,
+            output_tokens=output_tokens,
+        ),
+    )
+
+
+def refund_request(
+    request_id: str, reservation_id: str, amount_micros: int, reason: str
+) -> billing_pb2.RefundRequest:
+    return billing_pb2.RefundRequest(
+        request_id=request_id,
+        reservation_id=reservation_id,
+        amount_micros=amount_micros,
+        reason=reason[:500],
+    )
+
+
+def exit_reason(exc_type: type[BaseException] | None) -> str:
+    """The ledger's reason for a hold released by leaving its block."""
+    if exc_type is None:
+        return "not committed"
+    return f"{exc_type.__qualname__} raised"
