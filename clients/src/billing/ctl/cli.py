@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, TextIO
 
 import grpc
 
+from billing.client import connect_channel
 from billing.ctl import commands
-from billing.ctl.channel import TlsFiles, auth_metadata, connect_channel
 from billing.ctl.errors import USAGE_EXIT, call_failure
 from billing.ctl.money import parse_dollars
 from billing.ctl.output import print_json_value
@@ -42,13 +42,12 @@ def run(argv: Sequence[str], out: TextIO | None = None, err: TextIO | None = Non
     args = parser.parse_args(argv)
     request_id: str = args.request_id or f"ctl-{uuid.uuid4()}"
     try:
-        channel = connect_channel(args.target, _tls(args))
+        channel = _connect(args)
     except OSError as error:
         err.write(f"billingctl: cannot read a TLS file: {error}\n")
         return USAGE_EXIT
     ctx = commands.Context(
         channel=channel,
-        metadata=auth_metadata(args.token),
         timeout_s=args.timeout if args.timeout is not None else DEFAULT_TIMEOUT_S,
         stream_timeout_s=args.timeout,
         request_id=request_id,
@@ -262,12 +261,25 @@ def _connection_defaults() -> dict[str, object]:
     }
 
 
-def _tls(args: argparse.Namespace) -> TlsFiles | None:
+def _connect(args: argparse.Namespace) -> grpc.Channel:
+    """The channel the options describe; OSError when a certificate file cannot be read."""
     if (args.cert_file is None) != (args.key_file is None):
         raise SystemExit("billingctl: error: --cert-file and --key-file go together")
-    if not (args.tls or args.ca_file or args.cert_file):
-        return None
-    return TlsFiles(args.ca_file, args.cert_file, args.key_file, args.server_name)
+    tls = bool(args.tls or args.ca_file or args.cert_file)
+    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+    return connect_channel(
+        args.target,
+        token=args.token,
+        root_certificates=_read(args.ca_file),
+        certificate_chain=_read(args.cert_file),
+        private_key=_read(args.key_file),
+        tls=tls,
+        options=options,
+    )
+
+
+def _read(path: Path | None) -> bytes | None:
+    return None if path is None else path.read_bytes()
 
 
 if TYPE_CHECKING:

@@ -45,10 +45,10 @@ _MAX_PAGE_SIZE = 1000
 
 @dataclass
 class Context:
-    """What every command needs: the stubs on one channel, the call options, where to print."""
+    """What every command needs: the stubs on one channel (which sends the token), the call
+    options, where to print."""
 
     channel: grpc.Channel
-    metadata: tuple[tuple[str, str], ...]
     timeout_s: float
     stream_timeout_s: float | None
     request_id: str
@@ -71,7 +71,7 @@ class Context:
     def call(
         self, method: grpc.UnaryUnaryMultiCallable[Request, Response], request: Request
     ) -> Response:
-        return method(request, timeout=self.timeout_s, metadata=self.metadata)
+        return method(request, timeout=self.timeout_s)
 
 
 Command = Callable[[Context, argparse.Namespace], None]
@@ -311,8 +311,7 @@ def export_usage(ctx: Context, args: argparse.Namespace) -> None:
         start_time=_timestamp(args.since),
         end_time=_timestamp(args.until),
     )
-    chunks = ctx.usage.ExportUsageCsv(request, timeout=ctx.stream_timeout_s, metadata=ctx.metadata)
-    for chunk in chunks:
+    for chunk in ctx.usage.ExportUsageCsv(request, timeout=ctx.stream_timeout_s):
         ctx.binary_out.write(chunk.csv_data)
     ctx.binary_out.flush()
 
