@@ -64,9 +64,12 @@ class Result:
     def json(self) -> Any:
         return json.loads(self.stdout)
 
+    def json_stderr(self) -> Any:
+        return json.loads(self.stderr)
+
     def error(self) -> Any:
         """The error object `--json` prints on stderr."""
-        return json.loads(self.stderr)["error"]
+        return self.json_stderr()["error"]
 
     def fields(self) -> dict[str, str]:
         """The `Name  value` lines of a human-readable block."""

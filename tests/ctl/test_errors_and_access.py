@@ -65,6 +65,7 @@ def test_unknown_reservation(ctl: Ctl) -> None:
         ["usage", "list", "t", "--since", "yesterday"],
         ["usage", "export", "t"],  # no period
         ["refund"],
+        ["--cert-file", "client.crt", "tenants", "get", "t"],  # no --key-file
     ],
 )
 def test_bad_usage_exits_2_without_calling(args: list[str]) -> None:
@@ -92,6 +93,10 @@ def test_no_server_is_unavailable_and_says_how_to_retry() -> None:
     assert result.code == 78  # 64 + UNAVAILABLE
     assert result.stderr.startswith("billingctl: UNAVAILABLE")
     assert "retry with --request-id grant-7" in result.stderr
+    scripted = run_ctl("--target", target, "--json", "refund", "rsv_x", "--reason", "r")
+    assert scripted.code == 78
+    assert scripted.error()["code"] == "UNAVAILABLE"
+    assert scripted.json_stderr()["retry_request_id"].startswith("ctl-")
     # A read has nothing to retry safely.
     read = run_ctl("--target", target, "tenants", "get", "t")
     assert read.code == 78

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -34,12 +34,13 @@ INVALID_ARGUMENT, 69 NOT_FOUND, 70 ALREADY_EXISTS, 73 FAILED_PRECONDITION, 78 UN
 """
 
 
-def run(argv: Sequence[str], out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Runs one command; returns the process exit code."""
-    out = out or sys.stdout
-    err = err or sys.stderr
+def run(argv: Sequence[str]) -> int:
+    """Runs one command, printing to stdout and stderr; returns the process exit code."""
+    out, err = sys.stdout, sys.stderr
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (args.cert_file is None) != (args.key_file is None):
+        parser.error("--cert-file and --key-file go together")
     request_id: str = args.request_id or f"ctl-{uuid.uuid4()}"
     try:
         channel = _connect(args)
@@ -53,7 +54,7 @@ def run(argv: Sequence[str], out: TextIO | None = None, err: TextIO | None = Non
         request_id=request_id,
         json=args.json,
         out=out,
-        binary_out=out.buffer if out is sys.stdout else sys.stdout.buffer,
+        binary_out=out.buffer,
     )
     handler: commands.Command = args.handler
     try:
@@ -61,13 +62,15 @@ def run(argv: Sequence[str], out: TextIO | None = None, err: TextIO | None = Non
             handler(ctx, args)
     except grpc.RpcError as error:
         failure = call_failure(error)
+        # The outcome of a mutating call is unknown: its retry must send the same request id.
+        retry_id = request_id if failure.retryable and args.mutating else None
         if args.json:
-            print_json_value({"error": failure.as_json()}, err)
-        else:
-            err.write(f"billingctl: {failure}\n")
-        if failure.retryable and args.mutating:
+            print_json_value({"error": failure.as_json(), "retry_request_id": retry_id}, err)
+            return failure.exit_code
+        err.write(f"billingctl: {failure}\n")
+        if retry_id:
             err.write(
-                f"billingctl: the outcome is unknown; retry with --request-id {request_id} "
+                f"billingctl: the outcome is unknown; retry with --request-id {retry_id} "
                 "to get the first answer instead of doing it twice\n"
             )
         return failure.exit_code
@@ -81,16 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _connection_options(parser, argparse.SUPPRESS)
+    _connection_options(parser)
     parser.set_defaults(**_connection_defaults())
     groups = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    # The options again on every command, so they may come before or after it; without
+    # defaults, a command's parser keeps what was given before the command.
     common = argparse.ArgumentParser(add_help=False)
-    # The options again on every command, so they may come before or after it; SUPPRESS keeps
-    # a command's parser from overwriting what was given before the command.
-    _connection_options(common, argparse.SUPPRESS)
+    _connection_options(common)
 
     tenants = _group(groups, "tenants", "create, change, read and list tenants")
-    create = _command(tenants, "create", "create a tenant", commands.create_tenant, common, True)
+    create = _command(
+        tenants, "create", "create a tenant", commands.create_tenant, common, mutating=True
+    )
     create.add_argument("tenant_id", metavar="TENANT")
     _tenant_settings(create)
     update = _command(
@@ -99,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "change a tenant's settings (the others are kept)",
         commands.update_tenant,
         common,
-        True,
+        mutating=True,
     )
     update.add_argument("tenant_id", metavar="TENANT")
     _tenant_settings(update)
@@ -118,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     credit = _group(groups, "credit", "prepaid credit")
     grant = _command(
-        credit, "grant", "add prepaid credit to a tenant", commands.grant_credit, common, True
+        credit,
+        "grant",
+        "add prepaid credit to a tenant",
+        commands.grant_credit,
+        common,
+        mutating=True,
     )
     grant.add_argument("tenant_id", metavar="TENANT")
     _amount(grant, required=True)
@@ -174,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "release an open hold, or refund all or part of a committed charge",
         commands.refund,
         common,
-        True,
+        mutating=True,
     )
     refund.add_argument("reservation_id", metavar="RESERVATION_ID")
     _amount(refund, required=False)
@@ -182,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _connection_options(parser: argparse.ArgumentParser, default: object) -> None:
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    # No defaults here: they are set once on the top parser (see _connection_defaults).
+    default = argparse.SUPPRESS
     option = parser.add_argument_group("connection and output")
     option.add_argument(
         "--target",
@@ -263,8 +275,6 @@ def _connection_defaults() -> dict[str, object]:
 
 def _connect(args: argparse.Namespace) -> grpc.Channel:
     """The channel the options describe; OSError when a certificate file cannot be read."""
-    if (args.cert_file is None) != (args.key_file is None):
-        raise SystemExit("billingctl: error: --cert-file and --key-file go together")
     tls = bool(args.tls or args.ca_file or args.cert_file)
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
     return connect_channel(
@@ -297,6 +307,7 @@ def _command(
     help_text: str,
     handler: commands.Command,
     common: argparse.ArgumentParser,
+    *,
     mutating: bool = False,
 ) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = groups.add_parser(
