@@ -9,7 +9,7 @@
 -- `python -m bench.capture_sql` prints the statements the service sends today and their
 -- fingerprint; the harness warns (JSON "pgbench_script.current": false) when that fingerprint
 -- differs from the one below. After updating this file to the new statements, update the line:
--- service-sql-fingerprint: dca0bf16cadec78f
+-- service-sql-fingerprint: 118cc83dbed57c22
 --
 -- It is the benchmark's database floor: the service cannot do this work faster than PostgreSQL
 -- does it for pgbench at the same number of connections. pgbench runs it with -M prepared
@@ -110,6 +110,22 @@ WITH claimed AS (
     SELECT tenants.tenant_id, (tenants.balance_micros + CASE WHEN tenants.payment_method_on_file THEN tenants.credit_limit_micros ELSE 0 END) - tenants.held_micros AS available_micros
     FROM tenants JOIN claimed ON tenants.tenant_id = claimed.tenant_id
     WHERE claimed.billing <> 'metered'
+), rollup AS (
+    INSERT INTO usage_rollups AS r (
+        tenant_id, day, model, user_id, call_count, input_tokens, cached_input_tokens,
+        output_tokens, cost_micros, charged_micros
+    )
+    SELECT settled.tenant_id, (now() AT TIME ZONE 'UTC')::date, settled.model, settled.user_id,
+        1, 1000::BIGINT, 200::BIGINT, :out::BIGINT, settled.cost_micros,
+        settled.charged_micros
+    FROM settled
+    ON CONFLICT (tenant_id, day, model, user_id) DO UPDATE SET
+        call_count = r.call_count + 1,
+        input_tokens = r.input_tokens + EXCLUDED.input_tokens,
+        cached_input_tokens = r.cached_input_tokens + EXCLUDED.cached_input_tokens,
+        output_tokens = r.output_tokens + EXCLUDED.output_tokens,
+        cost_micros = r.cost_micros + EXCLUDED.cost_micros,
+        charged_micros = r.charged_micros + EXCLUDED.charged_micros
 )
 INSERT INTO usage_records (
     hold_id, request_id, request_fingerprint, tenant_id, user_id, model, input_tokens,

@@ -17,6 +17,12 @@ pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 METHODS = {
     "billing.v1.BillingService": ["CheckAccess", "ReserveCredit", "Commit", "Refund"],
     "billing.v1.AdminService": ["CreateTenant", "UpdateTenant", "GetTenant", "GrantCredit"],
+    "billing.v1.UsageService": [
+        "GetUsageSummary",
+        "ListUsageRecords",
+        "ListLedgerEntries",
+        "ExportUsageCsv",
+    ],
 }
 
 

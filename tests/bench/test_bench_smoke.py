@@ -93,5 +93,13 @@ def test_smoke_run_passes_every_invariant_check(tmp_path: Path) -> None:
     for run in (big["empty"], big["big"]):
         _check_run(run, "big ledger", {"ReserveCredit"})
     assert big["ratio_p50"] > 0
-    assert result["dashboard_summary"]["measurable"] is False
+    dash = result["dashboard_summary"]
+    assert dash["measurable"] is True
+    assert dash["records"]["dash-big"] == 2_000
+    assert dash["invariants"]["ok"] is True
+    assert dash["small"]["calls"] > 0
+    assert dash["big"]["calls"] > 0
+    assert dash["ratio_p50"] > 0
+    assert dash["commit_rollup_cost"]["ratio_mean"] > 0
+    assert "pk_usage_rollups" in dash["explain"]
     assert any(t["target"].startswith("summary read") for t in result["targets"])

@@ -3,7 +3,8 @@
 The cost of a call and what a commit charges are defined in domain.pricing and domain.ledger;
 storage.postgres_hot_path restates them in SQL. For random prices, token counts, holds and
 credit, a commit through the store must record the domain's cost and the domain's settlement,
-to the micro, on PostgreSQL (the one-statement path) and on SQLite (the general path).
+to the micro, on PostgreSQL (the one-statement path) and on SQLite (the general path); and
+afterwards the usage rollups must equal the sums of the usage records.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from billing_service.storage.database import create_engine
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.migrations import migrate
 from tests.support.postgres import PostgresServer
+from tests.usage.books import rollup_problems
 
 _tenants = itertools.count()
 _databases = itertools.count()
@@ -181,3 +183,8 @@ def test_the_books_balance_after_the_random_commits(runner: Runner) -> None:
     # Limits were lowered under open holds on purpose: only the exposure check is off.
     audit = audit_ledger(runner.engine, check_exposure=False)
     assert runner.loop.run_until_complete(audit) == []
+
+
+def test_the_rollups_equal_the_records_after_the_random_commits(runner: Runner) -> None:
+    # The one-statement commit and the general one keep the dashboard rollups alike.
+    assert runner.loop.run_until_complete(rollup_problems(runner.engine)) == []

@@ -69,10 +69,12 @@ from billing_service.storage.tables import (
     ledger_entries,
     tenants,
     usage_records,
+    usage_rollups,
 )
 from tests.ledger.books import Tables, read_tables, snapshot, table_problems
 from tests.ledger.conftest import FLAT, INCLUDED, PRICES, START, TOKENS
 from tests.support.clock import FakeClock
+from tests.usage.books import rollup_problems
 
 # What the runs did, to see that they reach the interesting states (printed; shown with -s).
 OUTCOMES: Counter[str] = Counter()
@@ -563,6 +565,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.run(audit_ledger(self.engine)) == expected
         tables: Tables = self.run(read_tables(self.engine))
         assert table_problems(tables, cap=False) == []
+        assert self.run(rollup_problems(self.engine)) == []
         stored_tenants = {
             row.tenant_id: (
                 row.balance_micros,
@@ -612,7 +615,8 @@ def _domain_hold(hold_id: str, hold: HoldModel) -> Hold:
 
 async def _reset(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
-        for table in (usage_records, ledger_entries, holds, admin_requests, tenants):
+        tables = (usage_rollups, usage_records, ledger_entries, holds, admin_requests, tenants)
+        for table in tables:
             await conn.execute(delete(table))
 
 

@@ -425,3 +425,14 @@ async def test_an_empty_export_is_the_header_alone_and_a_period_is_required(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         [chunk async for chunk in stream]
     assert rich_error(raised.value).fields == ["end_time"]
+
+
+async def test_a_boundary_a_nanosecond_past_midnight_is_refused(client: Client) -> None:
+    await client.create_tenant("acme")
+    start = stamp(JAN)
+    start.nanos = 1
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await client.usage.GetUsageSummary(
+            usage_pb2.GetUsageSummaryRequest(tenant_id="acme", start_time=start)
+        )
+    assert rich_error(raised.value).fields == ["start_time"]

@@ -36,6 +36,9 @@ def optional_time(message: Message, field: str) -> datetime | None:
     """A Timestamp field as a UTC datetime; None when unset."""
     if not message.HasField(field):
         return None
+    if getattr(message, field).nanos % 1000:
+        # Stored times have microseconds: a finer instant would be silently moved.
+        raise InvalidArgument(field, "must not have a fraction of a microsecond")
     try:
         return getattr(message, field).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
     except (ValueError, OverflowError):
