@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -28,7 +29,9 @@ from tests.client.conftest import (
     ServerThread,
     balance,
     create_tenant,
+    start_server,
 )
+from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
 
 
@@ -273,3 +276,61 @@ def test_token_auth(token_server: ServerThread) -> None:
             anonymous.check_access("acme", "unit-priced")
         assert raised.value.reason == "CREDENTIALS_MISSING"
     assert token_server.calls["CheckAccess"] == 1
+
+
+def test_mutual_tls(database_url: str, prices: Path, tmp_path: Path) -> None:
+    authority = CertificateAuthority()
+    certificate, key = authority.server().write(tmp_path, "server")
+    client_ca = tmp_path / "clients-ca.crt"
+    client_ca.write_bytes(authority.certificate_pem)
+    running = start_server(
+        database_url,
+        prices,
+        tls_cert_file=certificate,
+        tls_key_file=key,
+        tls_client_ca_file=client_ca,
+        tls_client_roles="operator=ops-alice",
+    )
+    operator = authority.client("ops-alice")
+    try:
+        with BillingClient(
+            f"localhost:{running.app.port}",
+            root_certificates=authority.certificate_pem,
+            certificate_chain=operator.certificate_pem,
+            private_key=operator.key_pem,
+            timeout_s=10,
+        ) as client:
+            create_tenant(client, "acme")
+            with client.reserve("acme", "u", "unit-priced", input_tokens=1, max_tokens=1) as h:
+                h.commit(input_tokens=1, output_tokens=1)
+            assert balance(client, "acme").available_credit_micros == LIMIT - 2
+        with (
+            BillingClient(
+                f"localhost:{running.app.port}",
+                root_certificates=authority.certificate_pem,
+                timeout_s=1,
+                max_attempts=1,
+            ) as no_certificate,
+            pytest.raises(BillingUnavailable),  # the TLS handshake fails
+        ):
+            no_certificate.check_access("acme", "unit-priced")
+    finally:
+        running.stop()
+
+
+def test_total_timeout_bounds_the_attempts_of_one_call() -> None:
+    retries: list[RetryEvent] = []
+    address = f"127.0.0.1:{free_port()}"
+    with (
+        BillingClient(
+            address,
+            timeout_s=0.2,
+            max_attempts=1000,
+            total_timeout_s=0.5,
+            on_retry=retries.append,
+        ) as client,
+        pytest.raises(BillingUnavailable),
+    ):
+        client.check_access("acme", "unit-priced")
+    # Retries wait for the channel until their deadline, so 0.5 s leaves room for a few only.
+    assert 1 <= len(retries) < 10

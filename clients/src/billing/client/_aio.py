@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
@@ -64,6 +65,7 @@ class AsyncBillingClient:
         tls: bool | None = None,
         timeout_s: float = 2.0,
         max_attempts: int = 4,
+        total_timeout_s: float | None = None,
         on_retry: OnRetry | None = None,
     ) -> None:
         channel = connect_aio_channel(
@@ -74,7 +76,8 @@ class AsyncBillingClient:
             private_key=private_key,
             tls=tls,
         )
-        self._setup(channel, timeout_s, RetryPolicy(max_attempts, on_retry=on_retry), owned=True)
+        policy = RetryPolicy(timeout_s, max_attempts, total_timeout_s, on_retry=on_retry)
+        self._setup(channel, policy, owned=True)
 
     @classmethod
     def from_channel(
@@ -83,20 +86,17 @@ class AsyncBillingClient:
         *,
         timeout_s: float = 2.0,
         max_attempts: int = 4,
+        total_timeout_s: float | None = None,
         on_retry: OnRetry | None = None,
     ) -> AsyncBillingClient:
         """A client over a channel the caller made (and closes)."""
         client = cls.__new__(cls)
-        client._setup(channel, timeout_s, RetryPolicy(max_attempts, on_retry=on_retry), owned=False)
+        policy = RetryPolicy(timeout_s, max_attempts, total_timeout_s, on_retry=on_retry)
+        client._setup(channel, policy, owned=False)
         return client
 
-    def _setup(
-        self, channel: grpc.aio.Channel, timeout_s: float, retry: RetryPolicy, *, owned: bool
-    ) -> None:
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be positive")
+    def _setup(self, channel: grpc.aio.Channel, retry: RetryPolicy, *, owned: bool) -> None:
         self.channel = channel
-        self.timeout_s = timeout_s
         self.retry = retry
         self._owned = owned
         self.billing: BillingServiceAsyncStub = billing_pb2_grpc.BillingServiceStub(channel)
@@ -123,12 +123,13 @@ class AsyncBillingClient:
         request_id: str = "",
     ) -> _Response:
         """Calls `method` with this client's deadline and retries; raises a `BillingError`."""
+        deadline = self.retry.deadline()
         try:
             async for attempt in self.retry.aio(name, request_id):
                 with attempt:
                     return await method(
                         request,
-                        timeout=self.timeout_s,
+                        timeout=self.retry.attempt_timeout(deadline),
                         wait_for_ready=attempt.retry_state.attempt_number > 1,
                     )
         except grpc.RpcError as error:
@@ -260,7 +261,8 @@ class AsyncHold(HoldBase):
             await self.commit(input_tokens=input_tokens, output_tokens=max_tokens)
             return
         try:
-            await self.release(exit_reason(exc_type))
+            # Shielded: a second cancellation of a cancelled task must not leave the hold open.
+            await asyncio.shield(self.release(exit_reason(exc_type)))
         except BillingError as error:
             log_release_failure(self, error)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,8 +14,10 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
+    stop_before_delay,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 __all__ = ["RETRIED_CODES", "OnRetry", "RetryEvent", "RetryPolicy"]
 
@@ -48,11 +51,15 @@ class RetryPolicy:
     """`max_attempts` attempts in all; before attempt n+1 a random wait in
     [0, min(max_backoff_s, first_backoff_s * 2**(n-1))].
 
-    The worst case of one logical call is max_attempts x timeout_s plus the sum of the waits
-    (at most 0.1 + 0.2 + 0.4 = 0.7 s with the defaults and 4 attempts).
+    Each attempt has its own deadline of `timeout_s`. The worst case of one logical call is
+    max_attempts x timeout_s plus the waits (at most 0.1 + 0.2 + 0.4 = 0.7 s with the defaults:
+    8.7 s with 4 attempts of 2 s), or `total_timeout_s` when set: no attempt starts or runs past
+    it.
     """
 
+    timeout_s: float = 2.0
     max_attempts: int = 4
+    total_timeout_s: float | None = None
     first_backoff_s: float = 0.1
     max_backoff_s: float = 1.0
     on_retry: OnRetry | None = None
@@ -60,6 +67,24 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if self.timeout_s <= 0 or (self.total_timeout_s is not None and self.total_timeout_s <= 0):
+            raise ValueError("timeouts must be positive")
+
+    def deadline(self) -> float | None:
+        """When a logical call that starts now must end (time.monotonic), if bounded."""
+        if self.total_timeout_s is None:
+            return None
+        return time.monotonic() + self.total_timeout_s
+
+    def attempt_timeout(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self.timeout_s
+        return max(min(self.timeout_s, deadline - time.monotonic()), 0.001)
+
+    def _stop(self) -> stop_base:
+        if self.total_timeout_s is None:
+            return stop_after_attempt(self.max_attempts)
+        return stop_after_attempt(self.max_attempts) | stop_before_delay(self.total_timeout_s)
 
     def _before_sleep(self, method: str, request_id: str) -> Callable[[RetryCallState], None]:
         def before_sleep(state: RetryCallState) -> None:
@@ -90,7 +115,7 @@ class RetryPolicy:
 
     def sync(self, method: str, request_id: str) -> Retrying:
         return Retrying(
-            stop=stop_after_attempt(self.max_attempts),
+            stop=self._stop(),
             wait=self._wait(),
             retry=retry_if_exception(_transient),
             reraise=True,
@@ -99,7 +124,7 @@ class RetryPolicy:
 
     def aio(self, method: str, request_id: str) -> AsyncRetrying:
         return AsyncRetrying(
-            stop=stop_after_attempt(self.max_attempts),
+            stop=self._stop(),
             wait=self._wait(),
             retry=retry_if_exception(_transient),
             reraise=True,

@@ -57,6 +57,7 @@ class BillingClient:
         tls: bool | None = None,
         timeout_s: float = 2.0,
         max_attempts: int = 4,
+        total_timeout_s: float | None = None,
         on_retry: OnRetry | None = None,
     ) -> None:
         channel = connect_channel(
@@ -67,7 +68,8 @@ class BillingClient:
             private_key=private_key,
             tls=tls,
         )
-        self._setup(channel, timeout_s, RetryPolicy(max_attempts, on_retry=on_retry), owned=True)
+        policy = RetryPolicy(timeout_s, max_attempts, total_timeout_s, on_retry=on_retry)
+        self._setup(channel, policy, owned=True)
 
     @classmethod
     def from_channel(
@@ -76,20 +78,17 @@ class BillingClient:
         *,
         timeout_s: float = 2.0,
         max_attempts: int = 4,
+        total_timeout_s: float | None = None,
         on_retry: OnRetry | None = None,
     ) -> BillingClient:
         """A client over a channel the caller made (and closes)."""
         client = cls.__new__(cls)
-        client._setup(channel, timeout_s, RetryPolicy(max_attempts, on_retry=on_retry), owned=False)
+        policy = RetryPolicy(timeout_s, max_attempts, total_timeout_s, on_retry=on_retry)
+        client._setup(channel, policy, owned=False)
         return client
 
-    def _setup(
-        self, channel: grpc.Channel, timeout_s: float, retry: RetryPolicy, *, owned: bool
-    ) -> None:
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be positive")
+    def _setup(self, channel: grpc.Channel, retry: RetryPolicy, *, owned: bool) -> None:
         self.channel = channel
-        self.timeout_s = timeout_s
         self.retry = retry
         self._owned = owned
         self.billing = billing_pb2_grpc.BillingServiceStub(channel)
@@ -116,12 +115,13 @@ class BillingClient:
         request_id: str = "",
     ) -> _Response:
         """Calls `method` with this client's deadline and retries; raises a `BillingError`."""
+        deadline = self.retry.deadline()
         try:
             for attempt in self.retry.sync(name, request_id):
                 with attempt:
                     return method(
                         request,
-                        timeout=self.timeout_s,
+                        timeout=self.retry.attempt_timeout(deadline),
                         wait_for_ready=attempt.retry_state.attempt_number > 1,
                     )
         except grpc.RpcError as error:
