@@ -157,6 +157,23 @@ def test_a_chat_is_billed_at_the_models_real_token_counts(
     assert (balance.balance_micros, balance.held_micros) == (CREDIT - cost, 0)
 
 
+def test_a_commit_above_its_hold_is_charged_within_the_credit_limit(
+    billing: ServerProcess, books: Books
+) -> None:
+    # The model counts its own system prompt: 1 + 3 input tokens where the app estimated 1.
+    tenant_id = books.tenant_with_card()
+    body = {"tenant_id": tenant_id, "user_id": "u", "model": "unit-priced", "prompt": "hi"}
+    with chat_client(billing.address, RecordingModel()) as client:
+        response = client.post("/chat", json={**body, "max_tokens": 1})
+    assert response.status_code == 200
+    [record] = books.usage_records(tenant_id)
+    assert record.held_micros == 1 + 1
+    assert record.cost_micros == record.charged_micros == 4 + 1
+    assert record.uncollected_micros == 0
+    assert response.json()["billing"]["charged_micros"] == 5
+    assert books.balance(tenant_id).balance_micros == CREDIT - 5
+
+
 def test_an_included_model_records_usage_and_charges_nothing(
     billing: ServerProcess, books: Books
 ) -> None:
