@@ -1,0 +1,1 @@
+"""Worked integrations of the ai-billing client."""

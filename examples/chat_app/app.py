@@ -1,0 +1,179 @@
+"""POST /chat: a chat endpoint that bills each model call through the ai-billing client.
+
+    check access (optional fast 402) -> reserve the most the call can cost -> call the model
+    -> commit the model's real token counts
+
+A denial is a 402 naming the reason; a failed model call releases its hold (502); billing
+unreachable is a 503 unless the model is listed in CHAT_FAIL_OPEN_MODELS. docs/integration.md
+walks through each case.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from billing.client import BillingClient, BillingUnavailable, Denied, HoldExpired
+from examples.chat_app.model import ChatModel, Completion, EchoModel, ModelError, count_tokens
+from examples.chat_app.settings import ChatSettings
+
+logger = logging.getLogger("chat_app")
+
+# How long a client should wait before trying again when billing is down.
+RETRY_AFTER_S = 5
+
+
+class ChatRequest(BaseModel):
+    tenant_id: str = Field(min_length=1, max_length=128)
+    user_id: str = Field(min_length=1, max_length=128)
+    model: str = Field(min_length=1, max_length=128)
+    prompt: str = Field(min_length=1, max_length=100_000)
+    max_tokens: int = Field(256, ge=1, le=32_768)
+
+
+class TokenCounts(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class BillingOutcome(BaseModel):
+    committed: bool
+    """False when the call was served but not billed (see the log for why)."""
+    reservation_id: str = ""
+    cost_micros: int = 0
+    charged_micros: int = 0
+    uncollected_micros: int = 0
+
+
+class ChatResponse(BaseModel):
+    text: str
+    usage: TokenCounts
+    billing: BillingOutcome
+
+
+def create_app(settings: ChatSettings | None = None, model: ChatModel | None = None) -> FastAPI:
+    settings = settings or ChatSettings.from_env()
+    chat_model = model or EchoModel()
+    billing = BillingClient(
+        settings.billing_target,
+        token=settings.billing_token,
+        timeout_s=settings.billing_timeout_s,
+        max_attempts=settings.billing_attempts,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        billing.close()
+
+    app = FastAPI(title="chat example", lifespan=lifespan)
+
+    # A plain `def`: FastAPI runs it in a worker thread, where the blocking client belongs.
+    # (AsyncBillingClient has the same calls for an `async def` endpoint.)
+    @app.post("/chat", response_model=ChatResponse)
+    def chat(request: ChatRequest) -> ChatResponse:
+        try:
+            return billed_chat(billing, chat_model, settings, request)
+        except BillingUnavailable:
+            if request.model in settings.fail_open_models:
+                return unbilled_chat(chat_model, request)
+            raise
+
+    @app.exception_handler(Denied)
+    async def denied(_: Request, denied: Denied) -> JSONResponse:
+        status, body = denied.to_http()
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(ModelError)
+    async def model_failed(_: Request, error: ModelError) -> JSONResponse:
+        return error_response(502, "MODEL_FAILED", str(error))
+
+    @app.exception_handler(BillingUnavailable)
+    async def billing_unavailable(_: Request, error: BillingUnavailable) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        message = "Billing is unavailable; try again shortly."
+        return error_response(503, "BILLING_UNAVAILABLE", message, headers=headers)
+
+    return app
+
+
+def billed_chat(
+    billing: BillingClient, model: ChatModel, settings: ChatSettings, request: ChatRequest
+) -> ChatResponse:
+    estimate = count_tokens(request.prompt)
+    if settings.check_access_first:
+        billing.check_access(
+            request.tenant_id, request.model, input_tokens=estimate, max_tokens=request.max_tokens
+        ).raise_if_denied()
+    with billing.reserve(
+        request.tenant_id,
+        request.user_id,
+        request.model,
+        input_tokens=estimate,
+        max_tokens=request.max_tokens,
+        ttl_s=settings.hold_ttl_s,
+    ) as hold:
+        # A ModelError leaves the block, which releases the hold: nothing is charged.
+        completion = model.complete(request.model, request.prompt, request.max_tokens)
+        try:
+            record = hold.commit(
+                input_tokens=completion.input_tokens, output_tokens=completion.output_tokens
+            )
+        except (BillingUnavailable, HoldExpired) as error:
+            # The answer exists and the provider will bill us for it: serve it, and leave a
+            # record to reconcile from. The hold is released or expires; nothing is charged.
+            logger.error(
+                "usage not committed: reservation=%s tenant=%s user=%s model=%s input=%d "
+                "output=%d: %s",
+                hold.reservation_id,
+                request.tenant_id,
+                request.user_id,
+                request.model,
+                completion.input_tokens,
+                completion.output_tokens,
+                error,
+            )
+            outcome = BillingOutcome(committed=False, reservation_id=hold.reservation_id)
+            return response(completion, outcome)
+    outcome = BillingOutcome(
+        committed=True,
+        reservation_id=record.reservation_id,
+        cost_micros=record.cost_micros,
+        charged_micros=record.charged_micros,
+        uncollected_micros=record.uncollected_micros,
+    )
+    return response(completion, outcome)
+
+
+def unbilled_chat(model: ChatModel, request: ChatRequest) -> ChatResponse:
+    """Fail open: billing is down and the model is one the operator chose to serve anyway."""
+    completion = model.complete(request.model, request.prompt, request.max_tokens)
+    logger.warning(
+        "served without billing (billing unavailable): tenant=%s user=%s model=%s input=%d "
+        "output=%d",
+        request.tenant_id,
+        request.user_id,
+        request.model,
+        completion.input_tokens,
+        completion.output_tokens,
+    )
+    return response(completion, BillingOutcome(committed=False))
+
+
+def response(completion: Completion, outcome: BillingOutcome) -> ChatResponse:
+    usage = TokenCounts(
+        input_tokens=completion.input_tokens, output_tokens=completion.output_tokens
+    )
+    return ChatResponse(text=completion.text, usage=usage, billing=outcome)
+
+
+def error_response(
+    status: int, reason: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"reason": reason, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
