@@ -26,49 +26,49 @@ from billing.v1 import types_pb2 as billing_dot_v1_dot_types__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62illing/v1/account.proto\x12\nbilling.v1\x1a\x16\x62illing/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x02\n\x06\x43harge\x12\x11\n\tcharge_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12*\n\x07trigger\x18\x04 \x01(\x0e\x32\x19.billing.v1.ChargeTrigger\x12(\n\x06status\x18\x05 \x01(\x0e\x32\x18.billing.v1.ChargeStatus\x12\x19\n\x11payment_intent_id\x18\x06 \x01(\t\x12\x17\n\x0f\x66\x61ilure_message\x18\x07 \x01(\t\x12\x17\n\x0frefunded_micros\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x02\n\x0e\x42illingProfile\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x31\n\x0epayment_method\x18\x02 \x01(\x0b\x32\x19.billing.v1.PaymentMethod\x12\x31\n\x0e\x62illing_status\x18\x03 \x01(\x0e\x32\x19.billing.v1.BillingStatus\x12\x1e\n\x16\x62illing_status_message\x18\x04 \x01(\t\x12\x32\n\x0b\x61uto_top_up\x18\x05 \x01(\x0b\x32\x1d.billing.v1.AutoTopUpSettings\x12*\n\x0epending_charge\x18\x06 \x01(\x0b\x32\x12.billing.v1.Charge\x12\x1a\n\x12stripe_customer_id\x18\x07 \x01(\t\"-\n\x18GetBillingProfileRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"H\n\x19GetBillingProfileResponse\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.billing.v1.BillingProfile\"A\n\x18\x43reateSetupIntentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\"g\n\x19\x43reateSetupIntentResponse\x12\x17\n\x0fsetup_intent_id\x18\x01 \x01(\t\x12\x15\n\rclient_secret\x18\x02 \x01(\t\x12\x1a\n\x12stripe_customer_id\x18\x03 \x01(\t\"]\n\x1b\x43onfirmPaymentMethodRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x17\n\x0fsetup_intent_id\x18\x03 \x01(\t\"K\n\x1c\x43onfirmPaymentMethodResponse\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.billing.v1.BillingProfile\"C\n\x1aRemovePaymentMethodRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\"J\n\x1bRemovePaymentMethodResponse\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.billing.v1.BillingProfile\"\xc3\x01\n\x16UpdateAutoTopUpRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x14\n\x07\x65nabled\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x10threshold_micros\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x1a\n\ramount_micros\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\n\n\x08_enabledB\x13\n\x11_threshold_microsB\x10\n\x0e_amount_micros\"M\n\x17UpdateAutoTopUpResponse\x12\x32\n\x0b\x61uto_top_up\x18\x01 \x01(\x0b\x32\x1d.billing.v1.AutoTopUpSettings\"O\n\x0fTopUpNowRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\"6\n\x10TopUpNowResponse\x12\"\n\x06\x63harge\x18\x01 \x01(\x0b\x32\x12.billing.v1.Charge\"8\n\x10GetChargeRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tcharge_id\x18\x02 \x01(\t\"7\n\x11GetChargeResponse\x12\"\n\x06\x63harge\x18\x01 \x01(\x0b\x32\x12.billing.v1.Charge*\x86\x01\n\rChargeTrigger\x12\x1e\n\x1a\x43HARGE_TRIGGER_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43HARGE_TRIGGER_AUTOMATIC\x10\x01\x12\x1c\n\x18\x43HARGE_TRIGGER_ON_DEMAND\x10\x02\x12\x19\n\x15\x43HARGE_TRIGGER_MANUAL\x10\x03*\xbe\x01\n\x0c\x43hargeStatus\x12\x1d\n\x19\x43HARGE_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43HARGE_STATUS_PENDING\x10\x01\x12\x1b\n\x17\x43HARGE_STATUS_SUCCEEDED\x10\x02\x12\x18\n\x14\x43HARGE_STATUS_FAILED\x10\x03\x12!\n\x1d\x43HARGE_STATUS_ACTION_REQUIRED\x10\x04\x12\x1a\n\x16\x43HARGE_STATUS_REFUNDED\x10\x05\x32\x94\x05\n\x0e\x41\x63\x63ountService\x12`\n\x11GetBillingProfile\x12$.billing.v1.GetBillingProfileRequest\x1a%.billing.v1.GetBillingProfileResponse\x12`\n\x11\x43reateSetupIntent\x12$.billing.v1.CreateSetupIntentRequest\x1a%.billing.v1.CreateSetupIntentResponse\x12i\n\x14\x43onfirmPaymentMethod\x12\'.billing.v1.ConfirmPaymentMethodRequest\x1a(.billing.v1.ConfirmPaymentMethodResponse\x12\x66\n\x13RemovePaymentMethod\x12&.billing.v1.RemovePaymentMethodRequest\x1a\'.billing.v1.RemovePaymentMethodResponse\x12Z\n\x0fUpdateAutoTopUp\x12\".billing.v1.UpdateAutoTopUpRequest\x1a#.billing.v1.UpdateAutoTopUpResponse\x12\x45\n\x08TopUpNow\x12\x1b.billing.v1.TopUpNowRequest\x1a\x1c.billing.v1.TopUpNowResponse\x12H\n\tGetCharge\x12\x1c.billing.v1.GetChargeRequest\x1a\x1d.billing.v1.GetChargeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62illing/v1/account.proto\x12\nbilling.v1\x1a\x16\x62illing/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x02\n\x06\x43harge\x12\x11\n\tcharge_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12*\n\x07trigger\x18\x04 \x01(\x0e\x32\x19.billing.v1.ChargeTrigger\x12(\n\x06status\x18\x05 \x01(\x0e\x32\x18.billing.v1.ChargeStatus\x12\x19\n\x11payment_intent_id\x18\x06 \x01(\t\x12\x17\n\x0f\x66\x61ilure_message\x18\x07 \x01(\t\x12\x17\n\x0frefunded_micros\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd2\x02\n\x0e\x42illingProfile\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x31\n\x0epayment_method\x18\x02 \x01(\x0b\x32\x19.billing.v1.PaymentMethod\x12\x31\n\x0e\x62illing_status\x18\x03 \x01(\x0e\x32\x19.billing.v1.BillingStatus\x12\x1e\n\x16\x62illing_status_message\x18\x04 \x01(\t\x12\x32\n\x0b\x61uto_top_up\x18\x05 \x01(\x0b\x32\x1d.billing.v1.AutoTopUpSettings\x12*\n\x0epending_charge\x18\x06 \x01(\x0b\x32\x12.billing.v1.Charge\x12\x1a\n\x12stripe_customer_id\x18\x07 \x01(\t\x12+\n#automatic_top_ups_this_month_micros\x18\x08 \x01(\x03\"-\n\x18GetBillingProfileRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"H\n\x19GetBillingProfileResponse\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.billing.v1.BillingProfile\"A\n\x18\x43reateSetupIntentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\"g\n\x19\x43reateSetupIntentResponse\x12\x17\n\x0fsetup_intent_id\x18\x01 \x01(\t\x12\x15\n\rclient_secret\x18\x02 \x01(\t\x12\x1a\n\x12stripe_customer_id\x18\x03 \x01(\t\"]\n\x1b\x43onfirmPaymentMethodRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x17\n\x0fsetup_intent_id\x18\x03 \x01(\t\"K\n\x1c\x43onfirmPaymentMethodResponse\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.billing.v1.BillingProfile\"C\n\x1aRemovePaymentMethodRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\"J\n\x1bRemovePaymentMethodResponse\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.billing.v1.BillingProfile\"\xff\x01\n\x16UpdateAutoTopUpRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x14\n\x07\x65nabled\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x10threshold_micros\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x1a\n\ramount_micros\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12!\n\x14monthly_limit_micros\x18\x06 \x01(\x03H\x03\x88\x01\x01\x42\n\n\x08_enabledB\x13\n\x11_threshold_microsB\x10\n\x0e_amount_microsB\x17\n\x15_monthly_limit_micros\"M\n\x17UpdateAutoTopUpResponse\x12\x32\n\x0b\x61uto_top_up\x18\x01 \x01(\x0b\x32\x1d.billing.v1.AutoTopUpSettings\"O\n\x0fTopUpNowRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\"6\n\x10TopUpNowResponse\x12\"\n\x06\x63harge\x18\x01 \x01(\x0b\x32\x12.billing.v1.Charge\"8\n\x10GetChargeRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tcharge_id\x18\x02 \x01(\t\"7\n\x11GetChargeResponse\x12\"\n\x06\x63harge\x18\x01 \x01(\x0b\x32\x12.billing.v1.Charge*\x86\x01\n\rChargeTrigger\x12\x1e\n\x1a\x43HARGE_TRIGGER_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43HARGE_TRIGGER_AUTOMATIC\x10\x01\x12\x1c\n\x18\x43HARGE_TRIGGER_ON_DEMAND\x10\x02\x12\x19\n\x15\x43HARGE_TRIGGER_MANUAL\x10\x03*\xbe\x01\n\x0c\x43hargeStatus\x12\x1d\n\x19\x43HARGE_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43HARGE_STATUS_PENDING\x10\x01\x12\x1b\n\x17\x43HARGE_STATUS_SUCCEEDED\x10\x02\x12\x18\n\x14\x43HARGE_STATUS_FAILED\x10\x03\x12!\n\x1d\x43HARGE_STATUS_ACTION_REQUIRED\x10\x04\x12\x1a\n\x16\x43HARGE_STATUS_REFUNDED\x10\x05\x32\x94\x05\n\x0e\x41\x63\x63ountService\x12`\n\x11GetBillingProfile\x12$.billing.v1.GetBillingProfileRequest\x1a%.billing.v1.GetBillingProfileResponse\x12`\n\x11\x43reateSetupIntent\x12$.billing.v1.CreateSetupIntentRequest\x1a%.billing.v1.CreateSetupIntentResponse\x12i\n\x14\x43onfirmPaymentMethod\x12\'.billing.v1.ConfirmPaymentMethodRequest\x1a(.billing.v1.ConfirmPaymentMethodResponse\x12\x66\n\x13RemovePaymentMethod\x12&.billing.v1.RemovePaymentMethodRequest\x1a\'.billing.v1.RemovePaymentMethodResponse\x12Z\n\x0fUpdateAutoTopUp\x12\".billing.v1.UpdateAutoTopUpRequest\x1a#.billing.v1.UpdateAutoTopUpResponse\x12\x45\n\x08TopUpNow\x12\x1b.billing.v1.TopUpNowRequest\x1a\x1c.billing.v1.TopUpNowResponse\x12H\n\tGetCharge\x12\x1c.billing.v1.GetChargeRequest\x1a\x1d.billing.v1.GetChargeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'billing.v1.account_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHARGETRIGGER']._serialized_start=1866
-  _globals['_CHARGETRIGGER']._serialized_end=2000
-  _globals['_CHARGESTATUS']._serialized_start=2003
-  _globals['_CHARGESTATUS']._serialized_end=2193
+  _globals['_CHARGETRIGGER']._serialized_start=1971
+  _globals['_CHARGETRIGGER']._serialized_end=2105
+  _globals['_CHARGESTATUS']._serialized_start=2108
+  _globals['_CHARGESTATUS']._serialized_end=2298
   _globals['_CHARGE']._serialized_start=98
   _globals['_CHARGE']._serialized_end=428
   _globals['_BILLINGPROFILE']._serialized_start=431
-  _globals['_BILLINGPROFILE']._serialized_end=724
-  _globals['_GETBILLINGPROFILEREQUEST']._serialized_start=726
-  _globals['_GETBILLINGPROFILEREQUEST']._serialized_end=771
-  _globals['_GETBILLINGPROFILERESPONSE']._serialized_start=773
-  _globals['_GETBILLINGPROFILERESPONSE']._serialized_end=845
-  _globals['_CREATESETUPINTENTREQUEST']._serialized_start=847
-  _globals['_CREATESETUPINTENTREQUEST']._serialized_end=912
-  _globals['_CREATESETUPINTENTRESPONSE']._serialized_start=914
-  _globals['_CREATESETUPINTENTRESPONSE']._serialized_end=1017
-  _globals['_CONFIRMPAYMENTMETHODREQUEST']._serialized_start=1019
-  _globals['_CONFIRMPAYMENTMETHODREQUEST']._serialized_end=1112
-  _globals['_CONFIRMPAYMENTMETHODRESPONSE']._serialized_start=1114
-  _globals['_CONFIRMPAYMENTMETHODRESPONSE']._serialized_end=1189
-  _globals['_REMOVEPAYMENTMETHODREQUEST']._serialized_start=1191
-  _globals['_REMOVEPAYMENTMETHODREQUEST']._serialized_end=1258
-  _globals['_REMOVEPAYMENTMETHODRESPONSE']._serialized_start=1260
-  _globals['_REMOVEPAYMENTMETHODRESPONSE']._serialized_end=1334
-  _globals['_UPDATEAUTOTOPUPREQUEST']._serialized_start=1337
-  _globals['_UPDATEAUTOTOPUPREQUEST']._serialized_end=1532
-  _globals['_UPDATEAUTOTOPUPRESPONSE']._serialized_start=1534
-  _globals['_UPDATEAUTOTOPUPRESPONSE']._serialized_end=1611
-  _globals['_TOPUPNOWREQUEST']._serialized_start=1613
-  _globals['_TOPUPNOWREQUEST']._serialized_end=1692
-  _globals['_TOPUPNOWRESPONSE']._serialized_start=1694
-  _globals['_TOPUPNOWRESPONSE']._serialized_end=1748
-  _globals['_GETCHARGEREQUEST']._serialized_start=1750
-  _globals['_GETCHARGEREQUEST']._serialized_end=1806
-  _globals['_GETCHARGERESPONSE']._serialized_start=1808
-  _globals['_GETCHARGERESPONSE']._serialized_end=1863
-  _globals['_ACCOUNTSERVICE']._serialized_start=2196
-  _globals['_ACCOUNTSERVICE']._serialized_end=2856
+  _globals['_BILLINGPROFILE']._serialized_end=769
+  _globals['_GETBILLINGPROFILEREQUEST']._serialized_start=771
+  _globals['_GETBILLINGPROFILEREQUEST']._serialized_end=816
+  _globals['_GETBILLINGPROFILERESPONSE']._serialized_start=818
+  _globals['_GETBILLINGPROFILERESPONSE']._serialized_end=890
+  _globals['_CREATESETUPINTENTREQUEST']._serialized_start=892
+  _globals['_CREATESETUPINTENTREQUEST']._serialized_end=957
+  _globals['_CREATESETUPINTENTRESPONSE']._serialized_start=959
+  _globals['_CREATESETUPINTENTRESPONSE']._serialized_end=1062
+  _globals['_CONFIRMPAYMENTMETHODREQUEST']._serialized_start=1064
+  _globals['_CONFIRMPAYMENTMETHODREQUEST']._serialized_end=1157
+  _globals['_CONFIRMPAYMENTMETHODRESPONSE']._serialized_start=1159
+  _globals['_CONFIRMPAYMENTMETHODRESPONSE']._serialized_end=1234
+  _globals['_REMOVEPAYMENTMETHODREQUEST']._serialized_start=1236
+  _globals['_REMOVEPAYMENTMETHODREQUEST']._serialized_end=1303
+  _globals['_REMOVEPAYMENTMETHODRESPONSE']._serialized_start=1305
+  _globals['_REMOVEPAYMENTMETHODRESPONSE']._serialized_end=1379
+  _globals['_UPDATEAUTOTOPUPREQUEST']._serialized_start=1382
+  _globals['_UPDATEAUTOTOPUPREQUEST']._serialized_end=1637
+  _globals['_UPDATEAUTOTOPUPRESPONSE']._serialized_start=1639
+  _globals['_UPDATEAUTOTOPUPRESPONSE']._serialized_end=1716
+  _globals['_TOPUPNOWREQUEST']._serialized_start=1718
+  _globals['_TOPUPNOWREQUEST']._serialized_end=1797
+  _globals['_TOPUPNOWRESPONSE']._serialized_start=1799
+  _globals['_TOPUPNOWRESPONSE']._serialized_end=1853
+  _globals['_GETCHARGEREQUEST']._serialized_start=1855
+  _globals['_GETCHARGEREQUEST']._serialized_end=1911
+  _globals['_GETCHARGERESPONSE']._serialized_start=1913
+  _globals['_GETCHARGERESPONSE']._serialized_end=1968
+  _globals['_ACCOUNTSERVICE']._serialized_start=2301
+  _globals['_ACCOUNTSERVICE']._serialized_end=2961
 # @@protoc_insertion_point(module_scope)

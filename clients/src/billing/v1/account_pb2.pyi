@@ -166,6 +166,7 @@ class BillingProfile(_message.Message):
     AUTO_TOP_UP_FIELD_NUMBER: _builtins.int
     PENDING_CHARGE_FIELD_NUMBER: _builtins.int
     STRIPE_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    AUTOMATIC_TOP_UPS_THIS_MONTH_MICROS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Output only. The tenant."""
     billing_status: _types_pb2.BillingStatus.ValueType
@@ -177,6 +178,10 @@ class BillingProfile(_message.Message):
     stripe_customer_id: _builtins.str
     """Output only. The Stripe customer id, "cus_..."; empty until the first
     CreateSetupIntent.
+    """
+    automatic_top_ups_this_month_micros: _builtins.int
+    """Output only. What automatic top-ups charged successfully this calendar
+    month (UTC), in micros, counted from the ledger.
     """
     @_builtins.property
     def payment_method(self) -> _types_pb2.PaymentMethod:
@@ -202,10 +207,11 @@ class BillingProfile(_message.Message):
         auto_top_up: _types_pb2.AutoTopUpSettings | None = ...,
         pending_charge: Global___Charge | None = ...,
         stripe_customer_id: _builtins.str = ...,
+        automatic_top_ups_this_month_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auto_top_up", b"auto_top_up", "payment_method", b"payment_method", "pending_charge", b"pending_charge"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_top_up", b"auto_top_up", "billing_status", b"billing_status", "billing_status_message", b"billing_status_message", "payment_method", b"payment_method", "pending_charge", b"pending_charge", "stripe_customer_id", b"stripe_customer_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_top_up", b"auto_top_up", "automatic_top_ups_this_month_micros", b"automatic_top_ups_this_month_micros", "billing_status", b"billing_status", "billing_status_message", b"billing_status_message", "payment_method", b"payment_method", "pending_charge", b"pending_charge", "stripe_customer_id", b"stripe_customer_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -432,6 +438,7 @@ class UpdateAutoTopUpRequest(_message.Message):
     ENABLED_FIELD_NUMBER: _builtins.int
     THRESHOLD_MICROS_FIELD_NUMBER: _builtins.int
     AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    MONTHLY_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Required. Idempotency key (AIP-155), 1-128 characters."""
     tenant_id: _builtins.str
@@ -444,6 +451,10 @@ class UpdateAutoTopUpRequest(_message.Message):
     """Optional. New top-up amount in micros, a multiple of 10,000, 500,000 to
     1,000,000,000,000. Unset: keep.
     """
+    monthly_limit_micros: _builtins.int
+    """Optional. New monthly ceiling of automatic top-ups, in micros, 0 to
+    1,000,000,000,000. Unset: keep.
+    """
     def __init__(
         self,
         *,
@@ -452,21 +463,26 @@ class UpdateAutoTopUpRequest(_message.Message):
         enabled: _builtins.bool | None = ...,
         threshold_micros: _builtins.int | None = ...,
         amount_micros: _builtins.int | None = ...,
+        monthly_limit_micros: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_amount_micros", b"_amount_micros", "_enabled", b"_enabled", "_threshold_micros", b"_threshold_micros", "amount_micros", b"amount_micros", "enabled", b"enabled", "threshold_micros", b"threshold_micros"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_amount_micros", b"_amount_micros", "_enabled", b"_enabled", "_monthly_limit_micros", b"_monthly_limit_micros", "_threshold_micros", b"_threshold_micros", "amount_micros", b"amount_micros", "enabled", b"enabled", "monthly_limit_micros", b"monthly_limit_micros", "threshold_micros", b"threshold_micros"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_amount_micros", b"_amount_micros", "_enabled", b"_enabled", "_threshold_micros", b"_threshold_micros", "amount_micros", b"amount_micros", "enabled", b"enabled", "request_id", b"request_id", "tenant_id", b"tenant_id", "threshold_micros", b"threshold_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_amount_micros", b"_amount_micros", "_enabled", b"_enabled", "_monthly_limit_micros", b"_monthly_limit_micros", "_threshold_micros", b"_threshold_micros", "amount_micros", b"amount_micros", "enabled", b"enabled", "monthly_limit_micros", b"monthly_limit_micros", "request_id", b"request_id", "tenant_id", b"tenant_id", "threshold_micros", b"threshold_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__amount_micros: _TypeAlias = _typing.Literal["amount_micros"]  # noqa: Y015
     _WhichOneofArgType__amount_micros: _TypeAlias = _typing.Literal["_amount_micros", b"_amount_micros"]  # noqa: Y015
     _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
     _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
+    _WhichOneofReturnType__monthly_limit_micros: _TypeAlias = _typing.Literal["monthly_limit_micros"]  # noqa: Y015
+    _WhichOneofArgType__monthly_limit_micros: _TypeAlias = _typing.Literal["_monthly_limit_micros", b"_monthly_limit_micros"]  # noqa: Y015
     _WhichOneofReturnType__threshold_micros: _TypeAlias = _typing.Literal["threshold_micros"]  # noqa: Y015
     _WhichOneofArgType__threshold_micros: _TypeAlias = _typing.Literal["_threshold_micros", b"_threshold_micros"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__amount_micros) -> _WhichOneofReturnType__amount_micros | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__enabled) -> _WhichOneofReturnType__enabled | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__monthly_limit_micros) -> _WhichOneofReturnType__monthly_limit_micros | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__threshold_micros) -> _WhichOneofReturnType__threshold_micros | None: ...
 

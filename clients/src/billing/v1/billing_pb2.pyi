@@ -82,10 +82,20 @@ class CheckAccessRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     ESTIMATE_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Required. The tenant (the paying customer), 1-128 characters."""
     model: _builtins.str
     """Required. The model, as named in the price table, e.g. "gpt-4o"."""
+    user_id: _builtins.str
+    """Optional. The end user the query would be for; when set, that user's
+    budget is taken into account. Empty: user budgets are not checked.
+    """
+    api_key_id: _builtins.str
+    """Optional. The API key or caller label of the query, 1-128 characters;
+    when set, its budget is taken into account. Empty: none.
+    """
     @_builtins.property
     def estimate(self) -> Global___QueryEstimate:
         """Optional. The size of the query. When set, the answer says whether a hold
@@ -99,10 +109,12 @@ class CheckAccessRequest(_message.Message):
         tenant_id: _builtins.str = ...,
         model: _builtins.str = ...,
         estimate: Global___QueryEstimate | None = ...,
+        user_id: _builtins.str = ...,
+        api_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["estimate", b"estimate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimate", b"estimate", "model", b"model", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "estimate", b"estimate", "model", b"model", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -145,6 +157,7 @@ class ReserveCreditRequest(_message.Message):
     ESTIMATE_FIELD_NUMBER: _builtins.int
     AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Required. Idempotency key (AIP-155), 1-128 characters; a UUID4 is
     recommended. Generate it once per query and reuse it on every retry.
@@ -162,6 +175,11 @@ class ReserveCreditRequest(_message.Message):
     """Required. The model, as named in the price table."""
     amount_micros: _builtins.int
     """An explicit amount to hold, in micros, 1 to 1,000,000,000,000."""
+    api_key_id: _builtins.str
+    """Optional. The API key or caller label the query came through, 1-128
+    characters; a budget on it applies. Recorded on the reservation. Empty:
+    no API key budget applies.
+    """
     @_builtins.property
     def estimate(self) -> Global___QueryEstimate:
         """The query's expected input tokens and output cap; the service prices the
@@ -184,10 +202,11 @@ class ReserveCreditRequest(_message.Message):
         estimate: Global___QueryEstimate | None = ...,
         amount_micros: _builtins.int = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        api_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "estimate", b"estimate", "size", b"size", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "estimate", b"estimate", "model", b"model", "request_id", b"request_id", "size", b"size", "tenant_id", b"tenant_id", "ttl", b"ttl", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "api_key_id", b"api_key_id", "estimate", b"estimate", "model", b"model", "request_id", b"request_id", "size", b"size", "tenant_id", b"tenant_id", "ttl", b"ttl", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_size: _TypeAlias = _typing.Literal["estimate", "amount_micros"]  # noqa: Y015
     _WhichOneofArgType_size: _TypeAlias = _typing.Literal["size", b"size"]  # noqa: Y015

@@ -25,33 +25,41 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62illing/v1/types.proto\x12\nbilling.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"y\n\rPaymentMethod\x12\x19\n\x11payment_method_id\x18\x01 \x01(\t\x12\r\n\x05\x62rand\x18\x02 \x01(\t\x12\r\n\x05last4\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x11\x41utoTopUpSettings\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x18\n\x10threshold_micros\x18\x02 \x01(\x03\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\"\xc1\x01\n\x08\x44\x65\x63ision\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.billing.v1.DenialReason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1f\n\x17\x61vailable_credit_micros\x18\x04 \x01(\x03\x12/\n\rmodel_billing\x18\x05 \x01(\x0e\x32\x18.billing.v1.ModelBilling\x12\x17\n\x0frequired_micros\x18\x06 \x01(\x03\"V\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\"\x80\x02\n\x0bReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\ramount_micros\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x06status\x18\x08 \x01(\x0e\x32\x1d.billing.v1.ReservationStatus\"\xf3\x02\n\x0bUsageRecord\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.billing.v1.TokenUsage\x12\x13\n\x0b\x63ost_micros\x18\x06 \x01(\x03\x12\x16\n\x0e\x63harged_micros\x18\x07 \x01(\x03\x12\x1a\n\x12uncollected_micros\x18\x08 \x01(\x03\x12\x13\n\x0bheld_micros\x18\t \x01(\x03\x12\x31\n\x0epayment_source\x18\n \x01(\x0e\x32\x19.billing.v1.PaymentSource\x12\x30\n\x0creserve_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63ommit_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xbb\x02\n\x0c\x44\x65nialReason\x12\x1d\n\x19\x44\x45NIAL_REASON_UNSPECIFIED\x10\x00\x12)\n%DENIAL_REASON_PAYMENT_METHOD_REQUIRED\x10\x01\x12&\n\"DENIAL_REASON_CREDIT_LIMIT_REACHED\x10\x02\x12#\n\x1f\x44\x45NIAL_REASON_ACCOUNT_SUSPENDED\x10\x03\x12#\n\x1f\x44\x45NIAL_REASON_MODEL_NOT_OFFERED\x10\x04\x12 \n\x1c\x44\x45NIAL_REASON_PAYMENT_FAILED\x10\x05\x12)\n%DENIAL_REASON_PAYMENT_ACTION_REQUIRED\x10\x06\x12\"\n\x1e\x44\x45NIAL_REASON_PAYMENT_DISPUTED\x10\x07*\xb5\x01\n\rBillingStatus\x12\x1e\n\x1a\x42ILLING_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1c\x42ILLING_STATUS_GOOD_STANDING\x10\x01\x12!\n\x1d\x42ILLING_STATUS_PAYMENT_FAILED\x10\x02\x12\"\n\x1e\x42ILLING_STATUS_ACTION_REQUIRED\x10\x03\x12\x1b\n\x17\x42ILLING_STATUS_DISPUTED\x10\x04*d\n\x0cModelBilling\x12\x1d\n\x19MODEL_BILLING_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_BILLING_INCLUDED\x10\x01\x12\x19\n\x15MODEL_BILLING_METERED\x10\x02*g\n\rPaymentSource\x12\x1e\n\x1aPAYMENT_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15PAYMENT_SOURCE_CREDIT\x10\x01\x12\x1b\n\x17PAYMENT_SOURCE_INCLUDED\x10\x02*\xb7\x01\n\x11ReservationStatus\x12\"\n\x1eRESERVATION_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESERVATION_STATUS_OPEN\x10\x01\x12 \n\x1cRESERVATION_STATUS_COMMITTED\x10\x02\x12\x1f\n\x1bRESERVATION_STATUS_RELEASED\x10\x03\x12\x1e\n\x1aRESERVATION_STATUS_EXPIRED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62illing/v1/types.proto\x12\nbilling.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x95\x01\n\x06\x42udget\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12&\n\x05scope\x18\x02 \x01(\x0e\x32\x17.billing.v1.BudgetScope\x12\x10\n\x08scope_id\x18\x03 \x01(\t\x12\x14\n\x0climit_micros\x18\x04 \x01(\x03\x12(\n\x06period\x18\x05 \x01(\x0e\x32\x18.billing.v1.BudgetPeriod\"\xdd\x01\n\x0b\x42udgetUsage\x12\"\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x12.billing.v1.Budget\x12\x14\n\x0cspent_micros\x18\x02 \x01(\x03\x12\x13\n\x0bheld_micros\x18\x03 \x01(\x03\x12\x18\n\x10remaining_micros\x18\x04 \x01(\x03\x12\x35\n\x11period_start_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nreset_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"y\n\rPaymentMethod\x12\x19\n\x11payment_method_id\x18\x01 \x01(\t\x12\r\n\x05\x62rand\x18\x02 \x01(\t\x12\r\n\x05last4\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\x11\x41utoTopUpSettings\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x18\n\x10threshold_micros\x18\x02 \x01(\x03\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12\x1c\n\x14monthly_limit_micros\x18\x04 \x01(\x03\"\x9e\x02\n\x08\x44\x65\x63ision\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.billing.v1.DenialReason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1f\n\x17\x61vailable_credit_micros\x18\x04 \x01(\x03\x12/\n\rmodel_billing\x18\x05 \x01(\x0e\x32\x18.billing.v1.ModelBilling\x12\x17\n\x0frequired_micros\x18\x06 \x01(\x03\x12(\n\x07\x62udgets\x18\x07 \x03(\x0b\x32\x17.billing.v1.BudgetUsage\x12\x31\n\x10\x65xhausted_budget\x18\x08 \x01(\x0b\x32\x17.billing.v1.BudgetUsage\"V\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\"\x80\x02\n\x0bReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\ramount_micros\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x06status\x18\x08 \x01(\x0e\x32\x1d.billing.v1.ReservationStatus\"\xf3\x02\n\x0bUsageRecord\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.billing.v1.TokenUsage\x12\x13\n\x0b\x63ost_micros\x18\x06 \x01(\x03\x12\x16\n\x0e\x63harged_micros\x18\x07 \x01(\x03\x12\x1a\n\x12uncollected_micros\x18\x08 \x01(\x03\x12\x13\n\x0bheld_micros\x18\t \x01(\x03\x12\x31\n\x0epayment_source\x18\n \x01(\x0e\x32\x19.billing.v1.PaymentSource\x12\x30\n\x0creserve_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63ommit_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb8\x03\n\x0c\x44\x65nialReason\x12\x1d\n\x19\x44\x45NIAL_REASON_UNSPECIFIED\x10\x00\x12)\n%DENIAL_REASON_PAYMENT_METHOD_REQUIRED\x10\x01\x12&\n\"DENIAL_REASON_CREDIT_LIMIT_REACHED\x10\x02\x12#\n\x1f\x44\x45NIAL_REASON_ACCOUNT_SUSPENDED\x10\x03\x12#\n\x1f\x44\x45NIAL_REASON_MODEL_NOT_OFFERED\x10\x04\x12 \n\x1c\x44\x45NIAL_REASON_PAYMENT_FAILED\x10\x05\x12)\n%DENIAL_REASON_PAYMENT_ACTION_REQUIRED\x10\x06\x12\"\n\x1e\x44\x45NIAL_REASON_PAYMENT_DISPUTED\x10\x07\x12\'\n#DENIAL_REASON_USER_BUDGET_EXHAUSTED\x10\x08\x12*\n&DENIAL_REASON_API_KEY_BUDGET_EXHAUSTED\x10\t\x12&\n\"DENIAL_REASON_TOP_UP_LIMIT_REACHED\x10\n*\\\n\x0b\x42udgetScope\x12\x1c\n\x18\x42UDGET_SCOPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42UDGET_SCOPE_USER\x10\x01\x12\x18\n\x14\x42UDGET_SCOPE_API_KEY\x10\x02*\x8d\x01\n\x0c\x42udgetPeriod\x12\x1d\n\x19\x42UDGET_PERIOD_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42UDGET_PERIOD_DAY\x10\x01\x12\x16\n\x12\x42UDGET_PERIOD_WEEK\x10\x02\x12\x17\n\x13\x42UDGET_PERIOD_MONTH\x10\x03\x12\x16\n\x12\x42UDGET_PERIOD_NONE\x10\x04*\xb5\x01\n\rBillingStatus\x12\x1e\n\x1a\x42ILLING_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1c\x42ILLING_STATUS_GOOD_STANDING\x10\x01\x12!\n\x1d\x42ILLING_STATUS_PAYMENT_FAILED\x10\x02\x12\"\n\x1e\x42ILLING_STATUS_ACTION_REQUIRED\x10\x03\x12\x1b\n\x17\x42ILLING_STATUS_DISPUTED\x10\x04*d\n\x0cModelBilling\x12\x1d\n\x19MODEL_BILLING_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_BILLING_INCLUDED\x10\x01\x12\x19\n\x15MODEL_BILLING_METERED\x10\x02*g\n\rPaymentSource\x12\x1e\n\x1aPAYMENT_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15PAYMENT_SOURCE_CREDIT\x10\x01\x12\x1b\n\x17PAYMENT_SOURCE_INCLUDED\x10\x02*\xb7\x01\n\x11ReservationStatus\x12\"\n\x1eRESERVATION_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESERVATION_STATUS_OPEN\x10\x01\x12 \n\x1cRESERVATION_STATUS_COMMITTED\x10\x02\x12\x1f\n\x1bRESERVATION_STATUS_RELEASED\x10\x03\x12\x1e\n\x1aRESERVATION_STATUS_EXPIRED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'billing.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DENIALREASON']._serialized_start=1199
-  _globals['_DENIALREASON']._serialized_end=1514
-  _globals['_BILLINGSTATUS']._serialized_start=1517
-  _globals['_BILLINGSTATUS']._serialized_end=1698
-  _globals['_MODELBILLING']._serialized_start=1700
-  _globals['_MODELBILLING']._serialized_end=1800
-  _globals['_PAYMENTSOURCE']._serialized_start=1802
-  _globals['_PAYMENTSOURCE']._serialized_end=1905
-  _globals['_RESERVATIONSTATUS']._serialized_start=1908
-  _globals['_RESERVATIONSTATUS']._serialized_end=2091
-  _globals['_PAYMENTMETHOD']._serialized_start=71
-  _globals['_PAYMENTMETHOD']._serialized_end=192
-  _globals['_AUTOTOPUPSETTINGS']._serialized_start=194
-  _globals['_AUTOTOPUPSETTINGS']._serialized_end=279
-  _globals['_DECISION']._serialized_start=282
-  _globals['_DECISION']._serialized_end=475
-  _globals['_TOKENUSAGE']._serialized_start=477
-  _globals['_TOKENUSAGE']._serialized_end=563
-  _globals['_RESERVATION']._serialized_start=566
-  _globals['_RESERVATION']._serialized_end=822
-  _globals['_USAGERECORD']._serialized_start=825
-  _globals['_USAGERECORD']._serialized_end=1196
+  _globals['_DENIALREASON']._serialized_start=1698
+  _globals['_DENIALREASON']._serialized_end=2138
+  _globals['_BUDGETSCOPE']._serialized_start=2140
+  _globals['_BUDGETSCOPE']._serialized_end=2232
+  _globals['_BUDGETPERIOD']._serialized_start=2235
+  _globals['_BUDGETPERIOD']._serialized_end=2376
+  _globals['_BILLINGSTATUS']._serialized_start=2379
+  _globals['_BILLINGSTATUS']._serialized_end=2560
+  _globals['_MODELBILLING']._serialized_start=2562
+  _globals['_MODELBILLING']._serialized_end=2662
+  _globals['_PAYMENTSOURCE']._serialized_start=2664
+  _globals['_PAYMENTSOURCE']._serialized_end=2767
+  _globals['_RESERVATIONSTATUS']._serialized_start=2770
+  _globals['_RESERVATIONSTATUS']._serialized_end=2953
+  _globals['_BUDGET']._serialized_start=72
+  _globals['_BUDGET']._serialized_end=221
+  _globals['_BUDGETUSAGE']._serialized_start=224
+  _globals['_BUDGETUSAGE']._serialized_end=445
+  _globals['_PAYMENTMETHOD']._serialized_start=447
+  _globals['_PAYMENTMETHOD']._serialized_end=568
+  _globals['_AUTOTOPUPSETTINGS']._serialized_start=570
+  _globals['_AUTOTOPUPSETTINGS']._serialized_end=685
+  _globals['_DECISION']._serialized_start=688
+  _globals['_DECISION']._serialized_end=974
+  _globals['_TOKENUSAGE']._serialized_start=976
+  _globals['_TOKENUSAGE']._serialized_end=1062
+  _globals['_RESERVATION']._serialized_start=1065
+  _globals['_RESERVATION']._serialized_end=1321
+  _globals['_USAGERECORD']._serialized_start=1324
+  _globals['_USAGERECORD']._serialized_end=1695
 # @@protoc_insertion_point(module_scope)

@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -51,6 +53,19 @@ class _DenialReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DenialRe
     """The model is metered and a card payment of the tenant is disputed; metered
     use is suspended until the dispute is resolved. Included models keep
     working.
+    """
+    DENIAL_REASON_USER_BUDGET_EXHAUSTED: _DenialReason.ValueType  # 8
+    """The query does not fit in the end user's budget for the current period
+    (Decision.exhausted_budget names it and when it resets).
+    """
+    DENIAL_REASON_API_KEY_BUDGET_EXHAUSTED: _DenialReason.ValueType  # 9
+    """The query does not fit in the API key's budget for the current period
+    (Decision.exhausted_budget names it and when it resets).
+    """
+    DENIAL_REASON_TOP_UP_LIMIT_REACHED: _DenialReason.ValueType  # 10
+    """The model is metered, the query does not fit in the available credit and
+    automatic top-ups have reached the tenant's monthly ceiling: a tenant
+    admin can top up now or raise the ceiling.
     """
 
 class DenialReason(_DenialReason, metaclass=_DenialReasonEnumTypeWrapper):
@@ -98,7 +113,78 @@ DENIAL_REASON_PAYMENT_DISPUTED: DenialReason.ValueType  # 7
 use is suspended until the dispute is resolved. Included models keep
 working.
 """
+DENIAL_REASON_USER_BUDGET_EXHAUSTED: DenialReason.ValueType  # 8
+"""The query does not fit in the end user's budget for the current period
+(Decision.exhausted_budget names it and when it resets).
+"""
+DENIAL_REASON_API_KEY_BUDGET_EXHAUSTED: DenialReason.ValueType  # 9
+"""The query does not fit in the API key's budget for the current period
+(Decision.exhausted_budget names it and when it resets).
+"""
+DENIAL_REASON_TOP_UP_LIMIT_REACHED: DenialReason.ValueType  # 10
+"""The model is metered, the query does not fit in the available credit and
+automatic top-ups have reached the tenant's monthly ceiling: a tenant
+admin can top up now or raise the ceiling.
+"""
 Global___DenialReason: _TypeAlias = DenialReason  # noqa: Y015
+
+class _BudgetScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BudgetScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUDGET_SCOPE_UNSPECIFIED: _BudgetScope.ValueType  # 0
+    """Unset; invalid in requests."""
+    BUDGET_SCOPE_USER: _BudgetScope.ValueType  # 1
+    """One end user (`user_id` of the calls)."""
+    BUDGET_SCOPE_API_KEY: _BudgetScope.ValueType  # 2
+    """One API key or caller label (`api_key_id` of the calls)."""
+
+class BudgetScope(_BudgetScope, metaclass=_BudgetScopeEnumTypeWrapper):
+    """What a budget applies to, inside a tenant."""
+
+BUDGET_SCOPE_UNSPECIFIED: BudgetScope.ValueType  # 0
+"""Unset; invalid in requests."""
+BUDGET_SCOPE_USER: BudgetScope.ValueType  # 1
+"""One end user (`user_id` of the calls)."""
+BUDGET_SCOPE_API_KEY: BudgetScope.ValueType  # 2
+"""One API key or caller label (`api_key_id` of the calls)."""
+Global___BudgetScope: _TypeAlias = BudgetScope  # noqa: Y015
+
+class _BudgetPeriod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BudgetPeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetPeriod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUDGET_PERIOD_UNSPECIFIED: _BudgetPeriod.ValueType  # 0
+    """Unset; invalid in requests."""
+    BUDGET_PERIOD_DAY: _BudgetPeriod.ValueType  # 1
+    """Each UTC day."""
+    BUDGET_PERIOD_WEEK: _BudgetPeriod.ValueType  # 2
+    """Each ISO week (Monday to Sunday, UTC)."""
+    BUDGET_PERIOD_MONTH: _BudgetPeriod.ValueType  # 3
+    """Each calendar month (UTC)."""
+    BUDGET_PERIOD_NONE: _BudgetPeriod.ValueType  # 4
+    """Never resets: a lifetime budget."""
+
+class BudgetPeriod(_BudgetPeriod, metaclass=_BudgetPeriodEnumTypeWrapper):
+    """How often a budget starts over. Periods are UTC: a day starts at 00:00 UTC,
+    a week on Monday 00:00 UTC, a month on the 1st at 00:00 UTC.
+    """
+
+BUDGET_PERIOD_UNSPECIFIED: BudgetPeriod.ValueType  # 0
+"""Unset; invalid in requests."""
+BUDGET_PERIOD_DAY: BudgetPeriod.ValueType  # 1
+"""Each UTC day."""
+BUDGET_PERIOD_WEEK: BudgetPeriod.ValueType  # 2
+"""Each ISO week (Monday to Sunday, UTC)."""
+BUDGET_PERIOD_MONTH: BudgetPeriod.ValueType  # 3
+"""Each calendar month (UTC)."""
+BUDGET_PERIOD_NONE: BudgetPeriod.ValueType  # 4
+"""Never resets: a lifetime budget."""
+Global___BudgetPeriod: _TypeAlias = BudgetPeriod  # noqa: Y015
 
 class _BillingStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -236,6 +322,99 @@ RESERVATION_STATUS_EXPIRED: ReservationStatus.ValueType  # 4
 Global___ReservationStatus: _TypeAlias = ReservationStatus  # noqa: Y015
 
 @_typing.final
+class Budget(_message.Message):
+    """A spending limit on a scope inside a tenant. A hold is granted only if it
+    fits in the tenant's available credit and in every budget that applies,
+    decided atomically.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SCOPE_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant the budget belongs to."""
+    scope: Global___BudgetScope.ValueType
+    """What it applies to."""
+    scope_id: _builtins.str
+    """The user id or API key id it applies to, 1-128 characters."""
+    limit_micros: _builtins.int
+    """The most that may be spent (charged plus held) per period, in micros,
+    1 to 1,000,000,000,000.
+    """
+    period: Global___BudgetPeriod.ValueType
+    """How often it starts over."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        scope: Global___BudgetScope.ValueType = ...,
+        scope_id: _builtins.str = ...,
+        limit_micros: _builtins.int = ...,
+        period: Global___BudgetPeriod.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit_micros", b"limit_micros", "period", b"period", "scope", b"scope", "scope_id", b"scope_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Budget: _TypeAlias = Budget  # noqa: Y015
+
+@_typing.final
+class BudgetUsage(_message.Message):
+    """A budget and its use in the current period, as of one read or decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    SPENT_MICROS_FIELD_NUMBER: _builtins.int
+    HELD_MICROS_FIELD_NUMBER: _builtins.int
+    REMAINING_MICROS_FIELD_NUMBER: _builtins.int
+    PERIOD_START_TIME_FIELD_NUMBER: _builtins.int
+    RESET_TIME_FIELD_NUMBER: _builtins.int
+    spent_micros: _builtins.int
+    """Output only. Charged in the current period, in micros."""
+    held_micros: _builtins.int
+    """Output only. Held by open reservations of the current period, in micros."""
+    remaining_micros: _builtins.int
+    """Output only. limit - spent - held, in micros (negative only if the limit
+    was lowered below what is already used).
+    """
+    @_builtins.property
+    def budget(self) -> Global___Budget:
+        """Output only. The budget."""
+
+    @_builtins.property
+    def period_start_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. Start of the current period; unset for BUDGET_PERIOD_NONE."""
+
+    @_builtins.property
+    def reset_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the budget starts over; unset for BUDGET_PERIOD_NONE."""
+
+    def __init__(
+        self,
+        *,
+        budget: Global___Budget | None = ...,
+        spent_micros: _builtins.int = ...,
+        held_micros: _builtins.int = ...,
+        remaining_micros: _builtins.int = ...,
+        period_start_time: _timestamp_pb2.Timestamp | None = ...,
+        reset_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "period_start_time", b"period_start_time", "reset_time", b"reset_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "held_micros", b"held_micros", "period_start_time", b"period_start_time", "remaining_micros", b"remaining_micros", "reset_time", b"reset_time", "spent_micros", b"spent_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetUsage: _TypeAlias = BudgetUsage  # noqa: Y015
+
+@_typing.final
 class PaymentMethod(_message.Message):
     """A card saved at Stripe for off-session charges. Nothing but these fields
     is ever stored: no card number, no expiry, no CVC.
@@ -284,6 +463,7 @@ class AutoTopUpSettings(_message.Message):
     ENABLED_FIELD_NUMBER: _builtins.int
     THRESHOLD_MICROS_FIELD_NUMBER: _builtins.int
     AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    MONTHLY_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     """Whether automatic top-ups are on. Default: on for a tenant with a card."""
     threshold_micros: _builtins.int
@@ -295,16 +475,23 @@ class AutoTopUpSettings(_message.Message):
     (a multiple of 10,000), 500,000 ($0.50, Stripe's minimum) to
     1,000,000,000,000. Default: the server's default.
     """
+    monthly_limit_micros: _builtins.int
+    """The most automatic top-ups (AUTOMATIC and ON_DEMAND charges) may charge
+    per calendar month (UTC), in micros, 0 to 1,000,000,000,000. Past it,
+    automatic top-ups stop until the next month, a TopUpNow or a higher
+    ceiling. Default: the server's default (10 times the top-up amount).
+    """
     def __init__(
         self,
         *,
         enabled: _builtins.bool = ...,
         threshold_micros: _builtins.int = ...,
         amount_micros: _builtins.int = ...,
+        monthly_limit_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "enabled", b"enabled", "threshold_micros", b"threshold_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "enabled", b"enabled", "monthly_limit_micros", b"monthly_limit_micros", "threshold_micros", b"threshold_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -324,6 +511,8 @@ class Decision(_message.Message):
     AVAILABLE_CREDIT_MICROS_FIELD_NUMBER: _builtins.int
     MODEL_BILLING_FIELD_NUMBER: _builtins.int
     REQUIRED_MICROS_FIELD_NUMBER: _builtins.int
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    EXHAUSTED_BUDGET_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     """Output only. True when the query may run (CheckAccess) or the hold was
     granted (ReserveCredit).
@@ -348,6 +537,18 @@ class Decision(_message.Message):
     """Output only. The price of the query as asked, in micros: the hold a
     ReserveCredit takes (or would take). Zero for included models.
     """
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetUsage]:
+        """Output only. Every budget that applies to the query, with what remains
+        in it as of the transaction that decided (after the hold if granted).
+        """
+
+    @_builtins.property
+    def exhausted_budget(self) -> Global___BudgetUsage:
+        """Output only. The budget that denied the query, when the reason is
+        USER_BUDGET_EXHAUSTED or API_KEY_BUDGET_EXHAUSTED; unset otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -357,10 +558,12 @@ class Decision(_message.Message):
         available_credit_micros: _builtins.int = ...,
         model_billing: Global___ModelBilling.ValueType = ...,
         required_micros: _builtins.int = ...,
+        budgets: _abc.Iterable[Global___BudgetUsage] | None = ...,
+        exhausted_budget: Global___BudgetUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exhausted_budget", b"exhausted_budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "available_credit_micros", b"available_credit_micros", "message", b"message", "model_billing", b"model_billing", "reason", b"reason", "required_micros", b"required_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "available_credit_micros", b"available_credit_micros", "budgets", b"budgets", "exhausted_budget", b"exhausted_budget", "message", b"message", "model_billing", b"model_billing", "reason", b"reason", "required_micros", b"required_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

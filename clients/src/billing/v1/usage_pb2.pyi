@@ -219,6 +219,7 @@ class GetUsageSummaryResponse(_message.Message):
     BY_MODEL_FIELD_NUMBER: _builtins.int
     BY_USER_FIELD_NUMBER: _builtins.int
     BY_USER_TRUNCATED_FIELD_NUMBER: _builtins.int
+    BUDGETS_FIELD_NUMBER: _builtins.int
     limit_used_basis_points: _builtins.int
     """Output only. The share of the effective credit limit in use (exposure /
     limit), in basis points (10,000 = 100 %), rounded down; 0 when the limit
@@ -258,6 +259,12 @@ class GetUsageSummaryResponse(_message.Message):
         most 1,000 users.
         """
 
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.BudgetUsage]:
+        """Output only. Every budget of the tenant with its use in its current
+        period (which may differ from the summary's period).
+        """
+
     def __init__(
         self,
         *,
@@ -270,10 +277,11 @@ class GetUsageSummaryResponse(_message.Message):
         by_model: _abc.Iterable[Global___ModelUsage] | None = ...,
         by_user: _abc.Iterable[Global___UserUsage] | None = ...,
         by_user_truncated: _builtins.bool = ...,
+        budgets: _abc.Iterable[_types_pb2.BudgetUsage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["billing_profile", b"billing_profile", "end_time", b"end_time", "start_time", b"start_time", "tenant", b"tenant", "totals", b"totals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_profile", b"billing_profile", "by_model", b"by_model", "by_user", b"by_user", "by_user_truncated", b"by_user_truncated", "end_time", b"end_time", "limit_used_basis_points", b"limit_used_basis_points", "start_time", b"start_time", "tenant", b"tenant", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_profile", b"billing_profile", "budgets", b"budgets", "by_model", b"by_model", "by_user", b"by_user", "by_user_truncated", b"by_user_truncated", "end_time", b"end_time", "limit_used_basis_points", b"limit_used_basis_points", "start_time", b"start_time", "tenant", b"tenant", "totals", b"totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
