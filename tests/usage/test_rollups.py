@@ -131,9 +131,9 @@ def test_rollups_equal_the_records_after_random_commits(
     assert runner.run(scenario()) == []
 
 
+@pytest.mark.parametrize("runner", ["postgresql"], indirect=True)
 def test_the_postgresql_commit_with_its_rollup_is_one_statement(runner: Runner) -> None:
-    if runner.engine.dialect.name != "postgresql":
-        pytest.skip("the one-statement commit is PostgreSQL's")
+    assert runner.engine.dialect.name == "postgresql"
     statements: list[str] = []
 
     def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
