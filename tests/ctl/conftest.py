@@ -16,7 +16,6 @@ import grpc
 import pytest
 
 from billing.v1 import billing_pb2, billing_pb2_grpc, types_pb2
-from billing_service.api.servicers import AdminServicer
 from tests.support.server_process import ServerProcess
 
 # One output token costs one micro, so amounts in the tests are exact and easy to read.
@@ -29,12 +28,6 @@ output_micros_per_mtok = 1_000_000
 billing = "included"
 output_micros_per_mtok = 1_000_000
 """
-
-# Written on another branch; the mark goes once it is merged.
-needs_list_tenants = pytest.mark.skipif(
-    "ListTenants" not in vars(AdminServicer), reason="AdminService.ListTenants is not served yet"
-)
-
 
 def server_settings(directory: Path, **settings: str) -> dict[str, str]:
     prices = directory / "prices.toml"

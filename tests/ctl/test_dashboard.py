@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.ctl.conftest import Chat, Ctl, needs_list_tenants
+from tests.ctl.conftest import Chat, Ctl
 
 
 def period() -> tuple[str, str]:
@@ -104,7 +104,6 @@ def test_dashboard_commands_on_an_unknown_tenant(ctl: Ctl) -> None:
         assert result.error()["reason"] == "TENANT_NOT_FOUND"
 
 
-@needs_list_tenants
 def test_tenants_list_pages_in_id_order(ctl: Ctl) -> None:
     prefix = f"list-{uuid.uuid4().hex[:8]}"
     for n in range(3):
@@ -118,7 +117,6 @@ def test_tenants_list_pages_in_id_order(ctl: Ctl) -> None:
     assert len(page.stdout.splitlines()) == 3  # header, one tenant, the token to go on
 
 
-@needs_list_tenants
 def test_tenants_list_by_billing_status(ctl: Ctl, tenant: str) -> None:
     # A fresh tenant is in good standing, so it is not listed under payment-failed.
     failed = ctl.ok("tenants", "list", "--billing-status", "payment-failed", "--json").json()
