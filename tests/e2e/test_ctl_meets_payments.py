@@ -33,6 +33,8 @@ async def test_tenants_in_payment_failed_are_listed_and_summarised(
         table = await ctl("tenants", "list", "--billing-status", "payment-failed")
         summary = await ctl("summary", declined)
         summary_json = await ctl("summary", declined, "--json")
+        statement = await ctl("ledger", "list", paying, "--json")
+        statement_table = await ctl("ledger", "list", paying)
 
     assert [tenant["tenant_id"] for tenant in listed.json()["tenants"]] == [declined]
     assert declined in table.stdout
@@ -45,3 +47,12 @@ async def test_tenants_in_payment_failed_are_listed_and_summarised(
     profile = summary_json.json()["billing_profile"]
     assert profile["billing_status"] == "BILLING_STATUS_PAYMENT_FAILED"
     assert profile["payment_method"]["last4"] == "0341"
+    [top_up] = [
+        entry
+        for entry in statement.json()["ledger_entries"]
+        if entry["kind"] == "LEDGER_ENTRY_KIND_TOP_UP"
+    ]
+    assert top_up["charge_id"] == succeeded.charge_id
+    assert top_up["payment_intent_id"] == succeeded.payment_intent_id
+    assert top_up["balance_delta_micros"] == "5000000"
+    assert succeeded.charge_id in statement_table.stdout

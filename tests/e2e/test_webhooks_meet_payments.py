@@ -188,6 +188,11 @@ async def test_a_top_up_delivered_by_localstripe_credits_once_and_later_events_a
             assert not denied.allowed
             assert denied.reason == types_pb2.DENIAL_REASON_PAYMENT_DISPUTED
             assert (await reserve(stack, tenant_id, INCLUDED)).allowed
+            summary = await stack.usage.GetUsageSummary(
+                usage_pb2.GetUsageSummaryRequest(tenant_id=tenant_id)
+            )
+            assert summary.billing_profile.billing_status == types_pb2.BILLING_STATUS_DISPUTED
+            assert summary.tenant.billing_status == types_pb2.BILLING_STATUS_DISPUTED
 
 
 async def test_a_signed_payment_method_detached_clears_the_card(
@@ -220,3 +225,45 @@ async def test_a_signed_payment_method_detached_clears_the_card(
         denied = await reserve(stack, tenant_id, METERED)
         assert not denied.allowed
         assert denied.reason == types_pb2.DENIAL_REASON_PAYMENT_METHOD_REQUIRED
+
+
+async def test_signed_refunds_of_a_top_up_are_reversed_up_to_the_cumulative_amount(
+    database_url: str, localstripe: LocalStripe
+) -> None:
+    async with serving(database_url, localstripe.url, localstripe.url) as stack:
+        tenant_id = await stack.create_tenant()
+        await stack.save_card(tenant_id, CARD_OK)
+        charge = await stack.top_up_now(tenant_id, TOP_UP)
+        intent_id = charge.payment_intent_id
+
+        def refunded(cumulative_cents: int) -> dict[str, Any]:
+            stripe_charge = {
+                "id": "ch_of_" + intent_id,
+                "object": "charge",
+                "amount": TOP_UP // 10_000,
+                "amount_refunded": cumulative_cents,
+                "currency": "usd",
+                "payment_intent": intent_id,
+                "refunded": cumulative_cents == TOP_UP // 10_000,
+                "status": "succeeded",
+            }
+            return event("charge.refunded", stripe_charge)
+
+        # $2.50, then the rest ($10 in all); the first is redelivered after the second.
+        partial, full = refunded(250), refunded(1_000)
+        answers = [
+            await stack.post_event(partial),
+            await stack.post_event(full),
+            await stack.post_event(partial),
+            await stack.post_event(refunded(250)),
+        ]
+
+        assert [answer.status_code for answer in answers] == [200] * 4
+        assert await top_up_ledger(stack, tenant_id) == [
+            (usage_pb2.LEDGER_ENTRY_KIND_TOP_UP, TOP_UP, intent_id),
+            (usage_pb2.LEDGER_ENTRY_KIND_TOP_UP_REVERSAL, -2_500_000, intent_id),
+            (usage_pb2.LEDGER_ENTRY_KIND_TOP_UP_REVERSAL, -7_500_000, intent_id),
+        ]
+        assert (await stack.balance(tenant_id)).balance_micros == 0
+        profile = await stack.profile(tenant_id)
+        assert profile.billing_status == types_pb2.BILLING_STATUS_GOOD_STANDING
