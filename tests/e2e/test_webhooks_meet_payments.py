@@ -23,8 +23,8 @@ from tests.e2e.conftest import (
     serving,
     watching,
 )
-from tests.payments.conftest import CARD_OK, new_id
-from tests.support.localstripe import API_KEY, LocalStripe
+from tests.payments.conftest import CARD_NEEDS_AUTHENTICATION, CARD_OK, new_id
+from tests.support.localstripe import API_KEY, PUBLISHABLE_KEY, LocalStripe
 from tests.support.stripe_proxy import StripeFaultProxy
 
 TOP_UP = 10_000_000
@@ -91,6 +91,24 @@ async def delivered_event(stack: Stack, emulator: LocalStripe, type_: str) -> di
     answer.raise_for_status()
     found: dict[str, Any] = answer.json()
     return found
+
+
+async def authenticate(emulator: LocalStripe, payment_intent_id: str) -> None:
+    """The card holder completes 3-D Secure on the product's page (Stripe.js's part)."""
+    async with httpx.AsyncClient(timeout=10.0) as http:
+        intent = await http.get(
+            f"{emulator.url}/v1/payment_intents/{payment_intent_id}", auth=(API_KEY, "")
+        )
+        intent.raise_for_status()
+        done = await http.post(
+            f"{emulator.url}/v1/payment_intents/{payment_intent_id}/_authenticate",
+            data={
+                "client_secret": intent.json()["client_secret"],
+                "success": "true",
+                "key": PUBLISHABLE_KEY,
+            },
+        )
+    done.raise_for_status()
 
 
 @pytest.mark.parametrize("webhook_first", [False, True], ids=["worker-first", "webhook-first"])
@@ -267,3 +285,31 @@ async def test_signed_refunds_of_a_top_up_are_reversed_up_to_the_cumulative_amou
         assert (await stack.balance(tenant_id)).balance_micros == 0
         profile = await stack.profile(tenant_id)
         assert profile.billing_status == types_pb2.BILLING_STATUS_GOOD_STANDING
+
+
+async def test_a_charge_the_card_holder_authenticates_is_credited_by_localstripes_webhook(
+    database_url: str,
+) -> None:
+    with LocalStripe() as emulator:
+        async with serving(database_url, emulator.url, emulator.url) as stack:
+            emulator.register_webhook("billing", stack.webhook_url, SECRET)
+            tenant_id = await stack.create_tenant()
+            await stack.save_card(tenant_id, CARD_NEEDS_AUTHENTICATION)
+            charge = await stack.top_up_now(tenant_id, TOP_UP)
+            assert charge.status == account_pb2.CHARGE_STATUS_ACTION_REQUIRED
+            assert (await stack.balance(tenant_id)).balance_micros == 0
+
+            with watching(WEBHOOK_LOGGER, "(payment_intent.succeeded) processed") as delivered:
+                await authenticate(emulator, charge.payment_intent_id)
+                await delivered.wait()
+
+            got = await stack.account.GetCharge(
+                account_pb2.GetChargeRequest(tenant_id=tenant_id, charge_id=charge.charge_id)
+            )
+            assert got.charge.status == account_pb2.CHARGE_STATUS_SUCCEEDED
+            profile = await stack.profile(tenant_id)
+            assert profile.billing_status == types_pb2.BILLING_STATUS_GOOD_STANDING
+            assert await top_up_ledger(stack, tenant_id) == [
+                (usage_pb2.LEDGER_ENTRY_KIND_TOP_UP, TOP_UP, charge.payment_intent_id)
+            ]
+            assert (await reserve(stack, tenant_id, METERED)).allowed
