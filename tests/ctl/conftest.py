@@ -29,6 +29,7 @@ billing = "included"
 output_micros_per_mtok = 1_000_000
 """
 
+
 def server_settings(directory: Path, **settings: str) -> dict[str, str]:
     prices = directory / "prices.toml"
     prices.write_text(PRICES)
