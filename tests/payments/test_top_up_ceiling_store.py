@@ -96,3 +96,29 @@ async def test_a_charge_counts_in_the_month_it_succeeds_and_while_pending(world:
     assert profile is not None
     # December: the charge decided in November but credited now, and one more.
     assert profile.automatic_top_ups_this_month_micros == 2 * TOP_UP
+
+
+async def test_only_the_tenants_own_manual_top_up_resumes_its_automatic_ones(world: World) -> None:
+    capped, other = await world.tenant_with_card(), await world.tenant_with_card()
+    await world.store.update_auto_top_up(
+        other, False, None, None, world.clock(), monthly_limit_micros=0
+    )
+    for _ in range(3):
+        await world.worker().run_once()
+    assert await world.entries(capped) == [(EntryKind.TOP_UP, TOP_UP)] * 2
+
+    await world.enqueue(other, 1_000_000)  # a manual top-up of another tenant
+    await world.worker().run_once()
+    assert await world.entries(other) == [(EntryKind.TOP_UP, 1_000_000)]
+    assert await world.store.ceiling_blocks_top_up(capped, world.clock())
+
+    await world.enqueue(capped, 1_000_000)  # the tenant's own
+    await world.worker().run_once()
+    await world.worker().run_once()
+    await world.worker().run_once()
+    assert (
+        await world.entries(capped)
+        == [(EntryKind.TOP_UP, TOP_UP)] * 2
+        + [(EntryKind.TOP_UP, 1_000_000)]
+        + [(EntryKind.TOP_UP, TOP_UP)] * 2
+    )

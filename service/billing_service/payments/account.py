@@ -251,7 +251,9 @@ class AccountCore:
             check_top_up_amount("amount_micros", amount_micros)
         if monthly_limit_micros is not None:
             check_monthly_limit("monthly_limit_micros", monthly_limit_micros)
-        ceiling = {} if monthly_limit_micros is None else {"monthly_limit": monthly_limit_micros}
+        ceiling = (
+            {} if monthly_limit_micros is None else {"monthly_limit_micros": monthly_limit_micros}
+        )
         fingerprint = _fingerprint(
             "update_auto_top_up",
             tenant_id=tenant_id,

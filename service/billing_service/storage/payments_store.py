@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, insert, literal, or_, select, update
+from sqlalchemy import and_, case, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -711,19 +711,20 @@ def _automatic_top_ups_sql(since: datetime, *, since_manual_top_up: bool = False
     ]
     if since_manual_top_up:
         manual, manual_charge = ledger_entries.alias("manual"), charges.alias("manual_charge")
-        later_manual = (
-            select(manual.c.entry_id)
-            .select_from(
-                manual_charge.join(manual, manual.c.charge_id == manual_charge.c.charge_id)
-            )
+        manual_charges = (
+            select(manual_charge.c.charge_id)
             .where(
                 manual_charge.c.tenant_id == tenants.c.tenant_id,
                 manual_charge.c.trigger == ChargeTrigger.MANUAL,
-                manual.c.kind == EntryKind.TOP_UP,
-                manual.c.entry_id > counted.c.entry_id,
             )
+            .correlate(tenants)
         )
-        conditions.append(~exists(later_manual))
+        last_manual = (
+            select(func.max(manual.c.entry_id))
+            .where(manual.c.charge_id.in_(manual_charges), manual.c.kind == EntryKind.TOP_UP)
+            .scalar_subquery()
+        )
+        conditions.append(counted.c.entry_id > func.coalesce(last_manual, 0))
     return (
         select(func.coalesce(func.sum(counted.c.balance_delta_micros), 0))
         .select_from(charge.join(counted, counted.c.charge_id == charge.c.charge_id))
