@@ -273,7 +273,10 @@ def payments_for(
 ) -> tuple[AccountCore, ChargeWorker | None]:
     """The account use cases; with a Stripe key also the charge worker and on-demand top-ups."""
     defaults = AutoTopUp(
-        True, settings.auto_top_up_threshold_micros, settings.auto_top_up_amount_micros
+        True,
+        settings.auto_top_up_threshold_micros,
+        settings.auto_top_up_amount_micros,
+        settings.auto_top_up_monthly_limit_micros,
     )
     store = PaymentsStore(engine, defaults)
     key = settings.stripe_key()

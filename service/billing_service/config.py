@@ -170,6 +170,15 @@ class Settings(BaseSettings):
         multiple_of=MICROS_PER_CENT,
         description="Default automatic top-up amount (whole cents).",
     )
+    auto_top_up_monthly_limit_micros: int | None = Field(
+        None,
+        ge=0,
+        le=AMOUNT_MICROS_MAX,
+        description=(
+            "Default monthly ceiling of automatic top-ups per tenant; unset: 10 times the "
+            "tenant's top-up amount."
+        ),
+    )
     charge_worker_interval_s: float = Field(
         5.0, gt=0, description="How often the charge worker looks for due top-ups and charges."
     )

@@ -39,6 +39,7 @@ from billing_service.domain.outcomes import (
     RefundOutcome,
     TenantOutcome,
 )
+from billing_service.domain.payments import TopUpAttempt
 from billing_service.domain.policy import Decision, decide, denial
 from billing_service.domain.pricing import ModelBilling, ModelPrice, PriceTable
 
@@ -59,7 +60,12 @@ class LedgerPort(Protocol):
     async def get_account(self, tenant_id: str) -> Account | None: ...
 
     async def place_hold(
-        self, hold: Hold, *, create_with_limit: int | None, defer_credit_denial: bool = False
+        self,
+        hold: Hold,
+        *,
+        create_with_limit: int | None,
+        defer_credit_denial: bool = False,
+        credit_denial_reason: DenialReason | None = None,
     ) -> Hold: ...
 
     async def find_hold(self, request_id: str) -> Hold | None: ...
@@ -97,8 +103,8 @@ class TopUpPort(Protocol):
     def credit_seen(self, tenant_id: str, available_micros: int) -> None:
         """Told the credit left after a grant; must not block (it may wake a worker)."""
 
-    async def top_up(self, tenant_id: str, shortfall_micros: int, wait_s: float) -> bool:
-        """Starts or joins a top-up and waits up to `wait_s`; True if it succeeded."""
+    async def top_up(self, tenant_id: str, shortfall_micros: int, wait_s: float) -> TopUpAttempt:
+        """Starts or joins a top-up and waits up to `wait_s`; says how it ended."""
         ...
 
 
@@ -184,9 +190,11 @@ class BillingCore:
             if stored.status is HoldStatus.DENIED and may_wait:
                 # Not stored yet: the answer given after the top-up is the one kept.
                 shortfall = hold.amount_micros - stored.decision_available_micros
-                await top_up.top_up(hold.tenant_id, shortfall, wait_s)
+                attempt = await top_up.top_up(hold.tenant_id, shortfall, wait_s)
                 stored = await self._ledger.place_hold(
-                    hold, create_with_limit=self._creation_limit()
+                    hold,
+                    create_with_limit=self._creation_limit(),
+                    credit_denial_reason=_CREDIT_DENIAL_AFTER.get(attempt),
                 )
                 if stored.request_fingerprint != request_fingerprint:
                     raise request_id_reused(command.request_id)
@@ -279,6 +287,10 @@ def _hold_amount(command: Reserve, price: ModelPrice) -> int:
         return price.hold_micros(command.estimate.input_tokens, command.estimate.max_output_tokens)
     assert command.amount_micros is not None
     return command.amount_micros
+
+
+# Why a reservation still without room is denied, after the top-up it asked for.
+_CREDIT_DENIAL_AFTER = {TopUpAttempt.LIMIT_REACHED: DenialReason.TOP_UP_LIMIT_REACHED}
 
 
 def _reserve_result(hold: Hold) -> ReserveResult:

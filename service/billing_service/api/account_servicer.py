@@ -57,6 +57,7 @@ def auto_top_up_message(settings: AutoTopUp) -> types_pb2.AutoTopUpSettings:
         enabled=settings.enabled,
         threshold_micros=settings.threshold_micros,
         amount_micros=settings.amount_micros,
+        monthly_limit_micros=settings.monthly_limit_micros or 0,
     )
 
 
@@ -75,6 +76,7 @@ def profile_message(profile: BillingProfile) -> account_pb2.BillingProfile:
         billing_status=BILLING_STATUSES[profile.billing_status],
         billing_status_message=profile.billing_status_message,
         auto_top_up=auto_top_up_message(profile.auto_top_up),
+        automatic_top_ups_this_month_micros=profile.automatic_top_ups_this_month_micros,
         pending_charge=None
         if profile.pending_charge is None
         else charge_message(profile.pending_charge),
@@ -157,6 +159,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             request.enabled if request.HasField("enabled") else None,
             request.threshold_micros if request.HasField("threshold_micros") else None,
             request.amount_micros if request.HasField("amount_micros") else None,
+            request.monthly_limit_micros if request.HasField("monthly_limit_micros") else None,
         )
         return account_pb2.UpdateAutoTopUpResponse(auto_top_up=auto_top_up_message(settings))
 

@@ -66,6 +66,7 @@ class DenialReason(StrEnum):
     PAYMENT_FAILED = "payment_failed"
     PAYMENT_ACTION_REQUIRED = "payment_action_required"
     PAYMENT_DISPUTED = "payment_disputed"
+    TOP_UP_LIMIT_REACHED = "top_up_limit_reached"
 
 
 # A payment problem denies metered models with the reason of the same name.

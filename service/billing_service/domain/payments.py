@@ -7,7 +7,7 @@ is explicit about its rounding; no float is ever involved.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from billing_service.domain.errors import InvalidArgument
@@ -16,6 +16,8 @@ from billing_service.domain.money import AMOUNT_MICROS_MAX
 MICROS_PER_CENT = 10_000
 # Stripe's smallest USD charge: $0.50.
 TOP_UP_MICROS_MIN = 500_000
+# Without a configured ceiling, automatic top-ups may take this many top-up amounts a month.
+MONTHLY_LIMIT_TOP_UPS_DEFAULT = 10
 
 
 class BillingStatus(StrEnum):
@@ -45,6 +47,10 @@ class ChargeTrigger(StrEnum):
     AUTOMATIC = "automatic"
     ON_DEMAND = "on_demand"
     MANUAL = "manual"
+
+
+# The charges the monthly ceiling counts: those no human asked for at the moment they were made.
+AUTOMATIC_TRIGGERS = (ChargeTrigger.AUTOMATIC, ChargeTrigger.ON_DEMAND)
 
 
 class ChargeStatus(StrEnum):
@@ -111,6 +117,23 @@ def check_threshold(field: str, amount_micros: int) -> None:
         raise InvalidArgument(field, f"must be 0 to {AMOUNT_MICROS_MAX} micros")
 
 
+def check_monthly_limit(field: str, amount_micros: int) -> None:
+    if not 0 <= amount_micros <= AMOUNT_MICROS_MAX:
+        raise InvalidArgument(field, f"must be 0 to {AMOUNT_MICROS_MAX} micros")
+
+
+def default_monthly_limit(configured_micros: int | None, top_up_micros: int) -> int:
+    """The server's ceiling: the configured one, else ten top-up amounts of the tenant."""
+    if configured_micros is not None:
+        return configured_micros
+    return min(MONTHLY_LIMIT_TOP_UPS_DEFAULT * top_up_micros, AMOUNT_MICROS_MAX)
+
+
+def month_start(now: datetime) -> datetime:
+    """The ceiling's period: the calendar month, in UTC."""
+    return now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
 def on_demand_amount(top_up_micros: int, shortfall_micros: int) -> int:
     """An on-demand top-up charges the usual top-up, or more when one query needs more."""
     return max(top_up_micros, round_up_to_cents(shortfall_micros), TOP_UP_MICROS_MIN)
@@ -121,6 +144,9 @@ class AutoTopUp:
     enabled: bool
     threshold_micros: int
     amount_micros: int
+    # The most automatic charges may take per calendar month (UTC). None only in the server's
+    # defaults, where it means MONTHLY_LIMIT_TOP_UPS_DEFAULT top-up amounts.
+    monthly_limit_micros: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +165,8 @@ class BillingProfile:
     card: Card | None
     auto_top_up: AutoTopUp
     pending_charge: Charge | None
+    # Successful automatic and on-demand charges this calendar month (UTC), from the ledger.
+    automatic_top_ups_this_month_micros: int = 0
 
     @property
     def billing_status_message(self) -> str:
@@ -159,6 +187,17 @@ class Charge:
     updated_at: datetime
     request_id: str | None = None
     request_fingerprint: str | None = None
+
+
+class TopUpAttempt(StrEnum):
+    """How an on-demand top-up ended, as the reservation that asked for it sees it."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    # No charge could be made: no card, a payment problem, auto top-up off.
+    NOT_ELIGIBLE = "not_eligible"
+    # A charge would have been made but automatic charges reached the monthly ceiling.
+    LIMIT_REACHED = "limit_reached"
 
 
 class PaymentOutcome(StrEnum):

@@ -83,6 +83,12 @@ def denial_message(
                 f"{format_micros(max(0, available_micros))} is available. "
                 "Top up or wait for pending charges to settle."
             )
+        case DenialReason.TOP_UP_LIMIT_REACHED:
+            return (
+                f"Monthly limit on automatic card top-ups reached: this query needs "
+                f"{format_micros(required_micros)}, {format_micros(max(0, available_micros))} "
+                "is available. A billing admin can top up now or raise the monthly limit."
+            )
         case DenialReason.PAYMENT_FAILED:
             return f"{BILLING_STATUS_MESSAGES[BillingStatus.PAYMENT_FAILED]} ({model})"
         case DenialReason.PAYMENT_ACTION_REQUIRED:

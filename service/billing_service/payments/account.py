@@ -33,6 +33,7 @@ from billing_service.domain.payments import (
     Charge,
     ChargeStatus,
     ChargeTrigger,
+    check_monthly_limit,
     check_threshold,
     check_top_up_amount,
 )
@@ -240,6 +241,7 @@ class AccountCore:
         enabled: bool | None,
         threshold_micros: int | None,
         amount_micros: int | None,
+        monthly_limit_micros: int | None = None,
     ) -> AutoTopUp:
         check_id("request_id", request_id)
         check_id("tenant_id", tenant_id)
@@ -247,18 +249,30 @@ class AccountCore:
             check_threshold("threshold_micros", threshold_micros)
         if amount_micros is not None:
             check_top_up_amount("amount_micros", amount_micros)
+        if monthly_limit_micros is not None:
+            check_monthly_limit("monthly_limit_micros", monthly_limit_micros)
+        ceiling = (
+            {} if monthly_limit_micros is None else {"monthly_limit_micros": monthly_limit_micros}
+        )
         fingerprint = _fingerprint(
             "update_auto_top_up",
             tenant_id=tenant_id,
             enabled=enabled,
             threshold_micros=threshold_micros,
             amount_micros=amount_micros,
+            # Absent when unset, so fingerprints stored before the ceiling existed still match.
+            **ceiling,
         )
         prior = await self._replay(request_id, fingerprint)
         if prior is not None:
             return AutoTopUp(**prior)
         profile = await self._store.update_auto_top_up(
-            tenant_id, enabled, threshold_micros, amount_micros, self._clock()
+            tenant_id,
+            enabled,
+            threshold_micros,
+            amount_micros,
+            self._clock(),
+            monthly_limit_micros=monthly_limit_micros,
         )
         if profile is None:
             raise _tenant_not_found(tenant_id)
@@ -272,6 +286,7 @@ class AccountCore:
                 "enabled": settings.enabled,
                 "threshold_micros": settings.threshold_micros,
                 "amount_micros": settings.amount_micros,
+                "monthly_limit_micros": settings.monthly_limit_micros,
             },
             self._clock(),
         )
@@ -357,7 +372,7 @@ class AccountCore:
         return page, next_token
 
     async def _profile(self, tenant_id: str) -> BillingProfile:
-        profile = await self._store.get_profile(tenant_id)
+        profile = await self._store.get_profile(tenant_id, self._clock())
         if profile is None:
             raise _tenant_not_found(tenant_id)
         return profile

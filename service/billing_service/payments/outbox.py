@@ -7,8 +7,9 @@ process dies anywhere in between, the row stays pending, its lease runs out, and
 attempt sends the same key: Stripe replays the first PaymentIntent instead of charging again,
 and the conditional status change credits the ledger only once.
 
-It also decides automatic top-ups: each round, tenants under their threshold get a charge row
-(decided and written by one statement, guarded by the one-pending-charge-per-tenant index).
+It also decides automatic top-ups: each round, tenants under their threshold and under their
+monthly ceiling get a charge row (decided and written by one statement, guarded by the
+one-pending-charge-per-tenant index).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from billing_service.domain.payments import (
     OUTCOME_STATUS,
     Charge,
     ChargeStatus,
+    TopUpAttempt,
     micros_to_cents,
     on_demand_amount,
 )
@@ -96,7 +98,7 @@ class ChargeWorker:
     async def run_once(self) -> int:
         """One round: enqueue due automatic top-ups, then charge what is due. Returns how
         many charges were sent to Stripe."""
-        for tenant_id in await self._store.tenants_due_for_top_up(self._batch):
+        for tenant_id in await self._store.tenants_due_for_top_up(self._batch, self._clock()):
             if await self._store.enqueue_automatic(tenant_id, new_charge_id(), self._clock()):
                 _log.info("automatic top-up enqueued for tenant %s", tenant_id)
         sent = 0
@@ -204,17 +206,22 @@ class OnDemandTopUp:
         if available_micros < self._nudge_below_micros:
             self._worker.nudge()
 
-    async def top_up(self, tenant_id: str, shortfall_micros: int, wait_s: float) -> bool:
-        """Starts (or joins) a top-up of the tenant and waits for it; True if it succeeded."""
+    async def top_up(self, tenant_id: str, shortfall_micros: int, wait_s: float) -> TopUpAttempt:
+        """Starts (or joins) a top-up of the tenant and waits for it."""
         if wait_s <= 0:
-            return False
+            return TopUpAttempt.NOT_ELIGIBLE
         at_least = on_demand_amount(0, shortfall_micros)
+        now = self._clock()
         await self._store.enqueue_automatic(
-            tenant_id, new_charge_id(), self._clock(), at_least_micros=at_least
+            tenant_id, new_charge_id(), now, at_least_micros=at_least
         )
         pending = await self._store.pending_charge(tenant_id)
         if pending is None:
-            return False  # not eligible (no card, payment problem, auto top-up off)
+            if await self._store.ceiling_blocks_top_up(tenant_id, now, at_least_micros=at_least):
+                return TopUpAttempt.LIMIT_REACHED
+            return TopUpAttempt.NOT_ELIGIBLE  # no card, payment problem, auto top-up off
         self._worker.nudge()
         settled = await self._worker.wait_until_settled(pending.charge_id, wait_s)
-        return settled is not None and settled.status is ChargeStatus.SUCCEEDED
+        if settled is not None and settled.status is ChargeStatus.SUCCEEDED:
+            return TopUpAttempt.SUCCEEDED
+        return TopUpAttempt.FAILED

@@ -110,7 +110,12 @@ class LedgerStore:
 
     @storage_faults_unavailable
     async def place_hold(
-        self, hold: Hold, *, create_with_limit: int | None, defer_credit_denial: bool = False
+        self,
+        hold: Hold,
+        *,
+        create_with_limit: int | None,
+        defer_credit_denial: bool = False,
+        credit_denial_reason: DenialReason | None = None,
     ) -> Hold:
         """Takes `hold` if it fits; else stores it as denied, with the reason. One transaction.
 
@@ -119,6 +124,8 @@ class LedgerStore:
         when None, an unknown tenant raises NotFound.
         defer_credit_denial: a refusal for lack of credit is returned without being stored
         (the caller waits for a top-up, then asks again and stores the final answer).
+        credit_denial_reason: a refusal for lack of credit is stored with this reason instead
+        (the top-up that could have made room was not allowed).
         """
         try:
             if self._postgres and hold.metered:
@@ -127,7 +134,9 @@ class LedgerStore:
                 if available is not None:
                     return replace(hold, decision_available_micros=available)
             async with transaction(self._engine) as conn:
-                return await _place_hold(conn, hold, create_with_limit, defer_credit_denial)
+                return await _place_hold(
+                    conn, hold, create_with_limit, defer_credit_denial, credit_denial_reason
+                )
         except IntegrityError:
             return await self._prior_hold(hold.request_id)
 
@@ -321,7 +330,11 @@ class LedgerStore:
 
 
 async def _place_hold(
-    conn: AsyncConnection, hold: Hold, create_with_limit: int | None, defer_credit_denial: bool
+    conn: AsyncConnection,
+    hold: Hold,
+    create_with_limit: int | None,
+    defer_credit_denial: bool,
+    credit_denial_reason: DenialReason | None = None,
 ) -> Hold:
     assert hold.price is not None
     for _ in range(2):
@@ -356,8 +369,11 @@ async def _place_hold(
                 denial_reason=refusal.reason,
                 decision_available_micros=refusal.available_micros,
             )
-            if defer_credit_denial and refusal.reason is DenialReason.CREDIT_LIMIT_REACHED:
-                return denied
+            if refusal.reason is DenialReason.CREDIT_LIMIT_REACHED:
+                if defer_credit_denial:
+                    return denied
+                if credit_denial_reason is not None:
+                    denied = replace(denied, denial_reason=credit_denial_reason)
             await conn.execute(insert(holds).values(_hold_row(denied)))
             return denied
         if create_with_limit is None:

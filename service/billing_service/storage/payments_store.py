@@ -2,7 +2,8 @@
 
 Each public method is one short transaction. The rules that guard money are conditions of the
 statements themselves: a charge row is inserted only if no other charge of the tenant is
-pending (a partial unique index), a charge's status moves only along
+pending (a partial unique index), an automatic one only if it fits under the tenant's monthly
+ceiling (counted from the ledger in the same statement), a charge's status moves only along
 domain.payments.ALLOWED_BEFORE (a conditional UPDATE), and the TOP_UP credit is written by the
 one transaction whose UPDATE moved the charge into SUCCEEDED.
 """
@@ -11,17 +12,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, insert, literal, or_, select, update
+from sqlalchemy import and_, case, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billing_service.domain.ledger import EntryKind
 from billing_service.domain.model import Account, TenantStatus
+from billing_service.domain.money import AMOUNT_MICROS_MAX
 from billing_service.domain.payments import (
     ALLOWED_BEFORE,
+    AUTOMATIC_TRIGGERS,
+    MONTHLY_LIMIT_TOP_UPS_DEFAULT,
     STATUS_AFTER_CHARGE,
     AutoTopUp,
     BillingProfile,
@@ -30,6 +34,8 @@ from billing_service.domain.payments import (
     Charge,
     ChargeStatus,
     ChargeTrigger,
+    default_monthly_limit,
+    month_start,
 )
 from billing_service.storage.credit_sql import available_credit_sql
 from billing_service.storage.database import storage_faults_unavailable, transaction
@@ -39,7 +45,7 @@ from billing_service.storage.ledger_store import (
     _append_entry,
     _move,
 )
-from billing_service.storage.tables import account_requests, charges, tenants
+from billing_service.storage.tables import account_requests, charges, ledger_entries, tenants
 
 _PROBLEMS = (BillingStatus.PAYMENT_FAILED, BillingStatus.ACTION_REQUIRED)
 
@@ -72,10 +78,17 @@ class PaymentsStore:
     # Profiles and cards
 
     @storage_faults_unavailable
-    async def get_profile(self, tenant_id: str) -> BillingProfile | None:
+    async def get_profile(
+        self, tenant_id: str, now: datetime | None = None
+    ) -> BillingProfile | None:
+        charged = _automatic_top_ups_sql(month_start(now or datetime.now(UTC)))
         async with self._engine.connect() as conn:
             row = (
-                await conn.execute(select(tenants).where(tenants.c.tenant_id == tenant_id))
+                await conn.execute(
+                    select(tenants, charged.label("automatic_top_ups_this_month_micros")).where(
+                        tenants.c.tenant_id == tenant_id
+                    )
+                )
             ).one_or_none()
             if row is None:
                 return None
@@ -199,8 +212,11 @@ class PaymentsStore:
         threshold_micros: int | None,
         amount_micros: int | None,
         now: datetime,
+        monthly_limit_micros: int | None = None,
     ) -> BillingProfile | None:
         changes: dict[str, Any] = {"updated_at": now}
+        if monthly_limit_micros is not None:
+            changes["top_up_monthly_limit_micros"] = monthly_limit_micros
         if enabled is not None:
             changes["auto_top_up_enabled"] = enabled
         if threshold_micros is not None:
@@ -213,7 +229,7 @@ class PaymentsStore:
             )
         if not result.rowcount:
             return None
-        return await self.get_profile(tenant_id)
+        return await self.get_profile(tenant_id, now)
 
     @storage_faults_unavailable
     async def list_accounts(
@@ -300,21 +316,19 @@ class PaymentsStore:
         self, tenant_id: str, charge_id: str, now: datetime, *, at_least_micros: int | None = None
     ) -> bool:
         """Decides and writes a top-up in one statement: only for an active tenant with a card
-        in good standing and auto top-up on, and only if no charge of the tenant is pending.
+        in good standing and auto top-up on, only if no charge of the tenant is pending, and
+        only if the charge fits whole under the tenant's monthly ceiling.
 
         at_least_micros None: an automatic top-up, only when available credit is under the
         tenant's threshold. Else an on-demand top-up (a reservation found no room) of the
         tenant's top-up amount or `at_least_micros` if that is more (whole cents).
         """
-        defaults = self._defaults
-        threshold = _or_default(tenants.c.auto_top_up_threshold_micros, defaults.threshold_micros)
-        amount = _or_default(tenants.c.auto_top_up_amount_micros, defaults.amount_micros)
-        conditions = _auto_top_up_due(threshold)
-        trigger = ChargeTrigger.AUTOMATIC
-        if at_least_micros is not None:
-            conditions = conditions[:-1]
-            trigger = ChargeTrigger.ON_DEMAND
-            amount = case((amount < at_least_micros, literal(at_least_micros)), else_=amount)
+        amount = self._charge_amount_sql(at_least_micros)
+        conditions = (
+            *self._top_up_rule(on_demand=at_least_micros is not None),
+            self._under_ceiling_sql(amount, now),
+        )
+        trigger = ChargeTrigger.AUTOMATIC if at_least_micros is None else ChargeTrigger.ON_DEMAND
         chosen = select(
             literal(charge_id),
             tenants.c.tenant_id,
@@ -343,18 +357,70 @@ class PaymentsStore:
             return False  # a charge of this tenant is already pending
 
     @storage_faults_unavailable
-    async def tenants_due_for_top_up(self, limit: int) -> list[str]:
-        threshold = _or_default(
-            tenants.c.auto_top_up_threshold_micros, self._defaults.threshold_micros
-        )
+    async def ceiling_blocks_top_up(
+        self, tenant_id: str, now: datetime, *, at_least_micros: int | None = None
+    ) -> bool:
+        """True if the tenant would get a top-up (as enqueue_automatic decides it) but for the
+        monthly ceiling. Only explains a refusal; the decision itself is enqueue_automatic's."""
+        amount = self._charge_amount_sql(at_least_micros)
+        async with self._engine.connect() as conn:
+            found = await conn.execute(
+                select(tenants.c.tenant_id).where(
+                    tenants.c.tenant_id == tenant_id,
+                    *self._top_up_rule(on_demand=at_least_micros is not None),
+                    ~self._under_ceiling_sql(amount, now),
+                )
+            )
+            return found.first() is not None
+
+    @storage_faults_unavailable
+    async def tenants_due_for_top_up(self, limit: int, now: datetime | None = None) -> list[str]:
+        """Tenants that get an automatic top-up now (the candidates of enqueue_automatic)."""
         pending = select(charges.c.tenant_id).where(charges.c.status == ChargeStatus.PENDING)
+        amount = self._charge_amount_sql(None)
         async with self._engine.connect() as conn:
             found = await conn.execute(
                 select(tenants.c.tenant_id)
-                .where(*_auto_top_up_due(threshold), tenants.c.tenant_id.not_in(pending))
+                .where(
+                    *self._top_up_rule(on_demand=False),
+                    tenants.c.tenant_id.not_in(pending),
+                    self._under_ceiling_sql(amount, now or datetime.now(UTC)),
+                )
                 .limit(limit)
             )
             return [str(tenant_id) for tenant_id in found.scalars()]
+
+    def _top_up_rule(self, *, on_demand: bool) -> tuple[Any, ...]:
+        threshold = _or_default(
+            tenants.c.auto_top_up_threshold_micros, self._defaults.threshold_micros
+        )
+        conditions = _auto_top_up_due(threshold)
+        # On demand, a reservation found no room: the threshold does not matter.
+        return conditions[:-1] if on_demand else conditions
+
+    def _charge_amount_sql(self, at_least_micros: int | None) -> Any:
+        amount = _or_default(tenants.c.auto_top_up_amount_micros, self._defaults.amount_micros)
+        if at_least_micros is None:
+            return amount
+        return case((amount < at_least_micros, literal(at_least_micros)), else_=amount)
+
+    def _monthly_limit_sql(self) -> Any:
+        """The tenant's ceiling (domain.payments.default_monthly_limit when it has none)."""
+        configured = self._defaults.monthly_limit_micros
+        if configured is not None:
+            default: Any = literal(configured, tenants.c.top_up_monthly_limit_micros.type)
+        else:
+            tenfold = self._charge_amount_sql(None) * MONTHLY_LIMIT_TOP_UPS_DEFAULT
+            default = case((tenfold > AMOUNT_MICROS_MAX, literal(AMOUNT_MICROS_MAX)), else_=tenfold)
+        column = tenants.c.top_up_monthly_limit_micros
+        return case((column.is_(None), default), else_=column)
+
+    def _under_ceiling_sql(self, amount: Any, now: datetime) -> Any:
+        """A new automatic charge of `amount` fits: what automatic charges took this month
+        (since the last manual top-up, if later) plus one in flight plus it, at most the
+        ceiling."""
+        charged = _automatic_top_ups_sql(month_start(now), since_manual_top_up=True)
+        return charged + _pending_automatic_sql() + amount <= self._monthly_limit_sql()
 
     @storage_faults_unavailable
     async def claim_due(self, now: datetime, lease: timedelta, limit: int) -> list[ClaimedCharge]:
@@ -557,6 +623,10 @@ class PaymentsStore:
             ),
             amount_micros=_value_or(row.auto_top_up_amount_micros, self._defaults.amount_micros),
         )
+        limit = row.top_up_monthly_limit_micros
+        if limit is None:
+            limit = default_monthly_limit(self._defaults.monthly_limit_micros, auto.amount_micros)
+        auto = replace(auto, monthly_limit_micros=int(limit))
         return BillingProfile(
             tenant_id=row.tenant_id,
             billing_status=BillingStatus(row.billing_status),
@@ -564,6 +634,7 @@ class PaymentsStore:
             card=card,
             auto_top_up=auto,
             pending_charge=pending,
+            automatic_top_ups_this_month_micros=int(row.automatic_top_ups_this_month_micros),
         )
 
 
@@ -620,6 +691,59 @@ def _auto_top_up_due(threshold: Any) -> tuple[Any, ...]:
         tenants.c.stripe_customer_id.is_not(None),
         tenants.c.auto_top_up_enabled.is_(True),
         available_credit_sql() < threshold,
+    )
+
+
+def _automatic_top_ups_sql(since: datetime, *, since_manual_top_up: bool = False) -> Any:
+    """What successful automatic charges credited the tenant (of the enclosing row) since
+    `since`: the sum of their TOP_UP ledger entries, read from the ledger, never kept apart.
+
+    Reversals (refunds, disputes) do not give room back: the ceiling bounds what was charged to
+    the card without a person asking. since_manual_top_up: only entries after the tenant's last
+    successful manual top-up, which is the tenant's yes to more charges.
+    """
+    counted, charge = ledger_entries.alias("counted"), charges.alias("counted_charge")
+    conditions = [
+        charge.c.tenant_id == tenants.c.tenant_id,
+        charge.c.trigger.in_([str(trigger) for trigger in AUTOMATIC_TRIGGERS]),
+        counted.c.kind == EntryKind.TOP_UP,
+        counted.c.created_at >= since,
+    ]
+    if since_manual_top_up:
+        manual, manual_charge = ledger_entries.alias("manual"), charges.alias("manual_charge")
+        manual_charges = (
+            select(manual_charge.c.charge_id)
+            .where(
+                manual_charge.c.tenant_id == tenants.c.tenant_id,
+                manual_charge.c.trigger == ChargeTrigger.MANUAL,
+            )
+            .correlate(tenants)
+        )
+        last_manual = (
+            select(func.max(manual.c.entry_id))
+            .where(manual.c.charge_id.in_(manual_charges), manual.c.kind == EntryKind.TOP_UP)
+            .scalar_subquery()
+        )
+        conditions.append(counted.c.entry_id > func.coalesce(last_manual, 0))
+    return (
+        select(func.coalesce(func.sum(counted.c.balance_delta_micros), 0))
+        .select_from(charge.join(counted, counted.c.charge_id == charge.c.charge_id))
+        .where(*conditions)
+        .scalar_subquery()
+    )
+
+
+def _pending_automatic_sql() -> Any:
+    """An automatic charge in flight counts against the ceiling before it succeeds."""
+    pending = charges.alias("pending_charge")
+    return (
+        select(func.coalesce(func.sum(pending.c.amount_micros), 0))
+        .where(
+            pending.c.tenant_id == tenants.c.tenant_id,
+            pending.c.status == ChargeStatus.PENDING,
+            pending.c.trigger.in_([str(trigger) for trigger in AUTOMATIC_TRIGGERS]),
+        )
+        .scalar_subquery()
     )
 
 

@@ -88,6 +88,8 @@ tenants = Table(
     Column("auto_top_up_enabled", Boolean, nullable=False, server_default=true()),
     Column("auto_top_up_threshold_micros", BigInteger, nullable=True),
     Column("auto_top_up_amount_micros", BigInteger, nullable=True),
+    # The most automatic top-ups may charge per calendar month (migration 0006); NULL: default.
+    Column("top_up_monthly_limit_micros", BigInteger, nullable=True),
     CheckConstraint("held_micros >= 0", name="held_not_negative"),
     CheckConstraint("credit_limit_micros >= 0", name="credit_limit_not_negative"),
 )
@@ -233,6 +235,8 @@ Index(
 )
 Index("ix_charges_payment_intent_id", charges.c.payment_intent_id)
 Index("ix_charges_status_created_at", charges.c.status, charges.c.created_at)
+# The monthly ceiling sums a tenant's charges (migration 0006).
+Index("ix_charges_tenant_id_created_at", charges.c.tenant_id, charges.c.created_at)
 
 # AccountService requests, kept for idempotent replay (AIP-155).
 account_requests = Table(

@@ -1,0 +1,124 @@
+"""The ceiling's rules in the store, with a server-wide default ceiling and a Stripe stand-in:
+concurrent workers, refunds, and a charge that straddles the month boundary."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+
+from billing_service.domain.ledger import EntryKind
+from billing_service.domain.payments import AutoTopUp, ChargeStatus
+from billing_service.payments.outbox import new_charge_id
+from billing_service.storage.audit import audit_ledger
+from billing_service.storage.database import create_engine
+from billing_service.storage.ledger_store import LedgerStore
+from billing_service.storage.migrations import migrate
+from billing_service.storage.payments_store import PaymentsStore
+from tests.payments.test_outbox_and_sink import FakeStripe, World
+from tests.support.clock import FakeClock
+
+TOP_UP = 5_000_000
+CEILING = 10_000_000
+START = datetime(2026, 11, 30, 23, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def world(database_url: str) -> AsyncIterator[World]:
+    await migrate(database_url)
+    engine = create_engine(database_url, pool_size=10)
+    # Every tenant is under this threshold: each worker round wants a top-up.
+    defaults = AutoTopUp(True, 1_000_000_000, TOP_UP, CEILING)
+    try:
+        yield World(
+            engine,
+            PaymentsStore(engine, defaults),
+            LedgerStore(engine),
+            FakeClock(START),
+            FakeStripe(),
+        )
+        assert await audit_ledger(engine, check_exposure=False) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_concurrent_workers_never_pass_the_ceiling_together(world: World) -> None:
+    tenant_id = await world.tenant_with_card()
+
+    for _ in range(3):
+        await asyncio.gather(*(world.worker().run_once() for _ in range(8)))
+
+    assert await world.entries(tenant_id) == [(EntryKind.TOP_UP, TOP_UP)] * 2
+    assert len(world.stripe.intents) == 2
+    assert await world.store.tenants_due_for_top_up(100, world.clock()) == []
+    profile = await world.store.get_profile(tenant_id, world.clock())
+    assert profile is not None
+    assert profile.auto_top_up.monthly_limit_micros == CEILING
+    assert profile.automatic_top_ups_this_month_micros == CEILING
+
+
+async def test_a_refund_gives_no_room_back(world: World) -> None:
+    tenant_id = await world.tenant_with_card()
+    await world.worker().run_once()
+    [first] = await world.store.charges_of(tenant_id)
+    assert first.payment_intent_id is not None
+
+    await world.store.reverse_top_up(first.payment_intent_id, None, world.clock())
+    await world.worker().run_once()
+    await world.worker().run_once()
+
+    assert await world.entries(tenant_id) == [
+        (EntryKind.TOP_UP, TOP_UP),
+        (EntryKind.TOP_UP_REVERSAL, -TOP_UP),
+        (EntryKind.TOP_UP, TOP_UP),
+    ]
+    assert not await world.store.enqueue_automatic(tenant_id, new_charge_id(), world.clock())
+    assert await world.store.ceiling_blocks_top_up(tenant_id, world.clock())
+
+
+async def test_a_charge_counts_in_the_month_it_succeeds_and_while_pending(world: World) -> None:
+    tenant_id = await world.tenant_with_card()
+    await world.worker().run_once()  # November: $5 of $10
+    assert await world.store.enqueue_automatic(tenant_id, new_charge_id(), world.clock())
+    # In flight, the second $5 already fills November: an on-demand $5 more would not fit.
+    assert await world.store.ceiling_blocks_top_up(tenant_id, world.clock(), at_least_micros=1)
+
+    world.clock.now = datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
+    await world.worker().run_once()  # sends the pending one
+    await world.worker().run_once()  # December's room: one more
+    await world.worker().run_once()  # and no more
+
+    charges = await world.store.charges_of(tenant_id)
+    assert [c.status for c in charges] == [ChargeStatus.SUCCEEDED] * 3
+    profile = await world.store.get_profile(tenant_id, world.clock())
+    assert profile is not None
+    # December: the charge decided in November but credited now, and one more.
+    assert profile.automatic_top_ups_this_month_micros == 2 * TOP_UP
+
+
+async def test_only_the_tenants_own_manual_top_up_resumes_its_automatic_ones(world: World) -> None:
+    capped, other = await world.tenant_with_card(), await world.tenant_with_card()
+    await world.store.update_auto_top_up(
+        other, False, None, None, world.clock(), monthly_limit_micros=0
+    )
+    for _ in range(3):
+        await world.worker().run_once()
+    assert await world.entries(capped) == [(EntryKind.TOP_UP, TOP_UP)] * 2
+
+    await world.enqueue(other, 1_000_000)  # a manual top-up of another tenant
+    await world.worker().run_once()
+    assert await world.entries(other) == [(EntryKind.TOP_UP, 1_000_000)]
+    assert await world.store.ceiling_blocks_top_up(capped, world.clock())
+
+    await world.enqueue(capped, 1_000_000)  # the tenant's own
+    await world.worker().run_once()
+    await world.worker().run_once()
+    await world.worker().run_once()
+    assert (
+        await world.entries(capped)
+        == [(EntryKind.TOP_UP, TOP_UP)] * 2
+        + [(EntryKind.TOP_UP, 1_000_000)]
+        + [(EntryKind.TOP_UP, TOP_UP)] * 2
+    )
