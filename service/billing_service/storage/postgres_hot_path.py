@@ -4,10 +4,13 @@ Each statement is a chain of data-modifying CTEs run in autocommit mode. The ten
 locked only while the statement runs, so concurrent calls for one tenant queue for
 microseconds, not for a whole transaction's round trips.
 
-These statements cover the normal case only. When one returns no row (no room, unknown tenant,
-hold not open, ...), the caller falls back to the general multi-statement transaction in
-ledger_store, which decides and explains the outcome. A unique-key violation (a retried
-request_id) aborts the whole statement, so nothing is half-written.
+These statements cover the normal case only: a call that no budget applies to (the reserve
+finds no budget of its user or API key; the commit finds a hold that took from none). A call
+with budgets takes the general transaction, which moves the budgets with the tenant. When one
+returns no row (no room, unknown tenant, hold not open, ...), the caller falls back to the
+general multi-statement transaction in ledger_store, which decides and explains the outcome.
+A unique-key violation (a retried request_id) aborts the whole statement, so nothing is
+half-written.
 
 Rules they apply, and where those rules are defined and tested to agree:
 - the fit rule `available >= amount`: storage.credit_sql (rendered into the text below);
@@ -40,17 +43,23 @@ WITH account AS (
     SET held_micros = held_micros + :amount_micros
     WHERE tenant_id = :tenant_id AND status = 'active' AND billing_status = 'good_standing'
         AND {_AVAILABLE} >= :amount_micros
+        AND NOT EXISTS (
+            SELECT 1 FROM budgets
+            WHERE budgets.tenant_id = :tenant_id
+                AND ((budgets.scope = 'user' AND budgets.scope_id = :user_id)
+                    OR (budgets.scope = 'api_key' AND budgets.scope_id = :api_key_id))
+        )
     RETURNING tenant_id, balance_micros, held_micros, {_AVAILABLE} AS available_micros
 ), hold AS (
     INSERT INTO holds (
         hold_id, request_id, request_fingerprint, tenant_id, user_id, model, billing,
         input_micros_per_mtok, cached_input_micros_per_mtok, output_micros_per_mtok,
         flat_micros_per_call, amount_micros, status, decision_available_micros,
-        refunded_micros, created_at, expires_at
+        refunded_micros, created_at, expires_at, api_key_id
     )
     SELECT :hold_id, :request_id, :request_fingerprint, account.tenant_id, :user_id, :model,
         'metered', :input_price, :cached_input_price, :output_price, :flat_price,
-        :amount_micros, 'open', account.available_micros, 0, :now, :expires_at
+        :amount_micros, 'open', account.available_micros, 0, :now, :expires_at, :api_key_id
     FROM account
     RETURNING hold_id
 )
@@ -76,7 +85,7 @@ _COMMIT_SQL = f"""
 WITH claimed AS (
     UPDATE holds
     SET status = 'committed', settled_at = :now
-    WHERE hold_id = :hold_id AND status = 'open' AND expires_at > :now
+    WHERE hold_id = :hold_id AND status = 'open' AND expires_at > :now AND budgets IS NULL
     RETURNING hold_id, tenant_id, user_id, model, billing, amount_micros, created_at,
         {_COST} AS cost_micros
 ), locked AS (
@@ -171,7 +180,15 @@ def _statement(
 
 RESERVE = _statement(
     _RESERVE_SQL,
-    text_params=("tenant_id", "hold_id", "request_id", "request_fingerprint", "user_id", "model"),
+    text_params=(
+        "tenant_id",
+        "hold_id",
+        "request_id",
+        "request_fingerprint",
+        "user_id",
+        "model",
+        "api_key_id",
+    ),
     time_params=("now", "expires_at"),
 )
 COMMIT = _statement(
@@ -193,6 +210,7 @@ async def reserve(conn: AsyncConnection, hold: Hold) -> int | None:
         "request_id": hold.request_id,
         "request_fingerprint": hold.request_fingerprint,
         "user_id": hold.user_id,
+        "api_key_id": hold.api_key_id,
         "model": hold.model,
         "input_price": price.input_micros_per_mtok,
         "cached_input_price": price.cached_input_micros_per_mtok,
