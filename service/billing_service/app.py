@@ -137,7 +137,10 @@ class Application:
             admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(core, account), server)
             account_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(account), server)
             dashboard = UsageDashboard[account_pb2.BillingProfile](
-                UsageStore(engine), clock, billing_profiles=BillingProfileMessages(account)
+                UsageStore(engine),
+                clock,
+                billing_profiles=BillingProfileMessages(account),
+                budgets=BudgetStore(engine),
             )
             usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(dashboard), server)
             budget_pb2_grpc.add_BudgetServiceServicer_to_server(

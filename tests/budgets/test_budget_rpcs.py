@@ -21,6 +21,8 @@ from billing.v1 import (
     budget_pb2,
     budget_pb2_grpc,
     types_pb2,
+    usage_pb2,
+    usage_pb2_grpc,
 )
 from billing_service.app import Application
 from billing_service.config import Settings
@@ -42,6 +44,7 @@ class Server:
     billing: billing_pb2_grpc.BillingServiceStub
     admin: admin_pb2_grpc.AdminServiceStub
     budgets: budget_pb2_grpc.BudgetServiceStub
+    usage: usage_pb2_grpc.UsageServiceStub
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -63,6 +66,7 @@ async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
             billing_pb2_grpc.BillingServiceStub(channel),
             admin_pb2_grpc.AdminServiceStub(channel),
             budget_pb2_grpc.BudgetServiceStub(channel),
+            usage_pb2_grpc.UsageServiceStub(channel),
         )
     finally:
         await channel.close()
@@ -353,3 +357,35 @@ async def _expect(call: Any, code: grpc.StatusCode, reason: str) -> None:
         await call
     error = rich_error(raised.value)
     assert (error.code, error.reason) == (code, reason), error.message
+
+
+async def test_the_usage_summary_shows_every_budget_in_its_current_period(server: Server) -> None:
+    await setup(server)
+    for request in (
+        budget_pb2.SetBudgetRequest(request_id=rid(), budget=budget()),
+        budget_pb2.SetBudgetRequest(
+            request_id=rid(),
+            budget=budget("key-1", scope=KEY, period=types_pb2.BUDGET_PERIOD_WEEK),
+        ),
+    ):
+        await server.budgets.SetBudget(request)
+    await server.billing.ReserveCredit(
+        billing_pb2.ReserveCreditRequest(
+            request_id=rid(),
+            tenant_id="acme",
+            user_id="alice",
+            api_key_id="key-1",
+            model="gpt-4o",
+            amount_micros=250_000,
+        )
+    )
+    summary = await server.usage.GetUsageSummary(usage_pb2.GetUsageSummaryRequest(tenant_id="acme"))
+    shown = [
+        (u.budget.scope_id, u.held_micros, u.remaining_micros, u.period_start_time.ToDatetime(UTC))
+        for u in summary.budgets
+    ]
+    assert shown == [
+        # 2026-03-04 is a Wednesday: its week began on Monday the 2nd.
+        ("key-1", 250_000, 750_000, datetime(2026, 3, 2, tzinfo=UTC)),
+        ("alice", 250_000, 750_000, datetime(2026, 3, 4, tzinfo=UTC)),
+    ]

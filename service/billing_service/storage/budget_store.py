@@ -322,6 +322,20 @@ class BudgetStore:
                 await current_usage(conn, _budget_from_row(row), now, lock=False) for row in rows
             ]
 
+    @storage_faults_unavailable
+    async def tenant_budgets(self, tenant_id: str, now: datetime) -> list[BudgetUsage]:
+        """Every budget of a tenant with its use, by scope then scope id."""
+        query = (
+            select(budgets)
+            .where(budgets.c.tenant_id == tenant_id)
+            .order_by(budgets.c.scope, budgets.c.scope_id)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+            return [
+                await current_usage(conn, _budget_from_row(row), now, lock=False) for row in rows
+            ]
+
     async def _prior_request(self, request_id: str) -> tuple[BudgetUsage, str] | None:
         async with self._engine.connect() as conn:
             return await _prior(conn, request_id)
