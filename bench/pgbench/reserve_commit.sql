@@ -9,7 +9,7 @@
 -- `python -m bench.capture_sql` prints the statements the service sends today and their
 -- fingerprint; the harness warns (JSON "pgbench_script.current": false) when that fingerprint
 -- differs from the one below. After updating this file to the new statements, update the line:
--- service-sql-fingerprint: 118cc83dbed57c22
+-- service-sql-fingerprint: 2b2125b1235e334d
 --
 -- It is the benchmark's database floor: the service cannot do this work faster than PostgreSQL
 -- does it for pgbench at the same number of connections. pgbench runs it with -M prepared
@@ -38,13 +38,19 @@ WITH account AS (
     UPDATE tenants
     SET held_micros = held_micros + :amount::BIGINT
     WHERE tenant_id = ('pgb-' || :t)::VARCHAR AND status = 'active' AND (tenants.balance_micros + CASE WHEN tenants.payment_method_on_file THEN tenants.credit_limit_micros ELSE 0 END) - tenants.held_micros >= :amount::BIGINT
+        AND NOT EXISTS (
+            SELECT 1 FROM budgets
+            WHERE budgets.tenant_id = ('pgb-' || :t)::VARCHAR
+                AND ((budgets.scope = 'user' AND budgets.scope_id = 'pgbench'::VARCHAR)
+                    OR (budgets.scope = 'api_key' AND budgets.scope_id = ''::VARCHAR))
+        )
     RETURNING tenant_id, balance_micros, held_micros, (tenants.balance_micros + CASE WHEN tenants.payment_method_on_file THEN tenants.credit_limit_micros ELSE 0 END) - tenants.held_micros AS available_micros
 ), hold AS (
     INSERT INTO holds (
         hold_id, request_id, request_fingerprint, tenant_id, user_id, model, billing,
         input_micros_per_mtok, cached_input_micros_per_mtok, output_micros_per_mtok,
         flat_micros_per_call, amount_micros, status, decision_available_micros,
-        refunded_micros, created_at, expires_at
+        refunded_micros, created_at, expires_at, api_key_id
     )
     SELECT ('pgb' || :run || '-' || :client_id || '-' || :seq)::VARCHAR,
         ('pgbr' || :run || '-' || :client_id || '-' || :seq)::VARCHAR,
@@ -52,7 +58,7 @@ WITH account AS (
         account.tenant_id, 'pgbench'::VARCHAR, 'bench-metered'::VARCHAR,
         'metered', 1000000::BIGINT, 500000::BIGINT, 2000000::BIGINT, 0::BIGINT,
         :amount::BIGINT, 'open', account.available_micros, 0, now(),
-        now() + interval '300 seconds'
+        now() + interval '300 seconds', ''::VARCHAR
     FROM account
     RETURNING hold_id
 )
@@ -69,7 +75,7 @@ RETURNING available_after_micros \gset
 WITH claimed AS (
     UPDATE holds
     SET status = 'committed', settled_at = now()
-    WHERE hold_id = ('pgb' || :run || '-' || :client_id || '-' || :seq)::VARCHAR AND status = 'open' AND expires_at > now()
+    WHERE hold_id = ('pgb' || :run || '-' || :client_id || '-' || :seq)::VARCHAR AND status = 'open' AND expires_at > now() AND budgets IS NULL
     RETURNING hold_id, tenant_id, user_id, model, billing, amount_micros, created_at,
         flat_micros_per_call + (
         1000::BIGINT * input_micros_per_mtok

@@ -135,9 +135,9 @@ class LedgerStore:
         try:
             if self._postgres and hold.metered:
                 async with self._autocommit.connect() as conn:
-                    available = await postgres_hot_path.reserve(conn, hold)
-                if available is not None:
-                    return replace(hold, decision_available_micros=available)
+                    taken = await postgres_hot_path.reserve(conn, hold)
+                if taken is not None:
+                    return taken
             async with transaction(self._engine) as conn:
                 return await _place_hold(conn, hold, create_with_limit, defer_credit_denial)
         except IntegrityError:
