@@ -73,6 +73,8 @@ WITH applying AS (
     SELECT account.tenant_id, seen.scope, seen.scope_id, seen.period_start, 0, :amount_micros
     FROM account, seen
     WHERE :amount_micros <= seen.limit_micros
+    -- The user's row before the API key's, like the general transaction: no lock cycle.
+    ORDER BY seen.scope DESC
     ON CONFLICT (tenant_id, scope, scope_id, period_start) DO UPDATE
     SET held_micros = p.held_micros + EXCLUDED.held_micros
     WHERE p.spent_micros + p.held_micros + EXCLUDED.held_micros <= (
