@@ -17,13 +17,15 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("holds") as batch:
-        batch.add_column(
-            sa.Column(
-                "api_key_id", sa.String(length=128), server_default=sa.text("''"), nullable=False
-            )
-        )
-        batch.add_column(sa.Column("budgets", sa.Text(), nullable=True))
+    # Plain ADD COLUMN (a default, or nullable): SQLite adds it in place, without copying holds,
+    # which other tables reference.
+    op.add_column(
+        "holds",
+        sa.Column(
+            "api_key_id", sa.String(length=128), server_default=sa.text("''"), nullable=False
+        ),
+    )
+    op.add_column("holds", sa.Column("budgets", sa.Text(), nullable=True))
     op.create_table(
         "budgets",
         sa.Column("tenant_id", sa.String(length=128), nullable=False),
