@@ -144,7 +144,9 @@ async def test_summary_reports_the_account_and_the_share_of_the_limit_used(
     # 350,009 of 1,000,000,000 micros: 3.50009 basis points, rounded down.
     assert record.charged_micros == 350_009
     assert answer.limit_used_basis_points == 3
-    assert not answer.HasField("billing_profile")
+    # The payments side's profile: this tenant never saved a card.
+    assert answer.billing_profile.tenant_id == "acme"
+    assert not answer.billing_profile.HasField("payment_method")
     assert not answer.by_user_truncated
 
 
