@@ -24,15 +24,19 @@ from billing.v1 import (
     admin_pb2_grpc,
     billing_pb2,
     billing_pb2_grpc,
+    budget_pb2,
+    budget_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
 )
 from billing_service.api.account_servicer import AccountServicer, BillingProfileMessages
+from billing_service.api.budget_servicer import BudgetServicer
 from billing_service.api.interceptors import CallGuard
 from billing_service.api.reflection import enable_reflection
 from billing_service.api.servicers import AdminServicer, BillingServicer
 from billing_service.api.transport import exposure_warning, listen, server_options
 from billing_service.api.usage_servicer import UsageServicer
+from billing_service.budget_core import BudgetCore
 from billing_service.config import Settings, load_price_table
 from billing_service.core import BillingCore, Clock, utc_now
 from billing_service.domain.errors import Unavailable
@@ -47,6 +51,7 @@ from billing_service.payments.stripe_gateway import StripeGateway
 from billing_service.payments.webhooks import WebhookServer, start_webhook_server
 from billing_service.readiness import Readiness
 from billing_service.security import load_authenticator, server_credentials
+from billing_service.storage.budget_store import BudgetStore
 from billing_service.storage.database import create_engine
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.migrations import migrate
@@ -62,6 +67,7 @@ SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    budget_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name,
 )
 
 # Releases at most this many expired holds per sweep transaction batch.
@@ -131,9 +137,15 @@ class Application:
             admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(core, account), server)
             account_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(account), server)
             dashboard = UsageDashboard[account_pb2.BillingProfile](
-                UsageStore(engine), clock, billing_profiles=BillingProfileMessages(account)
+                UsageStore(engine),
+                clock,
+                billing_profiles=BillingProfileMessages(account),
+                budgets=BudgetStore(engine),
             )
             usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(dashboard), server)
+            budget_pb2_grpc.add_BudgetServiceServicer_to_server(
+                BudgetServicer(BudgetCore(BudgetStore(engine), clock)), server
+            )
             health_servicer = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             if settings.reflection:

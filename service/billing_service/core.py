@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
+from billing_service.domain.budgets import BudgetScope, BudgetUsage
 from billing_service.domain.commands import (
     CheckAccess,
     Commit,
@@ -40,7 +41,13 @@ from billing_service.domain.outcomes import (
     TenantOutcome,
 )
 from billing_service.domain.payments import TopUpAttempt
-from billing_service.domain.policy import Decision, decide, denial
+from billing_service.domain.policy import (
+    Decision,
+    budget_denial,
+    decide,
+    denial,
+    within_budgets,
+)
 from billing_service.domain.pricing import ModelBilling, ModelPrice, PriceTable
 
 Clock = Callable[[], datetime]
@@ -58,6 +65,10 @@ class LedgerPort(Protocol):
     """What the core needs from storage; each call is one transaction."""
 
     async def get_account(self, tenant_id: str) -> Account | None: ...
+
+    async def budget_usages(
+        self, tenant_id: str, user_id: str, api_key_id: str, now: datetime
+    ) -> tuple[BudgetUsage, ...]: ...
 
     async def place_hold(
         self,
@@ -155,7 +166,13 @@ class BillingCore:
                 if estimate is not None
                 else price.hold_micros(0, 0)
             )
-        return decide(account, command.model, price, required)
+        decision = decide(account, command.model, price, required)
+        if not (command.user_id or command.api_key_id):
+            return decision
+        usages = await self._ledger.budget_usages(
+            command.tenant_id, command.user_id, command.api_key_id, self._clock()
+        )
+        return within_budgets(decision, usages)
 
     async def reserve(self, command: Reserve, wait_s: float = 0.0) -> ReserveResult:
         """wait_s: how long a reservation without room may wait for a card top-up."""
@@ -171,6 +188,7 @@ class BillingCore:
             request_fingerprint=request_fingerprint,
             tenant_id=command.tenant_id,
             user_id=command.user_id,
+            api_key_id=command.api_key_id,
             model=command.model,
             price=price,
             amount_micros=_hold_amount(command, price),
@@ -301,6 +319,10 @@ def _reserve_result(hold: Hold) -> ReserveResult:
         decision = denial(
             reason, hold.model, hold.decision_available_micros, billing, hold.amount_micros
         )
+        decision = replace(decision, budgets=hold.budgets)
+        exhausted = _exhausted_budget(hold)
+        if exhausted is not None:
+            decision = budget_denial(decision, exhausted)
         return ReserveResult(decision, None)
     decision = Decision(
         allowed=True,
@@ -309,10 +331,19 @@ def _reserve_result(hold: Hold) -> ReserveResult:
         available_micros=hold.decision_available_micros,
         billing=billing,
         required_micros=hold.amount_micros,
+        budgets=hold.budgets,
     )
     # A retry replays the grant as it was given, whatever happened to the hold since.
     as_granted = replace(hold, status=HoldStatus.OPEN, settled_at=None, refunded_micros=0)
     return ReserveResult(decision, as_granted)
+
+
+def _exhausted_budget(hold: Hold) -> BudgetUsage | None:
+    scope = {
+        DenialReason.USER_BUDGET_EXHAUSTED: BudgetScope.USER,
+        DenialReason.API_KEY_BUDGET_EXHAUSTED: BudgetScope.API_KEY,
+    }.get(hold.denial_reason or DenialReason.CREDIT_LIMIT_REACHED)
+    return next((usage for usage in hold.budgets if usage.budget.scope is scope), None)
 
 
 def _checked(outcome: TenantOutcome, request_fingerprint: str, request_id: str) -> TenantOutcome:

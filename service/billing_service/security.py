@@ -6,7 +6,8 @@ role may call some services:
 
     chat-service     billing.v1.BillingService
     operator         every service
-    product-backend  the tenant-facing services (billing.v1.AccountService, billing.v1.UsageService)
+    product-backend  the tenant-facing services (billing.v1.AccountService, billing.v1.UsageService,
+                     billing.v1.BudgetService)
 
 Health and reflection are open to everyone, so probes and debugging tools need no credentials.
 With no token and no client CA configured, authentication is off (local development, sidecars
@@ -48,7 +49,7 @@ BILLING_SERVICE = "billing.v1.BillingService"
 
 # The tenant-facing services (usage dashboard, payment methods).
 TENANT_FACING_SERVICES: frozenset[str] = frozenset(
-    {"billing.v1.AccountService", "billing.v1.UsageService"}
+    {"billing.v1.AccountService", "billing.v1.UsageService", "billing.v1.BudgetService"}
 )
 
 OPEN_SERVICES = frozenset(

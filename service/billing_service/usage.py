@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
+from billing_service.domain.budgets import BudgetUsage
 from billing_service.domain.commands import check_id
 from billing_service.domain.errors import ErrorReason, InvalidArgument, NotFound
 from billing_service.domain.model import Account, UsageRecord
@@ -118,6 +119,8 @@ class UsageSummary(Generic[ProfileT]):
     period: Period
     usage: PeriodUsage
     billing_profile: ProfileT | None
+    # Every budget of the tenant with its use in its own current period.
+    budgets: tuple[BudgetUsage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +193,10 @@ class UsagePort(Protocol):
     ) -> Sequence[LedgerEntryView]: ...
 
 
+class TenantBudgets(Protocol):
+    async def tenant_budgets(self, tenant_id: str, now: datetime) -> list[BudgetUsage]: ...
+
+
 class BillingProfiles(Protocol[ProfileT_co]):
     """The card, billing status and top-up settings of a tenant (the payments side)."""
 
@@ -206,10 +213,12 @@ class UsageDashboard(Generic[ProfileT]):
         store: UsagePort,
         clock: Clock = utc_now,
         billing_profiles: BillingProfiles[ProfileT] | None = None,
+        budgets: TenantBudgets | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
         self._billing_profiles = billing_profiles
+        self._budgets = budgets
 
     async def summary(
         self, tenant_id: str, start: datetime | None, end: datetime | None
@@ -223,7 +232,12 @@ class UsageDashboard(Generic[ProfileT]):
         profile = None
         if self._billing_profiles is not None:
             profile = await self._billing_profiles.billing_profile(tenant_id)
-        return UsageSummary(account, limit_used_basis_points(account), period, usage, profile)
+        budgets: tuple[BudgetUsage, ...] = ()
+        if self._budgets is not None:
+            budgets = tuple(await self._budgets.tenant_budgets(tenant_id, self._clock()))
+        return UsageSummary(
+            account, limit_used_basis_points(account), period, usage, profile, budgets
+        )
 
     async def usage_records(
         self, where: UsageFilter, page_size: int, page_token: str

@@ -38,6 +38,7 @@ METHODS = {
         "ListLedgerEntries",
         "ExportUsageCsv",
     ],
+    "billing.v1.BudgetService": ["SetBudget", "GetBudget", "ListBudgets", "DeleteBudget"],
 }
 
 

@@ -7,15 +7,17 @@ a bug in the audit's own query cannot hide a bug in the ledger.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing_service.storage.audit import audit_ledger
+from billing_service.storage.budget_store import usages_from_json
 from billing_service.storage.tables import (
     admin_requests,
+    budget_periods,
     holds,
     ledger_entries,
     tenants,
@@ -33,6 +35,7 @@ class Tables:
     entries: list[Any]
     holds: list[Any]
     usage: dict[str, Any]
+    budget_periods: list[Any] = field(default_factory=list)
 
 
 async def read_tables(engine: AsyncEngine) -> Tables:
@@ -43,7 +46,8 @@ async def read_tables(engine: AsyncEngine) -> Tables:
         )
         hold_rows = list(await conn.execute(select(holds)))
         usage_rows = {row.hold_id: row for row in await conn.execute(select(usage_records))}
-    return Tables(tenant_rows, entry_rows, hold_rows, usage_rows)
+        period_rows = list(await conn.execute(select(budget_periods)))
+    return Tables(tenant_rows, entry_rows, hold_rows, usage_rows, period_rows)
 
 
 async def ledger_problems(engine: AsyncEngine, *, cap: bool = True) -> list[str]:
@@ -116,6 +120,38 @@ def table_problems(tables: Tables, *, cap: bool = True) -> list[str]:
         problems.extend(_hold_problems(hold, entries_by_hold[hold.hold_id], usage_rows))
     for hold_id in set(usage_rows) - {h.hold_id for h in hold_rows if h.status == "committed"}:
         problems.append(f"usage record {hold_id} without a committed hold")
+    problems.extend(budget_problems(tables))
+    return problems
+
+
+def budget_problems(tables: Tables) -> list[str]:
+    """Each budget period's spent is the charges less refunds of the usage records of the holds
+    that took from it, and its held the amounts of those still open."""
+    spent: dict[tuple[Any, ...], int] = defaultdict(int)
+    held: dict[tuple[Any, ...], int] = defaultdict(int)
+    for hold in tables.holds:
+        if hold.status == "denied" or hold.billing != "metered":
+            continue
+        for usage in usages_from_json(hold.budgets):
+            budget = usage.budget
+            key = (budget.tenant_id, budget.scope.value, budget.scope_id, usage.period_start)
+            if hold.status == "open":
+                held[key] += hold.amount_micros
+            record = tables.usage.get(hold.hold_id)
+            if record is not None:
+                spent[key] += record.charged_micros - hold.refunded_micros
+    problems = []
+    stored = {
+        (row.tenant_id, row.scope, row.scope_id, row.period_start): (
+            row.spent_micros,
+            row.held_micros,
+        )
+        for row in tables.budget_periods
+    }
+    for key in set(spent) | set(held) | set(stored):
+        expected = (spent.get(key, 0), held.get(key, 0))
+        if stored.get(key, (0, 0)) != expected:
+            problems.append(f"budget period {key}: stored {stored.get(key)}, holds say {expected}")
     return problems
 
 

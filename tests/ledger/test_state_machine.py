@@ -33,10 +33,20 @@ from hypothesis.stateful import (
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from billing_service.budget_core import BudgetCore
 from billing_service.core import BillingCore, CoreSettings, ReserveResult
+from billing_service.domain.budgets import (
+    DENIAL_REASONS,
+    Budget,
+    BudgetPeriod,
+    BudgetScope,
+    BudgetUsage,
+    DeleteBudget,
+    SetBudget,
+    period_start,
+)
 from billing_service.domain.commands import (
     CheckAccess,
-    Command,
     Commit,
     CreateTenant,
     GrantCredit,
@@ -58,13 +68,17 @@ from billing_service.domain.model import (
     TenantStatus,
 )
 from billing_service.domain.outcomes import CommitOutcome, GrantOutcome, RefundOutcome
-from billing_service.domain.policy import Decision, decide, denial
+from billing_service.domain.policy import Decision, budget_denial, decide, denial, within_budgets
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
 from billing_service.storage.audit import audit_ledger
+from billing_service.storage.budget_store import BudgetStore
 from billing_service.storage.database import create_engine
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.tables import (
     admin_requests,
+    budget_periods,
+    budget_requests,
+    budgets,
     holds,
     ledger_entries,
     tenants,
@@ -102,6 +116,11 @@ ttls = st.sampled_from([None, timedelta(seconds=1), timedelta(seconds=30), timed
 limits = st.sampled_from([0, 300_000, DEFAULT_LIMIT, 2_000_000, 5_000_000])
 tenant_ids = st.sampled_from(TENANTS)
 CAP = -1  # a commit costing more than the hold and all the credit left
+# Who a call is for: (user_id, api_key_id); budgets are set on "u1" and "k1".
+callers = st.sampled_from([("user", ""), ("u1", ""), ("user", "k1"), ("u1", "k1")])
+budget_scopes = st.sampled_from([(BudgetScope.USER, "u1"), (BudgetScope.API_KEY, "k1")])
+BudgetKey = tuple[str, BudgetScope, str]
+PeriodKey = tuple[str, str, str, datetime]
 
 
 @dataclass
@@ -140,6 +159,8 @@ class HoldModel:
     status: HoldStatus = HoldStatus.OPEN
     charged: int = 0
     refunded: int = 0
+    # The budget periods it took from, each with the budget's limit at the decision.
+    periods: tuple[tuple[PeriodKey, int], ...] = ()
 
     @property
     def metered(self) -> bool:
@@ -154,7 +175,7 @@ def first_answer(answer: object) -> object:
     return answer
 
 
-def reused(command: Command) -> Command:
+def reused(command: Any) -> Any:
     """The same request_id with other content."""
     if isinstance(command, Reserve):
         return replace(command, user_id=command.user_id + "x")
@@ -163,6 +184,10 @@ def reused(command: Command) -> Command:
         return replace(command, usage=replace(usage, input_tokens=usage.input_tokens + 1))
     if isinstance(command, Refund | GrantCredit):
         return replace(command, reason=command.reason + "x")
+    if isinstance(command, SetBudget):
+        return replace(command, limit_micros=command.limit_micros + 1)
+    if isinstance(command, DeleteBudget):
+        return replace(command, scope_id=command.scope_id + "x")
     if isinstance(command, CreateTenant):
         return replace(command, credit_limit_micros=(command.credit_limit_micros or 0) + 1)
     return replace(command, payment_method_on_file=not command.payment_method_on_file)
@@ -185,10 +210,14 @@ class LedgerMachine(RuleBasedStateMachine):
             CoreSettings(default_credit_limit_micros=DEFAULT_LIMIT),
             self.clock,
         )
+        self.budget_core = BudgetCore(BudgetStore(self.engine), self.clock)
         self.tenants: dict[str, TenantModel] = {}
+        self.budgets: dict[BudgetKey, tuple[int, BudgetPeriod]] = {}
+        # Spent and held per budget period (the tables' budget_periods).
+        self.periods: dict[PeriodKey, list[int]] = {}
         self.holds: dict[str, HoldModel] = {}
         # Every call that returned an answer (denials included), to replay it.
-        self.done: list[tuple[Command, object]] = []
+        self.done: list[tuple[Any, object]] = []
         self.numbers = 0
         self.last_entry_id = 0
 
@@ -207,7 +236,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.numbers += 1
         return f"{kind}-{self.numbers}"
 
-    def call(self, command: Command, *, remember: bool = True) -> object:
+    def call(self, command: Any, *, remember: bool = True) -> object:
         """Runs a mutating command; returns its answer or the BillingError it raised."""
         core = self.core
         method: Any = {
@@ -217,6 +246,8 @@ class LedgerMachine(RuleBasedStateMachine):
             GrantCredit: core.grant_credit,
             CreateTenant: core.create_tenant,
             UpdateTenant: core.update_tenant,
+            SetBudget: self.budget_core.set_budget,
+            DeleteBudget: self.budget_core.delete_budget,
         }[type(command)]
         try:
             answer: object = self.run(method(command))
@@ -251,10 +282,17 @@ class LedgerMachine(RuleBasedStateMachine):
     # Rules
 
     @rule(
-        target=granted, tenant_id=tenant_ids, model=st.sampled_from(MODELS), size=amounts, ttl=ttls
+        target=granted,
+        tenant_id=tenant_ids,
+        model=st.sampled_from(MODELS),
+        size=amounts,
+        ttl=ttls,
+        caller=callers,
     )
-    def reserve_amount(self, tenant_id: str, model: str, size: int, ttl: timedelta | None) -> Any:
-        return self.reserve(tenant_id, model, size, ttl)
+    def reserve_amount(
+        self, tenant_id: str, model: str, size: int, ttl: timedelta | None, caller: tuple[str, str]
+    ) -> Any:
+        return self.reserve(tenant_id, model, size, ttl, caller)
 
     @rule(
         target=granted,
@@ -262,11 +300,17 @@ class LedgerMachine(RuleBasedStateMachine):
         model=st.sampled_from(MODELS),
         size=estimates,
         ttl=ttls,
+        caller=callers,
     )
     def reserve_estimate(
-        self, tenant_id: str, model: str, size: QueryEstimate, ttl: timedelta | None
+        self,
+        tenant_id: str,
+        model: str,
+        size: QueryEstimate,
+        ttl: timedelta | None,
+        caller: tuple[str, str],
     ) -> Any:
-        return self.reserve(tenant_id, model, size, ttl)
+        return self.reserve(tenant_id, model, size, ttl, caller)
 
     @rule(
         target=granted,
@@ -275,25 +319,45 @@ class LedgerMachine(RuleBasedStateMachine):
         size=st.one_of(amounts, estimates),
         share=st.sampled_from([0, 50, 100, 120, 300, CAP, CAP]),
         cached=st.integers(0, 20),
+        caller=callers,
     )
     def query(
-        self, tenant_id: str, model: str, size: int | QueryEstimate, share: int, cached: int
+        self,
+        tenant_id: str,
+        model: str,
+        size: int | QueryEstimate,
+        share: int,
+        cached: int,
+        caller: tuple[str, str],
     ) -> Any:
         """A model call: reserve, then commit what it really used (maybe more than held)."""
-        hold_id = self.reserve(tenant_id, model, size, None)
+        hold_id = self.reserve(tenant_id, model, size, None, caller)
         if isinstance(hold_id, str):
             self.commit(hold_id, share, cached)
         return hold_id
 
     def reserve(
-        self, tenant_id: str, model: str, size: int | QueryEstimate, ttl: timedelta | None
+        self,
+        tenant_id: str,
+        model: str,
+        size: int | QueryEstimate,
+        ttl: timedelta | None,
+        caller: tuple[str, str],
     ) -> Any:
         estimate = size if isinstance(size, QueryEstimate) else None
         amount = size if isinstance(size, int) else None
+        user_id, api_key_id = caller
         command = Reserve(
-            self.request_id("reserve"), tenant_id, "user", model, estimate, amount, ttl
+            self.request_id("reserve"),
+            tenant_id,
+            user_id,
+            model,
+            estimate,
+            amount,
+            ttl,
+            api_key_id=api_key_id,
         )
-        advice = self.check_access(tenant_id, model, estimate)
+        advice = self.check_access(tenant_id, model, estimate, caller)
         answer = self.call(command)
 
         now = self.clock.now
@@ -318,6 +382,13 @@ class LedgerMachine(RuleBasedStateMachine):
             reason = DenialReason.CREDIT_LIMIT_REACHED
         else:
             reason = DenialReason.PAYMENT_METHOD_REQUIRED
+        usages = self.usages(tenant_id, caller)
+        exhausted = None
+        if reason is None and price.billing is ModelBilling.METERED:
+            exhausted = next((u for u in usages if u.remaining_micros < required), None)
+            if exhausted is not None:
+                reason = DENIAL_REASONS[exhausted.budget.scope]
+                event(f"reserve: {reason}")
 
         assert isinstance(answer, ReserveResult), answer
         event(f"reserve: {reason or 'granted'}")
@@ -325,15 +396,24 @@ class LedgerMachine(RuleBasedStateMachine):
             # Served one at a time, the advice read just before is the decision.
             assert (advice.allowed, advice.reason) == (reason is None, reason)
         if reason is not None:
-            assert answer == ReserveResult(
-                denial(reason, model, available, price.billing, required), None
+            expected = replace(
+                denial(reason, model, available, price.billing, required), budgets=usages
             )
+            if exhausted is not None:
+                expected = budget_denial(expected, exhausted)
+            assert answer == ReserveResult(expected, None)
             return multiple()
         # Granted: a metered hold always fits in the credit available before it.
         assert required == 0 or required <= available
         tenant.held += required
+        taken: tuple[tuple[PeriodKey, int], ...] = ()
+        if price.billing is ModelBilling.METERED:
+            usages = tuple(usage.after_hold(required) for usage in usages)
+            taken = tuple(
+                (self.take(usage, held=required), usage.budget.limit_micros) for usage in usages
+            )
         assert answer.decision == Decision(
-            True, None, "", tenant.available, price.billing, required
+            True, None, "", tenant.available, price.billing, required, usages
         )
         hold = answer.hold
         assert hold is not None
@@ -344,8 +424,73 @@ class LedgerMachine(RuleBasedStateMachine):
             required,
             expires_at,
         )
-        self.holds[hold.hold_id] = HoldModel(tenant_id, price, required, expires_at)
+        self.holds[hold.hold_id] = HoldModel(tenant_id, price, required, expires_at, periods=taken)
         return hold.hold_id
+
+    def usages(self, tenant_id: str, caller: tuple[str, str]) -> tuple[BudgetUsage, ...]:
+        """The budgets of a call as the model sees them now, user first."""
+        found = []
+        for scope, scope_id in zip((BudgetScope.USER, BudgetScope.API_KEY), caller, strict=True):
+            setting = self.budgets.get((tenant_id, scope, scope_id))
+            if not scope_id or setting is None:
+                continue
+            limit, period = setting
+            start = period_start(period, self.clock.now)
+            spent, held = self.periods.get((tenant_id, scope.value, scope_id, start), [0, 0])
+            found.append(
+                BudgetUsage(Budget(tenant_id, scope, scope_id, limit, period), start, spent, held)
+            )
+        return tuple(found)
+
+    def take(self, usage: BudgetUsage, *, held: int) -> PeriodKey:
+        budget = usage.budget
+        key = (budget.tenant_id, budget.scope.value, budget.scope_id, usage.period_start)
+        self.periods.setdefault(key, [0, 0])[1] += held
+        return key
+
+    def move(self, hold: HoldModel, *, spent: int = 0, held: int = 0) -> None:
+        for key, _ in hold.periods:
+            self.periods[key][0] += spent
+            self.periods[key][1] += held
+
+    @rule(
+        tenant_id=tenant_ids,
+        scope=budget_scopes,
+        limit=st.sampled_from([1, 200_000, 1_000_000, 3_000_000]),
+        period=st.sampled_from(list(BudgetPeriod)),
+    )
+    def set_budget(
+        self, tenant_id: str, scope: tuple[BudgetScope, str], limit: int, period: BudgetPeriod
+    ) -> None:
+        command = SetBudget(self.request_id("budget"), tenant_id, *scope, limit, period)
+        answer = self.call(command)
+        if tenant_id not in self.tenants:
+            return self.expect_error(answer, ErrorReason.TENANT_NOT_FOUND)
+        self.budgets[(tenant_id, *scope)] = (limit, period)
+        event("set budget")
+        assert answer == self.usages(tenant_id, _caller_of(*scope))[0]
+
+    @initialize(
+        user_limit=st.sampled_from([200_000, 1_000_000, 1_500_000]),
+        key_limit=st.sampled_from([250_000, 2_000_000]),
+        period=st.sampled_from(list(BudgetPeriod)),
+    )
+    def set_first_budgets(self, user_limit: int, key_limit: int, period: BudgetPeriod) -> None:
+        """Budgets from the start, so most sequences run into them."""
+        self.set_budget("t0", (BudgetScope.USER, "u1"), user_limit, period)
+        self.set_budget("t0", (BudgetScope.API_KEY, "k1"), key_limit, BudgetPeriod.DAY)
+
+    @rule(tenant_id=tenant_ids, scope=budget_scopes)
+    def delete_budget(self, tenant_id: str, scope: tuple[BudgetScope, str]) -> None:
+        command = DeleteBudget(self.request_id("unbudget"), tenant_id, *scope)
+        answer = self.call(command)
+        if tenant_id not in self.tenants:
+            return self.expect_error(answer, ErrorReason.TENANT_NOT_FOUND)
+        if (tenant_id, *scope) not in self.budgets:
+            return self.expect_error(answer, ErrorReason.BUDGET_NOT_FOUND)
+        assert answer == self.usages(tenant_id, _caller_of(*scope))[0]
+        del self.budgets[(tenant_id, *scope)]
+        event("delete budget")
 
     @rule(hold_id=granted, share=st.sampled_from([0, 50, 100]), cached=st.integers(0, 20))
     def commit_within(self, hold_id: str, share: int, cached: int) -> None:
@@ -376,8 +521,15 @@ class LedgerMachine(RuleBasedStateMachine):
         cost = hold.price.cost_micros(usage)
         charged = uncollected = 0
         if hold.metered:
-            settlement = settle(_domain_hold(hold_id, hold), cost, tenant.available)
+            room = min(
+                (
+                    tenant.available,
+                    *(limit - sum(self.periods[key]) for key, limit in hold.periods),
+                )
+            )
+            settlement = settle(_domain_hold(hold_id, hold), cost, room)
             charged, uncollected = settlement.charged_micros, settlement.uncollected_micros
+            self.move(hold, spent=charged, held=-hold.amount)
             was_within_cap = tenant.available >= 0
             tenant.balance -= charged
             tenant.held -= hold.amount
@@ -422,6 +574,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 return self.expect_error(answer, ErrorReason.REFUND_EXCEEDS_CHARGE)
             hold.refunded += given
             tenant.balance += given
+            self.move(hold, spent=-given)
             expected = RefundOutcome(
                 EntryKind.REFUND, given, tenant.available, hold.refunded, fingerprint(command)
             )
@@ -435,6 +588,8 @@ class LedgerMachine(RuleBasedStateMachine):
             # An open hold, even one past its expire time that is not swept yet, is released.
             hold.status = HoldStatus.RELEASED
             tenant.held -= hold.amount
+            if hold.metered:
+                self.move(hold, held=-hold.amount)
             expected = RefundOutcome(
                 EntryKind.RELEASE, hold.amount, tenant.available, 0, fingerprint(command)
             )
@@ -501,7 +656,10 @@ class LedgerMachine(RuleBasedStateMachine):
         self.tenants[tenant_id] = tenant
         assert answer == tenant.account(tenant_id)
 
-    @rule(seconds=st.sampled_from([1, 29, 31, 299, 301, 601]), sweep=st.booleans())
+    @rule(
+        seconds=st.sampled_from([1, 29, 31, 299, 301, 601, 6 * 3600, 3 * 86_400, 31 * 86_400]),
+        sweep=st.booleans(),
+    )
     def advance_clock(self, seconds: int, sweep: bool) -> None:
         """Time passes; the sweeper may or may not run (a due hold can wait for it)."""
         self.clock.advance(seconds=seconds)
@@ -517,10 +675,19 @@ class LedgerMachine(RuleBasedStateMachine):
         for hold in due:
             hold.status = HoldStatus.EXPIRED
             self.tenants[hold.tenant_id].held -= hold.amount
+            if hold.metered:
+                self.move(hold, held=-hold.amount)
 
-    def check_access(self, tenant_id: str, model: str, estimate: QueryEstimate | None) -> Decision:
+    def check_access(
+        self,
+        tenant_id: str,
+        model: str,
+        estimate: QueryEstimate | None,
+        caller: tuple[str, str],
+    ) -> Decision:
         """CheckAccess, which must answer what the model decides (and change nothing)."""
-        decision = self.run(self.core.check_access(CheckAccess(tenant_id, model, estimate)))
+        command = CheckAccess(tenant_id, model, estimate, *caller)
+        decision = self.run(self.core.check_access(command))
         assert isinstance(decision, Decision)
         tenant = self.tenants.get(tenant_id, TenantModel(DEFAULT_LIMIT, card=False))
         price = PRICES.get(model)
@@ -528,7 +695,8 @@ class LedgerMachine(RuleBasedStateMachine):
         if price is not None:
             size = estimate or QueryEstimate(0, 0)
             required = price.hold_micros(size.input_tokens, size.max_output_tokens)
-        assert decision == decide(tenant.account(tenant_id), model, price, required)
+        advice = decide(tenant.account(tenant_id), model, price, required)
+        assert decision == within_budgets(advice, self.usages(tenant_id, caller))
         return decision
 
     @precondition(lambda self: bool(self.done))
@@ -594,6 +762,19 @@ class LedgerMachine(RuleBasedStateMachine):
         assert stored_holds == {
             hold_id: (hold.status, hold.refunded) for hold_id, hold in self.holds.items()
         }
+        stored_periods = {
+            (row.tenant_id, row.scope, row.scope_id, row.period_start): [
+                row.spent_micros,
+                row.held_micros,
+            ]
+            for row in tables.budget_periods
+            if row.spent_micros or row.held_micros
+        }
+        assert stored_periods == {key: use for key, use in self.periods.items() if any(use)}
+
+
+def _caller_of(scope: BudgetScope, scope_id: str) -> tuple[str, str]:
+    return (scope_id, "") if scope is BudgetScope.USER else ("", scope_id)
 
 
 def _domain_hold(hold_id: str, hold: HoldModel) -> Hold:
@@ -615,7 +796,17 @@ def _domain_hold(hold_id: str, hold: HoldModel) -> Hold:
 
 async def _reset(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
-        tables = (usage_rollups, usage_records, ledger_entries, holds, admin_requests, tenants)
+        tables = (
+            usage_rollups,
+            usage_records,
+            ledger_entries,
+            holds,
+            admin_requests,
+            budget_requests,
+            budget_periods,
+            budgets,
+            tenants,
+        )
         for table in tables:
             await conn.execute(delete(table))
 

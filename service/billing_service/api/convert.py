@@ -6,8 +6,8 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from billing.v1 import admin_pb2, billing_pb2, types_pb2
-from billing_service.domain import commands
+from billing.v1 import admin_pb2, billing_pb2, budget_pb2, types_pb2
+from billing_service.domain import budgets, commands
 from billing_service.domain.ledger import EntryKind
 from billing_service.domain.model import (
     Account,
@@ -34,7 +34,21 @@ _DENIAL_REASONS = {
     DenialReason.PAYMENT_ACTION_REQUIRED: types_pb2.DENIAL_REASON_PAYMENT_ACTION_REQUIRED,
     DenialReason.PAYMENT_DISPUTED: types_pb2.DENIAL_REASON_PAYMENT_DISPUTED,
     DenialReason.TOP_UP_LIMIT_REACHED: types_pb2.DENIAL_REASON_TOP_UP_LIMIT_REACHED,
+    DenialReason.USER_BUDGET_EXHAUSTED: types_pb2.DENIAL_REASON_USER_BUDGET_EXHAUSTED,
+    DenialReason.API_KEY_BUDGET_EXHAUSTED: types_pb2.DENIAL_REASON_API_KEY_BUDGET_EXHAUSTED,
 }
+_BUDGET_SCOPES = {
+    budgets.BudgetScope.USER: types_pb2.BUDGET_SCOPE_USER,
+    budgets.BudgetScope.API_KEY: types_pb2.BUDGET_SCOPE_API_KEY,
+}
+BUDGET_SCOPES_IN = {value: key for key, value in _BUDGET_SCOPES.items()}
+_BUDGET_PERIODS = {
+    budgets.BudgetPeriod.DAY: types_pb2.BUDGET_PERIOD_DAY,
+    budgets.BudgetPeriod.WEEK: types_pb2.BUDGET_PERIOD_WEEK,
+    budgets.BudgetPeriod.MONTH: types_pb2.BUDGET_PERIOD_MONTH,
+    budgets.BudgetPeriod.NONE: types_pb2.BUDGET_PERIOD_NONE,
+}
+_BUDGET_PERIODS_IN = {value: key for key, value in _BUDGET_PERIODS.items()}
 BILLING_STATUSES = {
     BillingStatus.GOOD_STANDING: types_pb2.BILLING_STATUS_GOOD_STANDING,
     BillingStatus.PAYMENT_FAILED: types_pb2.BILLING_STATUS_PAYMENT_FAILED,
@@ -81,7 +95,9 @@ def timestamp(value: datetime | None) -> Timestamp | None:
 
 def check_access(request: billing_pb2.CheckAccessRequest) -> commands.CheckAccess:
     estimate = _estimate(request.estimate) if request.HasField("estimate") else None
-    return commands.CheckAccess(request.tenant_id, request.model, estimate)
+    return commands.CheckAccess(
+        request.tenant_id, request.model, estimate, request.user_id, request.api_key_id
+    )
 
 
 def reserve(request: billing_pb2.ReserveCreditRequest) -> commands.Reserve:
@@ -94,6 +110,7 @@ def reserve(request: billing_pb2.ReserveCreditRequest) -> commands.Reserve:
         estimate=_estimate(request.estimate) if size == "estimate" else None,
         amount_micros=request.amount_micros if size == "amount_micros" else None,
         ttl=request.ttl.ToTimedelta() if request.HasField("ttl") else None,
+        api_key_id=request.api_key_id,
     )
 
 
@@ -159,6 +176,47 @@ def decision(value: Decision) -> types_pb2.Decision:
         available_credit_micros=value.available_micros,
         model_billing=_BILLINGS[value.billing],
         required_micros=value.required_micros,
+        budgets=[budget_usage(usage) for usage in value.budgets],
+        exhausted_budget=(
+            None if value.exhausted_budget is None else budget_usage(value.exhausted_budget)
+        ),
+    )
+
+
+def set_budget(request: budget_pb2.SetBudgetRequest) -> budgets.SetBudget:
+    budget = request.budget
+    return budgets.SetBudget(
+        request_id=request.request_id,
+        tenant_id=budget.tenant_id,
+        scope=BUDGET_SCOPES_IN.get(budget.scope),
+        scope_id=budget.scope_id,
+        limit_micros=budget.limit_micros,
+        period=_BUDGET_PERIODS_IN.get(budget.period),
+    )
+
+
+def delete_budget(request: budget_pb2.DeleteBudgetRequest) -> budgets.DeleteBudget:
+    return budgets.DeleteBudget(
+        request.request_id, request.tenant_id, BUDGET_SCOPES_IN.get(request.scope), request.scope_id
+    )
+
+
+def budget_usage(usage: budgets.BudgetUsage) -> types_pb2.BudgetUsage:
+    budget = usage.budget
+    has_period = budget.period is not budgets.BudgetPeriod.NONE
+    return types_pb2.BudgetUsage(
+        budget=types_pb2.Budget(
+            tenant_id=budget.tenant_id,
+            scope=_BUDGET_SCOPES[budget.scope],
+            scope_id=budget.scope_id,
+            limit_micros=budget.limit_micros,
+            period=_BUDGET_PERIODS[budget.period],
+        ),
+        spent_micros=usage.spent_micros,
+        held_micros=usage.held_micros,
+        remaining_micros=usage.remaining_micros,
+        period_start_time=timestamp(usage.period_start) if has_period else None,
+        reset_time=timestamp(usage.reset_time),
     )
 
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from google.protobuf.message import Message
 
 from billing.v1 import account_pb2, types_pb2, usage_pb2
-from billing_service.api.convert import tenant, timestamp, usage_record
+from billing_service.api.convert import budget_usage, tenant, timestamp, usage_record
 from billing_service.domain.errors import InvalidArgument
 from billing_service.domain.model import UsageRecord
 from billing_service.usage import (
@@ -105,6 +105,7 @@ def summary_response(
             for user_id, value in usage.by_user
         ],
         by_user_truncated=usage.by_user_truncated,
+        budgets=[budget_usage(value) for value in summary.budgets],
     )
 
 

@@ -12,11 +12,15 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from billing_service.domain.errors import InvalidArgument
 from billing_service.domain.model import TenantStatus
 from billing_service.domain.money import AMOUNT_MICROS_MAX
 from billing_service.domain.pricing import TOKENS_MAX, TokenUsage
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 ID_LENGTH_MAX = 128
 REASON_LENGTH_MAX = 500
@@ -35,6 +39,9 @@ class CheckAccess:
     tenant_id: str
     model: str
     estimate: QueryEstimate | None = None
+    # Optional: whose budgets to take into account ("" for none).
+    user_id: str = ""
+    api_key_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +54,8 @@ class Reserve:
     amount_micros: int | None = None
     # None: the server's default time to live.
     ttl: timedelta | None = None
+    # Optional: the API key or caller label whose budget applies ("" for none).
+    api_key_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +102,12 @@ class GrantCredit:
 Command = Reserve | Commit | Refund | CreateTenant | UpdateTenant | GrantCredit
 
 
-def fingerprint(command: Command) -> str:
+def fingerprint(command: Command | DataclassInstance) -> str:
     """A digest of everything a request asks, to tell a retry from a reused request_id."""
     body = {"command": type(command).__name__, **dataclasses.asdict(command)}
+    if body.get("api_key_id") == "":
+        # Requests made before API keys existed keep their fingerprints.
+        del body["api_key_id"]
     canonical = json.dumps(body, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -155,6 +167,10 @@ def validate_check_access(command: CheckAccess) -> None:
     check_id("model", command.model)
     if command.estimate is not None:
         check_estimate(command.estimate)
+    if command.user_id:
+        check_id("user_id", command.user_id)
+    if command.api_key_id:
+        check_id("api_key_id", command.api_key_id)
 
 
 def validate_reserve(command: Reserve, ttl_bounds: TtlBounds) -> timedelta:
@@ -163,6 +179,8 @@ def validate_reserve(command: Reserve, ttl_bounds: TtlBounds) -> timedelta:
     check_id("tenant_id", command.tenant_id)
     check_id("user_id", command.user_id)
     check_id("model", command.model)
+    if command.api_key_id:
+        check_id("api_key_id", command.api_key_id)
     if (command.estimate is None) == (command.amount_micros is None):
         raise InvalidArgument("size", "exactly one of estimate or amount_micros is required")
     if command.estimate is not None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from billing_service.domain.payments import BillingStatus
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
+
+if TYPE_CHECKING:
+    from billing_service.domain.budgets import BudgetUsage
 
 
 class TenantStatus(StrEnum):
@@ -67,6 +71,8 @@ class DenialReason(StrEnum):
     PAYMENT_ACTION_REQUIRED = "payment_action_required"
     PAYMENT_DISPUTED = "payment_disputed"
     TOP_UP_LIMIT_REACHED = "top_up_limit_reached"
+    USER_BUDGET_EXHAUSTED = "user_budget_exhausted"
+    API_KEY_BUDGET_EXHAUSTED = "api_key_budget_exhausted"
 
 
 # A payment problem denies metered models with the reason of the same name.
@@ -101,6 +107,11 @@ class Hold:
     denial_reason: DenialReason | None = None
     settled_at: datetime | None = None
     refunded_micros: int = 0
+    # The API key or caller label of the call; "" when none was given.
+    api_key_id: str = ""
+    # The budgets that applied, as of the decision. For a granted hold: each one's use after
+    # the hold, and the period it took from (its commit, release or expiry moves that period).
+    budgets: tuple[BudgetUsage, ...] = ()
 
     @property
     def metered(self) -> bool:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from billing_service.domain.budgets import (
+    DENIAL_REASONS,
+    BudgetUsage,
+    exhausted_message,
+    first_exhausted,
+)
 from billing_service.domain.model import PAYMENT_DENIALS, Account, DenialReason, TenantStatus
 from billing_service.domain.money import format_micros
 from billing_service.domain.payments import BILLING_STATUS_MESSAGES, BillingStatus
@@ -18,6 +24,10 @@ class Decision:
     available_micros: int
     billing: ModelBilling | None
     required_micros: int
+    # Every budget that applies, as of the decision (after the hold when one was granted).
+    budgets: tuple[BudgetUsage, ...] = ()
+    # The budget that denied the query, for USER/API_KEY_BUDGET_EXHAUSTED.
+    exhausted_budget: BudgetUsage | None = None
 
 
 def decide(
@@ -95,6 +105,8 @@ def denial_message(
             return f"{BILLING_STATUS_MESSAGES[BillingStatus.ACTION_REQUIRED]} ({model})"
         case DenialReason.PAYMENT_DISPUTED:
             return f"{BILLING_STATUS_MESSAGES[BillingStatus.DISPUTED]} ({model})"
+        case DenialReason.USER_BUDGET_EXHAUSTED | DenialReason.API_KEY_BUDGET_EXHAUSTED:
+            return f"A budget does not leave room for this query on {model}."
 
 
 def explain_refusal(
@@ -114,3 +126,25 @@ def explain_refusal(
         else DenialReason.PAYMENT_METHOD_REQUIRED
     )
     return denial(reason, model, account.available_micros, price.billing, required_micros)
+
+
+def within_budgets(decision: Decision, usages: tuple[BudgetUsage, ...]) -> Decision:
+    """`decision` with the budgets that apply: a metered query allowed by the tenant's credit is
+    denied by the first budget it does not fit in. Included models consume no budget."""
+    decision = replace(decision, budgets=usages)
+    if not decision.allowed or decision.billing is not ModelBilling.METERED:
+        return decision
+    exhausted = first_exhausted(usages, decision.required_micros)
+    if exhausted is None:
+        return decision
+    return budget_denial(decision, exhausted)
+
+
+def budget_denial(decision: Decision, exhausted: BudgetUsage) -> Decision:
+    return replace(
+        decision,
+        allowed=False,
+        reason=DENIAL_REASONS[exhausted.budget.scope],
+        message=exhausted_message(exhausted, decision.required_micros),
+        exhausted_budget=exhausted,
+    )

@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from billing_service.domain.budgets import DENIAL_REASONS, BudgetUsage, first_exhausted
 from billing_service.domain.commands import Commit, CreateTenant, GrantCredit, Refund, UpdateTenant
 from billing_service.domain.errors import AlreadyExists, ErrorReason, FailedPrecondition, NotFound
 from billing_service.domain.ledger import (
@@ -53,7 +54,7 @@ from billing_service.domain.outcomes import (
 from billing_service.domain.payments import BillingStatus
 from billing_service.domain.policy import explain_refusal
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
-from billing_service.storage import postgres_hot_path
+from billing_service.storage import budget_store, postgres_hot_path
 from billing_service.storage.credit_sql import available_credit_sql
 from billing_service.storage.database import storage_faults_unavailable, transaction
 from billing_service.storage.rollups import add_to_rollup
@@ -106,6 +107,17 @@ class LedgerStore:
         async with self._reads.connect() as conn:
             return await _get_hold(conn, hold_id)
 
+    @storage_faults_unavailable
+    async def budget_usages(
+        self, tenant_id: str, user_id: str, api_key_id: str, now: datetime
+    ) -> tuple[BudgetUsage, ...]:
+        """The budgets of this user and API key with their use in the period of `now`."""
+        async with self._reads.connect() as conn:
+            found = await budget_store.applicable_budgets(conn, tenant_id, user_id, api_key_id)
+            return tuple(
+                [await budget_store.current_usage(conn, b, now, lock=False) for b in found]
+            )
+
     # ReserveCredit
 
     @storage_faults_unavailable
@@ -130,9 +142,9 @@ class LedgerStore:
         try:
             if self._postgres and hold.metered:
                 async with self._autocommit.connect() as conn:
-                    available = await postgres_hot_path.reserve(conn, hold)
-                if available is not None:
-                    return replace(hold, decision_available_micros=available)
+                    taken = await postgres_hot_path.reserve(conn, hold)
+                if taken is not None:
+                    return taken
             async with transaction(self._engine) as conn:
                 return await _place_hold(
                     conn, hold, create_with_limit, defer_credit_denial, credit_denial_reason
@@ -341,7 +353,18 @@ async def _place_hold(
         if hold.metered:
             account = await _take_hold(conn, hold.tenant_id, hold.amount_micros)
             if account is not None:
-                stored = replace(hold, decision_available_micros=account.available_micros)
+                usages = await budget_store.locked_usages(
+                    conn, hold.tenant_id, hold.user_id, hold.api_key_id, hold.created_at
+                )
+                exhausted = first_exhausted(usages, hold.amount_micros)
+                if exhausted is not None:
+                    return await _deny_by_budget(conn, hold, usages, exhausted)
+                await budget_store.move_periods(conn, usages, held_delta=hold.amount_micros)
+                stored = replace(
+                    hold,
+                    decision_available_micros=account.available_micros,
+                    budgets=tuple(usage.after_hold(hold.amount_micros) for usage in usages),
+                )
                 await conn.execute(insert(holds).values(_hold_row(stored)))
                 await _append_entry(
                     conn,
@@ -357,7 +380,11 @@ async def _place_hold(
             # An included model moves no money: only the tenant's status matters.
             snapshot = await _get_account(conn, hold.tenant_id)
             if snapshot is not None and snapshot.status is TenantStatus.ACTIVE:
-                stored = replace(hold, decision_available_micros=snapshot.available_micros)
+                stored = replace(
+                    hold,
+                    decision_available_micros=snapshot.available_micros,
+                    budgets=await _budgets_now(conn, hold),
+                )
                 await conn.execute(insert(holds).values(_hold_row(stored)))
                 return stored
         if snapshot is not None:
@@ -368,6 +395,7 @@ async def _place_hold(
                 status=HoldStatus.DENIED,
                 denial_reason=refusal.reason,
                 decision_available_micros=refusal.available_micros,
+                budgets=await _budgets_now(conn, hold),
             )
             if refusal.reason is DenialReason.CREDIT_LIMIT_REACHED:
                 if defer_credit_denial:
@@ -380,6 +408,37 @@ async def _place_hold(
             raise _tenant_not_found(hold.tenant_id)
         await _create_default_tenant(conn, hold.tenant_id, create_with_limit, hold.created_at)
     raise AssertionError("a tenant created in this transaction cannot vanish")
+
+
+async def _deny_by_budget(
+    conn: AsyncConnection, hold: Hold, usages: tuple[BudgetUsage, ...], exhausted: BudgetUsage
+) -> Hold:
+    """Gives back the tenant hold just taken (same transaction, row still locked) and stores
+    the denial, so that a retry replays it."""
+    account = await _move(conn, hold.tenant_id, 0, -hold.amount_micros)
+    assert account is not None
+    denied = replace(
+        hold,
+        status=HoldStatus.DENIED,
+        denial_reason=DENIAL_REASONS[exhausted.budget.scope],
+        decision_available_micros=account.available_micros,
+        budgets=usages,
+    )
+    await conn.execute(insert(holds).values(_hold_row(denied)))
+    return denied
+
+
+async def _budgets_now(conn: AsyncConnection, hold: Hold) -> tuple[BudgetUsage, ...]:
+    """The budgets of a call, read to explain a decision that takes nothing from them."""
+    found = await budget_store.applicable_budgets(
+        conn, hold.tenant_id, hold.user_id, hold.api_key_id
+    )
+    return tuple(
+        [
+            await budget_store.current_usage(conn, budget, hold.created_at, lock=False)
+            for budget in found
+        ]
+    )
 
 
 async def _take_hold(conn: AsyncConnection, tenant_id: str, amount_micros: int) -> Account | None:
@@ -482,9 +541,19 @@ async def _debit(conn: AsyncConnection, hold: Hold, cost_micros: int) -> tuple[S
                 .with_for_update()
             )
         ).one()
-        settlement = settle(hold, cost_micros, _account_from_row(before).available_micros)
+        room = _account_from_row(before).available_micros
+        # A budget is overshot no more than the tenant: above the hold, only what fits in
+        # every budget it took from is charged too.
+        room = min((room, *await budget_store.relock(conn, hold.budgets)))
+        settlement = settle(hold, cost_micros, room)
     account = await _move(conn, hold.tenant_id, -settlement.charged_micros, -hold.amount_micros)
     assert account is not None
+    await budget_store.move_periods(
+        conn,
+        hold.budgets,
+        spent_delta=settlement.charged_micros,
+        held_delta=-hold.amount_micros,
+    )
     return settlement, account
 
 
@@ -517,6 +586,8 @@ async def _refund(
     released = hold.amount_micros if hold.metered else 0
     account = await _move(conn, hold.tenant_id, 0, -released)
     assert account is not None
+    if hold.metered:
+        await budget_store.move_periods(conn, hold.budgets, held_delta=-released)
     await _append_entry(
         conn,
         account,
@@ -549,6 +620,7 @@ async def _refund_charge(
     )
     account = await _move(conn, hold.tenant_id, amount, 0)
     assert account is not None
+    await budget_store.move_periods(conn, hold.budgets, spent_delta=-amount)
     await _append_entry(
         conn,
         account,
@@ -579,7 +651,7 @@ async def _expire(conn: AsyncConnection, hold_id: str, now: datetime) -> int:
                 holds.c.expires_at <= now,
             )
             .values(status=HoldStatus.EXPIRED, settled_at=now)
-            .returning(holds.c.tenant_id, holds.c.amount_micros, holds.c.billing)
+            .returning(holds.c.tenant_id, holds.c.amount_micros, holds.c.billing, holds.c.budgets)
         )
     ).one_or_none()
     if row is None:
@@ -587,6 +659,9 @@ async def _expire(conn: AsyncConnection, hold_id: str, now: datetime) -> int:
     if row.billing == ModelBilling.METERED and row.amount_micros:
         account = await _move(conn, row.tenant_id, 0, -row.amount_micros)
         assert account is not None
+        await budget_store.move_periods(
+            conn, budget_store.usages_from_json(row.budgets), held_delta=-row.amount_micros
+        )
         await _append_entry(
             conn, account, EntryKind.EXPIRY, now, hold_id=hold_id, held_delta=-row.amount_micros
         )
@@ -827,6 +902,8 @@ def _hold_row(hold: Hold) -> dict[str, Any]:
         "created_at": hold.created_at,
         "expires_at": hold.expires_at,
         "settled_at": hold.settled_at,
+        "api_key_id": hold.api_key_id,
+        "budgets": budget_store.usages_to_json(hold.budgets),
     }
 
 
@@ -857,6 +934,8 @@ def _hold_from_row(row: Any) -> Hold:
         denial_reason=None if row.denial_reason is None else DenialReason(row.denial_reason),
         settled_at=row.settled_at,
         refunded_micros=row.refunded_micros,
+        api_key_id=row.api_key_id,
+        budgets=budget_store.usages_from_json(row.budgets),
     )
 
 

@@ -4,10 +4,13 @@ Each statement is a chain of data-modifying CTEs run in autocommit mode. The ten
 locked only while the statement runs, so concurrent calls for one tenant queue for
 microseconds, not for a whole transaction's round trips.
 
-These statements cover the normal case only. When one returns no row (no room, unknown tenant,
-hold not open, ...), the caller falls back to the general multi-statement transaction in
-ledger_store, which decides and explains the outcome. A unique-key violation (a retried
-request_id) aborts the whole statement, so nothing is half-written.
+The reserve takes the hold from the tenant and from every budget that applies (domain.budgets)
+in the same statement; the commit covers holds that took from no budget (one that did is
+settled by the general transaction, which moves its budgets with the tenant). When one
+returns no row (no room, unknown tenant, hold not open, ...), the caller falls back to the
+general multi-statement transaction in ledger_store, which decides and explains the outcome.
+A unique-key violation (a retried request_id) aborts the whole statement, so nothing is
+half-written.
 
 Rules they apply, and where those rules are defined and tested to agree:
 - the fit rule `available >= amount`: storage.credit_sql (rendered into the text below);
@@ -20,39 +23,91 @@ tests/ledger/test_hot_path_agrees.py checks the last three against the domain on
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, DateTime, String, bindparam, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import BindParameter, TextClause
 from sqlalchemy.types import TypeEngine
 
+from billing_service.domain.budgets import EPOCH, BudgetPeriod, period_start
 from billing_service.domain.commands import Commit
 from billing_service.domain.model import Hold
+from billing_service.storage.budget_store import usages_from_json
 from billing_service.storage.credit_sql import available_credit_postgres_text
 
 _AVAILABLE = available_credit_postgres_text()
 
 _RESERVE_SQL = f"""
-WITH account AS (
+WITH applying AS (
+    SELECT budgets.scope, budgets.scope_id, budgets.limit_micros, budgets.period,
+        CASE budgets.period WHEN 'day' THEN :day_start WHEN 'week' THEN :week_start
+            WHEN 'month' THEN :month_start ELSE :epoch END AS period_start
+    FROM budgets
+    WHERE budgets.tenant_id = :tenant_id
+        AND ((budgets.scope = 'user' AND budgets.scope_id = :user_id)
+            OR (budgets.scope = 'api_key' AND budgets.scope_id = :api_key_id))
+), seen AS (
+    SELECT applying.*, COALESCE(p.spent_micros, 0) AS spent_micros,
+        COALESCE(p.held_micros, 0) AS held_micros
+    FROM applying LEFT JOIN budget_periods AS p ON p.tenant_id = :tenant_id
+        AND p.scope = applying.scope AND p.scope_id = applying.scope_id
+        AND p.period_start = applying.period_start
+), account AS (
     UPDATE tenants
     SET held_micros = held_micros + :amount_micros
     WHERE tenant_id = :tenant_id AND status = 'active' AND billing_status = 'good_standing'
         AND {_AVAILABLE} >= :amount_micros
+        AND NOT EXISTS (
+            SELECT 1 FROM seen
+            WHERE seen.spent_micros + seen.held_micros + :amount_micros > seen.limit_micros
+        )
     RETURNING tenant_id, balance_micros, held_micros, {_AVAILABLE} AS available_micros
+), taken AS (
+    INSERT INTO budget_periods AS p (
+        tenant_id, scope, scope_id, period_start, spent_micros, held_micros
+    )
+    SELECT account.tenant_id, seen.scope, seen.scope_id, seen.period_start, 0, :amount_micros
+    FROM account, seen
+    WHERE :amount_micros <= seen.limit_micros
+    -- The user's row before the API key's, like the general transaction: no lock cycle.
+    ORDER BY seen.scope DESC
+    ON CONFLICT (tenant_id, scope, scope_id, period_start) DO UPDATE
+    SET held_micros = p.held_micros + EXCLUDED.held_micros
+    WHERE p.spent_micros + p.held_micros + EXCLUDED.held_micros <= (
+        SELECT budgets.limit_micros FROM budgets
+        WHERE budgets.tenant_id = p.tenant_id AND budgets.scope = p.scope
+            AND budgets.scope_id = p.scope_id)
+    RETURNING p.scope, p.scope_id, p.period_start, p.spent_micros, p.held_micros
+), taken_json AS (
+    SELECT json_agg(json_build_object(
+            'tenant_id', :tenant_id, 'scope', seen.scope, 'scope_id', seen.scope_id,
+            'limit_micros', seen.limit_micros, 'period', seen.period,
+            'period_start', seen.period_start, 'spent_micros', taken.spent_micros,
+            'held_micros', taken.held_micros)
+            ORDER BY seen.scope DESC)::text AS budgets,
+        count(*) AS taken_count
+    FROM taken JOIN seen ON seen.scope = taken.scope AND seen.scope_id = taken.scope_id
 ), hold AS (
     INSERT INTO holds (
         hold_id, request_id, request_fingerprint, tenant_id, user_id, model, billing,
         input_micros_per_mtok, cached_input_micros_per_mtok, output_micros_per_mtok,
         flat_micros_per_call, amount_micros, status, decision_available_micros,
-        refunded_micros, created_at, expires_at
+        refunded_micros, created_at, expires_at, api_key_id, budgets
     )
+    -- A budget that the snapshot showed with room but that another call filled before its
+    -- row was locked is not taken: 1 / 0 then aborts the whole statement (nothing is kept),
+    -- and the caller decides in the general transaction.
     SELECT :hold_id, :request_id, :request_fingerprint, account.tenant_id, :user_id, :model,
         'metered', :input_price, :cached_input_price, :output_price, :flat_price,
-        :amount_micros, 'open', account.available_micros, 0, :now, :expires_at
-    FROM account
-    RETURNING hold_id
+        :amount_micros, 'open', account.available_micros,
+        0 / (taken_json.taken_count = (SELECT count(*) FROM seen))::int,
+        :now, :expires_at, :api_key_id, taken_json.budgets
+    FROM account, taken_json
+    RETURNING hold_id, budgets
 )
 INSERT INTO ledger_entries (
     tenant_id, kind, hold_id, balance_delta_micros, held_delta_micros,
@@ -61,7 +116,7 @@ INSERT INTO ledger_entries (
 SELECT account.tenant_id, 'hold', hold.hold_id, 0, :amount_micros,
     account.balance_micros, account.held_micros, account.available_micros, :now
 FROM account, hold
-RETURNING available_after_micros
+RETURNING available_after_micros, (SELECT hold.budgets FROM hold) AS budgets
 """
 
 # flat + ceil(sum(tokens x price per million) / 1e6), in bigint: prices <= 1e10 and tokens
@@ -76,7 +131,7 @@ _COMMIT_SQL = f"""
 WITH claimed AS (
     UPDATE holds
     SET status = 'committed', settled_at = :now
-    WHERE hold_id = :hold_id AND status = 'open' AND expires_at > :now
+    WHERE hold_id = :hold_id AND status = 'open' AND expires_at > :now AND budgets IS NULL
     RETURNING hold_id, tenant_id, user_id, model, billing, amount_micros, created_at,
         {_COST} AS cost_micros
 ), locked AS (
@@ -150,6 +205,8 @@ RETURNING *
 """
 
 
+_DIVISION_BY_ZERO = "22012"
+
 _PARAM_NAMES = re.compile(r"(?<![:\w]):(\w+)")
 
 
@@ -171,8 +228,16 @@ def _statement(
 
 RESERVE = _statement(
     _RESERVE_SQL,
-    text_params=("tenant_id", "hold_id", "request_id", "request_fingerprint", "user_id", "model"),
-    time_params=("now", "expires_at"),
+    text_params=(
+        "tenant_id",
+        "hold_id",
+        "request_id",
+        "request_fingerprint",
+        "user_id",
+        "model",
+        "api_key_id",
+    ),
+    time_params=("now", "expires_at", "day_start", "week_start", "month_start", "epoch"),
 )
 COMMIT = _statement(
     _COMMIT_SQL,
@@ -181,8 +246,9 @@ COMMIT = _statement(
 )
 
 
-async def reserve(conn: AsyncConnection, hold: Hold) -> int | None:
-    """Takes a metered hold if it fits; returns the available credit after it, else None."""
+async def reserve(conn: AsyncConnection, hold: Hold) -> Hold | None:
+    """Takes a metered hold if it fits in the tenant's credit and in every budget that applies;
+    returns the hold as stored, else None."""
     price = hold.price
     assert price is not None
     assert hold.metered
@@ -193,6 +259,7 @@ async def reserve(conn: AsyncConnection, hold: Hold) -> int | None:
         "request_id": hold.request_id,
         "request_fingerprint": hold.request_fingerprint,
         "user_id": hold.user_id,
+        "api_key_id": hold.api_key_id,
         "model": hold.model,
         "input_price": price.input_micros_per_mtok,
         "cached_input_price": price.cached_input_micros_per_mtok,
@@ -200,9 +267,25 @@ async def reserve(conn: AsyncConnection, hold: Hold) -> int | None:
         "flat_price": price.flat_micros_per_call,
         "now": hold.created_at,
         "expires_at": hold.expires_at,
+        **{
+            f"{period.value}_start": period_start(period, hold.created_at)
+            for period in (BudgetPeriod.DAY, BudgetPeriod.WEEK, BudgetPeriod.MONTH)
+        },
+        "epoch": EPOCH,
     }
-    available = (await conn.execute(RESERVE, params)).scalar_one_or_none()
-    return None if available is None else int(available)
+    try:
+        row = (await conn.execute(RESERVE, params)).one_or_none()
+    except DBAPIError as error:
+        if getattr(error.orig, "pgcode", None) == _DIVISION_BY_ZERO:
+            return None
+        raise
+    if row is None:
+        return None
+    return replace(
+        hold,
+        decision_available_micros=int(row.available_after_micros),
+        budgets=usages_from_json(row.budgets),
+    )
 
 
 async def commit(

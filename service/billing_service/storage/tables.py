@@ -117,6 +117,11 @@ holds = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Column("expires_at", UtcDateTime, nullable=False),
     Column("settled_at", UtcDateTime, nullable=True),
+    # The API key or caller label of the call ("" when none was given).
+    Column("api_key_id", String(128), nullable=False, server_default=text("''")),
+    # The budgets that applied, as of the decision, as JSON (storage.budget_store); NULL when
+    # none applied. A granted hold's commit, release or expiry moves the periods named there.
+    Column("budgets", Text, nullable=True),
     CheckConstraint("amount_micros >= 0", name="amount_not_negative"),
     CheckConstraint("refunded_micros >= 0", name="refunded_not_negative"),
 )
@@ -274,4 +279,40 @@ Index(
     usage_records.c.tenant_id,
     usage_records.c.committed_at,
     usage_records.c.hold_id,
+)
+
+# Budgets inside a tenant (domain.budgets): one limit per user or API key.
+budgets = Table(
+    "budgets",
+    metadata,
+    Column("tenant_id", String(128), ForeignKey("tenants.tenant_id"), primary_key=True),
+    Column("scope", String(16), primary_key=True),
+    Column("scope_id", String(128), primary_key=True),
+    _micros("limit_micros"),
+    Column("period", String(16), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+# What each budget's holds took in one period, created on first use. No foreign key to budgets:
+# a removed budget's open holds still settle here, and a budget set again finds its period's use.
+#   spent_micros = sum of the charges (less refunds) of the holds that took from this period
+#   held_micros  = sum of the amounts of those holds still open
+budget_periods = Table(
+    "budget_periods",
+    metadata,
+    Column("tenant_id", String(128), ForeignKey("tenants.tenant_id"), primary_key=True),
+    Column("scope", String(16), primary_key=True),
+    Column("scope_id", String(128), primary_key=True),
+    Column("period_start", UtcDateTime, primary_key=True),
+    _micros("spent_micros"),
+    _micros("held_micros"),
+)
+# SetBudget / DeleteBudget replays: the request and the budget use it answered with.
+budget_requests = Table(
+    "budget_requests",
+    metadata,
+    Column("request_id", String(128), primary_key=True),
+    Column("request_fingerprint", String(64), nullable=False),
+    Column("result", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
 )
