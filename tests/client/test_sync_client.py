@@ -19,7 +19,7 @@ from billing.client import (
     RetryEvent,
     Unauthenticated,
 )
-from billing.v1 import billing_pb2, types_pb2
+from billing.v1 import billing_pb2, budget_pb2, types_pb2
 from billing_service.app import Application
 from billing_service.storage.tables import ledger_entries, usage_records
 from tests.client.conftest import (
@@ -334,3 +334,40 @@ def test_total_timeout_bounds_the_attempts_of_one_call() -> None:
         client.check_access("acme", "unit-priced")
     # Retries wait for the channel until their deadline, so 0.5 s leaves room for a few only.
     assert 1 <= len(retries) < 10
+
+
+def test_a_budget_on_the_api_key_denies_through_the_client(billing: BillingClient) -> None:
+    budget = types_pb2.Budget(
+        tenant_id="acme",
+        scope=types_pb2.BUDGET_SCOPE_API_KEY,
+        scope_id="key-ci",
+        limit_micros=200,
+        period=types_pb2.BUDGET_PERIOD_DAY,
+    )
+    billing.budgets.SetBudget(budget_pb2.SetBudgetRequest(request_id="set-key-ci", budget=budget))
+
+    decision = billing.check_access(
+        "acme", "unit-priced", input_tokens=100, max_tokens=50, api_key_id="key-ci"
+    )
+    assert decision.allowed
+    with billing.reserve(
+        "acme", "u", "unit-priced", input_tokens=100, max_tokens=50, api_key_id="key-ci"
+    ) as hold:
+        assert [b.remaining_micros for b in hold.decision.budgets] == [50]
+        with (
+            pytest.raises(Denied) as denied,
+            billing.reserve(
+                "acme", "u", "unit-priced", input_tokens=100, max_tokens=50, api_key_id="key-ci"
+            ),
+        ):
+            pass
+        hold.commit(input_tokens=100, output_tokens=50)
+    assert denied.value.reason == "API_KEY_BUDGET_EXHAUSTED"
+    assert "resets" in denied.value.message
+    exhausted = denied.value.decision.exhausted_budget
+    assert exhausted is not None
+    assert exhausted.budget.scope_id == "key-ci"
+    assert exhausted.HasField("reset_time")
+    # Another key, or none, is not held to that budget.
+    with billing.reserve("acme", "u", "unit-priced", input_tokens=100, max_tokens=50) as other:
+        other.commit(input_tokens=100, output_tokens=50)

@@ -28,6 +28,7 @@ from billing.v1 import (
     admin_pb2_grpc,
     billing_pb2,
     billing_pb2_grpc,
+    budget_pb2_grpc,
     types_pb2,
     usage_pb2_grpc,
 )
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from billing.v1.account_pb2_grpc import AccountServiceAsyncStub
     from billing.v1.admin_pb2_grpc import AdminServiceAsyncStub
     from billing.v1.billing_pb2_grpc import BillingServiceAsyncStub
+    from billing.v1.budget_pb2_grpc import BudgetServiceAsyncStub
     from billing.v1.usage_pb2_grpc import UsageServiceAsyncStub
 
 __all__ = ["AsyncBillingClient", "AsyncHold", "AsyncHoldContext"]
@@ -103,6 +105,7 @@ class AsyncBillingClient:
         self.admin: AdminServiceAsyncStub = admin_pb2_grpc.AdminServiceStub(channel)
         self.account: AccountServiceAsyncStub = account_pb2_grpc.AccountServiceStub(channel)
         self.usage: UsageServiceAsyncStub = usage_pb2_grpc.UsageServiceStub(channel)
+        self.budgets: BudgetServiceAsyncStub = budget_pb2_grpc.BudgetServiceStub(channel)
 
     async def close(self) -> None:
         if self._owned:
@@ -137,11 +140,20 @@ class AsyncBillingClient:
         raise AssertionError("tenacity returned without an outcome")
 
     async def check_access(
-        self, tenant_id: str, model: str, *, input_tokens: int = 0, max_tokens: int = 0
+        self,
+        tenant_id: str,
+        model: str,
+        *,
+        input_tokens: int = 0,
+        max_tokens: int = 0,
+        user_id: str = "",
+        api_key_id: str = "",
     ) -> AccessDecision:
         """May `tenant_id` run `model` now? Read-only advice: it holds nothing. Without a size,
         whether the smallest query would fit."""
-        request = check_access_request(tenant_id, model, input_tokens, max_tokens)
+        request = check_access_request(
+            tenant_id, model, input_tokens, max_tokens, user_id, api_key_id
+        )
         response = await self.call(self.billing.CheckAccess, request, name="CheckAccess")
         return AccessDecision.from_proto(response.decision)
 
@@ -156,6 +168,7 @@ class AsyncBillingClient:
         ttl_s: float | None = None,
         on_exit: OnExit = "release",
         request_id: str | None = None,
+        api_key_id: str = "",
     ) -> AsyncHoldContext:
         """`async with client.reserve(...) as hold:` holds the most the query can cost.
 
@@ -174,6 +187,7 @@ class AsyncBillingClient:
             input_tokens,
             max_tokens,
             ttl_s,
+            api_key_id,
         )
         return AsyncHoldContext(self, request, on_exit)
 

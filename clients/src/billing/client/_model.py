@@ -40,6 +40,8 @@ class AccessDecision:
 
     `reason` is the DenialReason without its prefix ("CREDIT_LIMIT_REACHED", "" when allowed),
     `model_billing` "METERED", "INCLUDED" or "" (model not offered). Money is in micros.
+    `budgets`: every budget that applied, with what remains as of the decision;
+    `exhausted_budget`: the one that denied, with its reset time (a budget denial only).
     """
 
     allowed: bool
@@ -48,6 +50,8 @@ class AccessDecision:
     available_credit_micros: int
     required_micros: int
     model_billing: str
+    budgets: tuple[types_pb2.BudgetUsage, ...] = ()
+    exhausted_budget: types_pb2.BudgetUsage | None = None
 
     @classmethod
     def from_proto(cls, decision: types_pb2.Decision) -> AccessDecision:
@@ -56,6 +60,10 @@ class AccessDecision:
             reason=_enum_name(types_pb2.DenialReason.Name, decision.reason, "DENIAL_REASON_"),
             message=decision.message,
             available_credit_micros=decision.available_credit_micros,
+            budgets=tuple(decision.budgets),
+            exhausted_budget=(
+                decision.exhausted_budget if decision.HasField("exhausted_budget") else None
+            ),
             required_micros=decision.required_micros,
             model_billing=_enum_name(
                 types_pb2.ModelBilling.Name, decision.model_billing, "MODEL_BILLING_"
@@ -70,9 +78,16 @@ class AccessDecision:
 
 
 def check_access_request(
-    tenant_id: str, model: str, input_tokens: int, max_tokens: int
+    tenant_id: str,
+    model: str,
+    input_tokens: int,
+    max_tokens: int,
+    user_id: str = "",
+    api_key_id: str = "",
 ) -> billing_pb2.CheckAccessRequest:
-    request = billing_pb2.CheckAccessRequest(tenant_id=tenant_id, model=model)
+    request = billing_pb2.CheckAccessRequest(
+        tenant_id=tenant_id, model=model, user_id=user_id, api_key_id=api_key_id
+    )
     if input_tokens or max_tokens:
         request.estimate.CopyFrom(
             billing_pb2.QueryEstimate(input_tokens=input_tokens, max_output_tokens=max_tokens)
@@ -88,11 +103,13 @@ def reserve_request(
     input_tokens: int,
     max_tokens: int,
     ttl_s: float | None,
+    api_key_id: str = "",
 ) -> billing_pb2.ReserveCreditRequest:
     request = billing_pb2.ReserveCreditRequest(
         request_id=request_id,
         tenant_id=tenant_id,
         user_id=user_id,
+        api_key_id=api_key_id,
         model=model,
         estimate=billing_pb2.QueryEstimate(input_tokens=input_tokens, max_output_tokens=max_tokens),
     )

@@ -26,6 +26,7 @@ from billing.v1 import (
     admin_pb2_grpc,
     billing_pb2,
     billing_pb2_grpc,
+    budget_pb2_grpc,
     types_pb2,
     usage_pb2_grpc,
 )
@@ -95,6 +96,7 @@ class BillingClient:
         self.admin = admin_pb2_grpc.AdminServiceStub(channel)
         self.account = account_pb2_grpc.AccountServiceStub(channel)
         self.usage = usage_pb2_grpc.UsageServiceStub(channel)
+        self.budgets = budget_pb2_grpc.BudgetServiceStub(channel)
 
     def close(self) -> None:
         if self._owned:
@@ -129,11 +131,20 @@ class BillingClient:
         raise AssertionError("tenacity returned without an outcome")
 
     def check_access(
-        self, tenant_id: str, model: str, *, input_tokens: int = 0, max_tokens: int = 0
+        self,
+        tenant_id: str,
+        model: str,
+        *,
+        input_tokens: int = 0,
+        max_tokens: int = 0,
+        user_id: str = "",
+        api_key_id: str = "",
     ) -> AccessDecision:
         """May `tenant_id` run `model` now? Read-only advice: it holds nothing. Without a size,
         whether the smallest query would fit."""
-        request = check_access_request(tenant_id, model, input_tokens, max_tokens)
+        request = check_access_request(
+            tenant_id, model, input_tokens, max_tokens, user_id, api_key_id
+        )
         response = self.call(self.billing.CheckAccess, request, name="CheckAccess")
         return AccessDecision.from_proto(response.decision)
 
@@ -148,6 +159,7 @@ class BillingClient:
         ttl_s: float | None = None,
         on_exit: OnExit = "release",
         request_id: str | None = None,
+        api_key_id: str = "",
     ) -> HoldContext:
         """`with client.reserve(...) as hold:` holds the most the query can cost.
 
@@ -166,6 +178,7 @@ class BillingClient:
             input_tokens,
             max_tokens,
             ttl_s,
+            api_key_id,
         )
         return HoldContext(self, request, on_exit)
 
