@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol
@@ -20,7 +17,13 @@ from billing_service.domain.budgets import (
     validate_set_budget,
 )
 from billing_service.domain.commands import check_id, check_range, fingerprint
-from billing_service.domain.errors import ErrorReason, InvalidArgument, NotFound, request_id_reused
+from billing_service.domain.errors import ErrorReason, NotFound, request_id_reused
+from billing_service.domain.page_tokens import (
+    bad_page_token,
+    filters_fingerprint,
+    make_page_token,
+    read_page_token,
+)
 
 PAGE_SIZE_DEFAULT = 100
 PAGE_SIZE_MAX = 1000
@@ -103,12 +106,16 @@ class BudgetCore:
     ) -> tuple[list[BudgetUsage], str]:
         check_id("tenant_id", tenant_id)
         check_range("page_size", page_size, 0, PAGE_SIZE_MAX)
-        after = _decode_token(page_token, tenant_id, scope)
+        after = _resume_after(page_token, tenant_id, scope)
         await self._require_tenant(tenant_id)
         limit = page_size or PAGE_SIZE_DEFAULT
         found = await self._store.list_budgets(tenant_id, scope, after, limit + 1, self._clock())
         page = found[:limit]
-        token = _encode_token(page[-1].budget, scope) if len(found) > limit else ""
+        token = ""
+        if len(found) > limit:
+            last = page[-1].budget
+            position = [last.scope.value, last.scope_id]
+            token = make_page_token(_scope_filters(tenant_id, scope), position)
         return page, token
 
     async def _require_tenant(self, tenant_id: str) -> None:
@@ -116,27 +123,17 @@ class BudgetCore:
             raise _tenant_not_found(tenant_id)
 
 
-def _encode_token(last: Budget, scope: BudgetScope | None) -> str:
-    body = {
-        "t": last.tenant_id,
-        "f": None if scope is None else scope.value,
-        "k": [last.scope.value, last.scope_id],
-    }
-    return base64.urlsafe_b64encode(json.dumps(body).encode()).decode()
+def _scope_filters(tenant_id: str, scope: BudgetScope | None) -> str:
+    return filters_fingerprint(tenant_id=tenant_id, scope=None if scope is None else scope.value)
 
 
-def _decode_token(token: str, tenant_id: str, scope: BudgetScope | None) -> tuple[str, str] | None:
-    if not token:
+def _resume_after(token: str, tenant_id: str, scope: BudgetScope | None) -> tuple[str, str] | None:
+    position = read_page_token(token, _scope_filters(tenant_id, scope))
+    if position is None:
         return None
-    try:
-        body = json.loads(base64.urlsafe_b64decode(token.encode()))
-        key = (str(body["k"][0]), str(body["k"][1]))
-        same = body["t"] == tenant_id and body["f"] == (None if scope is None else scope.value)
-    except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
-        raise InvalidArgument("page_token", "is not a token this service returned") from None
-    if not same:
-        raise InvalidArgument("page_token", "was returned for other tenant_id or scope")
-    return key
+    if len(position) != 2 or not all(isinstance(part, str) for part in position):
+        raise bad_page_token()
+    return position[0], position[1]
 
 
 def _checked(

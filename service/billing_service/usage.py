@@ -9,11 +9,7 @@ fingerprint of the filters it was made for.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
-import hashlib
-import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -23,6 +19,12 @@ from billing_service.domain.budgets import BudgetUsage
 from billing_service.domain.commands import check_id
 from billing_service.domain.errors import ErrorReason, InvalidArgument, NotFound
 from billing_service.domain.model import Account, UsageRecord
+from billing_service.domain.page_tokens import (
+    bad_page_token,
+    filters_fingerprint,
+    make_page_token,
+    read_page_token,
+)
 
 Clock = Callable[[], datetime]
 
@@ -245,14 +247,14 @@ class UsageDashboard(Generic[ProfileT]):
         _check_usage_filter(where)
         size = _page_size(page_size)
         fingerprint = _fingerprint("usage", where)
-        after = _record_position(_read_token(page_token, fingerprint))
+        after = _record_position(read_page_token(page_token, fingerprint))
         await self._account(where.tenant_id)
         found = await self._store.usage_records(where, after, size + 1, newest_first=True)
         items = found[:size]
         token = ""
         if len(found) > size:
             last = items[-1]
-            token = _make_token(fingerprint, [last.committed_at.isoformat(), last.hold_id])
+            token = make_page_token(fingerprint, [last.committed_at.isoformat(), last.hold_id])
         return Page(items, token)
 
     async def ledger_entries(
@@ -264,16 +266,16 @@ class UsageDashboard(Generic[ProfileT]):
             raise InvalidArgument("kinds", f"unknown kind {sorted(unknown)[0]}")
         size = _page_size(page_size)
         fingerprint = _fingerprint("ledger", where)
-        position = _read_token(page_token, fingerprint)
+        position = read_page_token(page_token, fingerprint)
         before = None
         if position is not None:
             if len(position) != 1 or not isinstance(position[0], int):
-                raise _bad_token()
+                raise bad_page_token()
             before = position[0]
         await self._account(where.tenant_id)
         found = await self._store.ledger_entries(where, before, size + 1)
         items = found[:size]
-        token = _make_token(fingerprint, [items[-1].entry_id]) if len(found) > size else ""
+        token = make_page_token(fingerprint, [items[-1].entry_id]) if len(found) > size else ""
         return Page(items, token)
 
     async def export_csv(
@@ -389,30 +391,7 @@ def _fingerprint(kind: str, where: UsageFilter | LedgerFilter) -> str:
     for name in where.__slots__:
         value = getattr(where, name)
         fields[name] = value.isoformat() if isinstance(value, datetime) else value
-    encoded = json.dumps(fields, sort_keys=True, default=list).encode()
-    return hashlib.sha256(encoded).hexdigest()[:32]
-
-
-def _make_token(fingerprint: str, position: list[Any]) -> str:
-    body = json.dumps({"f": fingerprint, "p": position}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(body).decode().rstrip("=")
-
-
-def _read_token(token: str, fingerprint: str) -> list[Any] | None:
-    if not token:
-        return None
-    try:
-        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (binascii.Error, ValueError):
-        raise _bad_token() from None
-    if not isinstance(body, dict) or not isinstance(body.get("p"), list):
-        raise _bad_token()
-    if body.get("f") != fingerprint:
-        raise InvalidArgument(
-            "page_token", "was made for other filters; send the first page's filters again"
-        )
-    position: list[Any] = body["p"]
-    return position
+    return filters_fingerprint(**fields)
 
 
 def _record_position(position: list[Any] | None) -> RecordPosition | None:
@@ -422,14 +401,10 @@ def _record_position(position: list[Any] | None) -> RecordPosition | None:
         committed_at, hold_id = position
         moment = datetime.fromisoformat(committed_at)
     except (TypeError, ValueError):
-        raise _bad_token() from None
+        raise bad_page_token() from None
     if moment.tzinfo is None or not isinstance(hold_id, str):
-        raise _bad_token()
+        raise bad_page_token()
     return RecordPosition(moment, hold_id)
-
-
-def _bad_token() -> InvalidArgument:
-    return InvalidArgument("page_token", "is not a token this service returned")
 
 
 # CSV

@@ -7,7 +7,6 @@ a lost answer creates nothing twice.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from collections.abc import Callable
@@ -25,6 +24,12 @@ from billing_service.domain.errors import (
     request_id_reused,
 )
 from billing_service.domain.model import Account
+from billing_service.domain.page_tokens import (
+    bad_page_token,
+    filters_fingerprint,
+    make_page_token,
+    read_page_token,
+)
 from billing_service.domain.payments import (
     AutoTopUp,
     BillingProfile,
@@ -361,14 +366,13 @@ class AccountCore:
             raise InvalidArgument("page_size", f"must be 0 to {_PAGE_SIZE_MAX}")
         size = page_size or _PAGE_SIZE_DEFAULT
         status = "" if billing_status is None else str(billing_status)
-        after = ""
-        if page_token:
-            after = _read_page_token(page_token, status)
+        after = _resume_after(page_token, status)
         accounts = await self._store.list_accounts(billing_status, after, size + 1)
         page = accounts[:size]
         next_token = ""
         if len(accounts) > size:
-            next_token = _page_token(page[-1].tenant_id, status)
+            filters = filters_fingerprint(billing_status=status)
+            next_token = make_page_token(filters, [page[-1].tenant_id])
         return page, next_token
 
     async def _profile(self, tenant_id: str) -> BillingProfile:
@@ -395,20 +399,13 @@ class AccountCore:
             raise request_id_reused(request_id)
 
 
-def _page_token(after: str, status: str) -> str:
-    body = json.dumps({"after": after, "status": status}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(body.encode()).decode()
-
-
-def _read_page_token(token: str, status: str) -> str:
-    try:
-        body = json.loads(base64.urlsafe_b64decode(token.encode()))
-        after, token_status = body["after"], body["status"]
-    except (ValueError, KeyError, TypeError):
-        raise InvalidArgument("page_token", "is not a token this server issued") from None
-    if token_status != status or not isinstance(after, str):
-        raise InvalidArgument("page_token", "was issued for a different billing_status filter")
-    return after
+def _resume_after(token: str, status: str) -> str:
+    position = read_page_token(token, filters_fingerprint(billing_status=status))
+    if position is None:
+        return ""
+    if len(position) != 1 or not isinstance(position[0], str):
+        raise bad_page_token()
+    return position[0]
 
 
 def _tenant_not_found(tenant_id: str) -> NotFound:
