@@ -290,7 +290,9 @@ async def _commit_cost(engine: AsyncEngine, commits: int, concurrency: int) -> d
         async with autocommit.connect() as conn:
             for _ in range(count):
                 hold = _hold("dash-small")
-                assert await postgres_hot_path.reserve(conn, hold) is not None
+                reserve_params = postgres_hot_path.reserve_params(hold)
+                reserved = await conn.execute(postgres_hot_path.RESERVE, reserve_params)
+                assert reserved.one_or_none() is not None
                 params = {
                     "hold_id": hold.hold_id,
                     "request_id": str(uuid.uuid4()),

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event, insert, select
+from sqlalchemy import insert, select
 
 from billing_service.domain.commands import Commit, CreateTenant
 from billing_service.domain.model import Hold, HoldStatus, TenantStatus
@@ -24,6 +24,7 @@ from billing_service.storage.migrations import migrate
 from billing_service.storage.tables import usage_rollups
 from billing_service.storage.usage_store import UsageStore
 from tests.support.postgres import PostgresServer
+from tests.support.statements import statements_sent
 from tests.usage.books import rollup_problems
 
 _databases = itertools.count()
@@ -134,30 +135,20 @@ def test_rollups_equal_the_records_after_random_commits(
 @pytest.mark.parametrize("runner", ["postgresql"], indirect=True)
 def test_the_postgresql_commit_with_its_rollup_is_one_statement(runner: Runner) -> None:
     assert runner.engine.dialect.name == "postgresql"
-    statements: list[str] = []
 
-    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
-
-    async def scenario() -> Any:
+    async def scenario() -> tuple[Any, list[str]]:
         tenant = await new_tenant(runner.store)
         usage = TokenUsage(10, 0, 20)
         await commit_at(runner.store, tenant, "metered", "ann", usage, MIDNIGHT)
-        hold_tenant_user = (tenant, "metered", "ann")
-        event.listen(runner.engine.sync_engine, "before_cursor_execute", seen)
-        try:
+        with statements_sent(runner.engine) as sent:
             await commit_at(runner.store, tenant, "metered", "ann", usage, MIDNIGHT)
-        finally:
-            event.remove(runner.engine.sync_engine, "before_cursor_execute", seen)
         async with runner.engine.connect() as conn:
             row = (
-                await conn.execute(
-                    select(usage_rollups).where(usage_rollups.c.tenant_id == hold_tenant_user[0])
-                )
+                await conn.execute(select(usage_rollups).where(usage_rollups.c.tenant_id == tenant))
             ).one()
-        return row
+        return row, sent
 
-    row = runner.run(scenario())
+    row, statements = runner.run(scenario())
     # The second call's statements: its reservation, then its commit.
     commits = [s for s in statements if "usage_records" in s]
     assert len(commits) == 1

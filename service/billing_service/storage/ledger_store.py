@@ -90,6 +90,7 @@ class LedgerStore:
         # Reads of one row need no transaction either (no BEGIN/ROLLBACK). SQLite reads keep
         # theirs: its connection begins every transaction with BEGIN IMMEDIATE.
         self._reads = self._autocommit if self._postgres else engine
+        self._hot_path = postgres_hot_path.HotPath(engine) if self._postgres else None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -140,9 +141,8 @@ class LedgerStore:
         (the top-up that could have made room was not allowed).
         """
         try:
-            if self._postgres and hold.metered:
-                async with self._autocommit.connect() as conn:
-                    taken = await postgres_hot_path.reserve(conn, hold)
+            if self._hot_path is not None and hold.metered:
+                taken = await self._hot_path.reserve(hold)
                 if taken is not None:
                     return taken
             async with transaction(self._engine) as conn:
@@ -174,11 +174,10 @@ class LedgerStore:
         self, command: Commit, request_fingerprint: str, now: datetime
     ) -> CommitOutcome:
         try:
-            if self._postgres:
-                async with self._autocommit.connect() as conn:
-                    row = await postgres_hot_path.commit(conn, command, request_fingerprint, now)
+            if self._hot_path is not None:
+                row = await self._hot_path.commit(command, request_fingerprint, now)
                 if row is not None:
-                    return CommitOutcome(_usage_from_row(row), row.available_after_micros)
+                    return CommitOutcome(_usage_from_row(row), row["available_after_micros"])
             async with transaction(self._engine) as conn:
                 return await _commit(conn, command, request_fingerprint, now)
         except IntegrityError:
@@ -195,6 +194,16 @@ class LedgerStore:
         self, command: Refund, request_fingerprint: str, now: datetime
     ) -> RefundOutcome:
         try:
+            if self._hot_path is not None and not command.amount_micros:
+                released = await self._hot_path.release(command, request_fingerprint, now)
+                if released is not None:
+                    return RefundOutcome(
+                        EntryKind.RELEASE,
+                        released.released_micros,
+                        released.available_after_micros,
+                        0,
+                        request_fingerprint,
+                    )
             async with transaction(self._engine) as conn:
                 return await _refund(conn, command, request_fingerprint, now)
         except IntegrityError:
@@ -961,19 +970,21 @@ def _usage_row(record: UsageRecord) -> dict[str, Any]:
 
 
 def _usage_from_row(row: Any) -> UsageRecord:
+    """From a SQLAlchemy row or an asyncpg record (the one-statement Commit's)."""
+    get = (row._mapping if isinstance(row, Row) else row).__getitem__
     return UsageRecord(
-        hold_id=row.hold_id,
-        tenant_id=row.tenant_id,
-        user_id=row.user_id,
-        model=row.model,
-        usage=TokenUsage(row.input_tokens, row.cached_input_tokens, row.output_tokens),
-        cost_micros=row.cost_micros,
-        charged_micros=row.charged_micros,
-        uncollected_micros=row.uncollected_micros,
-        held_micros=row.held_micros,
-        payment_source=PaymentSource(row.payment_source),
-        reserved_at=row.reserved_at,
-        committed_at=row.committed_at,
-        request_id=row.request_id,
-        request_fingerprint=row.request_fingerprint,
+        hold_id=get("hold_id"),
+        tenant_id=get("tenant_id"),
+        user_id=get("user_id"),
+        model=get("model"),
+        usage=TokenUsage(get("input_tokens"), get("cached_input_tokens"), get("output_tokens")),
+        cost_micros=get("cost_micros"),
+        charged_micros=get("charged_micros"),
+        uncollected_micros=get("uncollected_micros"),
+        held_micros=get("held_micros"),
+        payment_source=PaymentSource(get("payment_source")),
+        reserved_at=get("reserved_at"),
+        committed_at=get("committed_at"),
+        request_id=get("request_id"),
+        request_fingerprint=get("request_fingerprint"),
     )

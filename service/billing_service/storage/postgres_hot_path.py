@@ -1,16 +1,21 @@
-"""ReserveCredit and Commit on PostgreSQL in one statement each: one round trip, no BEGIN/COMMIT.
+"""ReserveCredit, Commit and release on PostgreSQL in one statement each: one round trip, no
+BEGIN/COMMIT.
 
 Each statement is a chain of data-modifying CTEs run in autocommit mode. The tenant's row is
 locked only while the statement runs, so concurrent calls for one tenant queue for
-microseconds, not for a whole transaction's round trips.
+microseconds, not for a whole transaction's round trips. They are sent through asyncpg's own
+prepared statements on a connection of the engine's pool: SQLAlchemy's execution machinery
+(execution context, result rows) cost as much CPU per call as the rest of the call's storage
+work (docs/performance.md).
 
 The reserve takes the hold from the tenant and from every budget that applies (domain.budgets)
-in the same statement; the commit covers holds that took from no budget (one that did is
-settled by the general transaction, which moves its budgets with the tenant). When one
+in the same statement; the commit and the release cover holds that took from no budget (one
+that did is settled by the general transaction, which moves its budgets with the tenant). When one
 returns no row (no room, unknown tenant, hold not open, ...), the caller falls back to the
 general multi-statement transaction in ledger_store, which decides and explains the outcome.
 A unique-key violation (a retried request_id) aborts the whole statement, so nothing is
-half-written.
+half-written; it is raised as SQLAlchemy's IntegrityError, and a lost connection as its
+OperationalError, so that callers handle both paths' errors alike.
 
 Rules they apply, and where those rules are defined and tested to agree:
 - the fit rule `available >= amount`: storage.credit_sql (rendered into the text below);
@@ -22,19 +27,24 @@ tests/ledger/test_hot_path_agrees.py checks the last three against the domain on
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple, cast
 
+import asyncpg
 from sqlalchemy import BigInteger, DateTime, String, bindparam, text
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import BindParameter, TextClause
 from sqlalchemy.types import TypeEngine
+from sqlalchemy.util import greenlet_spawn
 
 from billing_service.domain.budgets import EPOCH, BudgetPeriod, period_start
-from billing_service.domain.commands import Commit
+from billing_service.domain.commands import Commit, Refund
 from billing_service.domain.model import Hold
 from billing_service.storage.budget_store import usages_from_json
 from billing_service.storage.credit_sql import available_credit_postgres_text
@@ -205,7 +215,31 @@ RETURNING *
 """
 
 
-_DIVISION_BY_ZERO = "22012"
+_RELEASE_SQL = f"""
+WITH released AS (
+    UPDATE holds
+    SET status = 'released', settled_at = :now
+    WHERE hold_id = :hold_id AND status = 'open' AND billing = 'metered' AND budgets IS NULL
+    RETURNING hold_id, tenant_id, amount_micros
+), moved AS (
+    UPDATE tenants
+    SET held_micros = tenants.held_micros - released.amount_micros
+    FROM released
+    WHERE tenants.tenant_id = released.tenant_id
+    RETURNING tenants.tenant_id, tenants.balance_micros, tenants.held_micros,
+        {_AVAILABLE} AS available_micros
+)
+INSERT INTO ledger_entries (
+    tenant_id, kind, hold_id, request_id, request_fingerprint, balance_delta_micros,
+    held_delta_micros, balance_after_micros, held_after_micros, available_after_micros, memo,
+    created_at
+)
+SELECT moved.tenant_id, 'release', released.hold_id, :request_id, :request_fingerprint, 0,
+    -released.amount_micros, moved.balance_micros, moved.held_micros, moved.available_micros,
+    :memo, :now
+FROM released JOIN moved ON moved.tenant_id = released.tenant_id
+RETURNING -held_delta_micros AS released_micros, available_after_micros
+"""
 
 _PARAM_NAMES = re.compile(r"(?<![:\w]):(\w+)")
 
@@ -244,15 +278,53 @@ COMMIT = _statement(
     text_params=("hold_id", "request_id", "request_fingerprint"),
     time_params=("now",),
 )
+RELEASE = _statement(
+    _RELEASE_SQL,
+    text_params=("hold_id", "request_id", "request_fingerprint", "memo"),
+    time_params=("now",),
+)
 
 
-async def reserve(conn: AsyncConnection, hold: Hold) -> Hold | None:
-    """Takes a metered hold if it fits in the tenant's credit and in every budget that applies;
-    returns the hold as stored, else None."""
+_ASYNCPG_DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
+
+
+class DriverStatement(NamedTuple):
+    """A statement as asyncpg takes it: `$n::type` placeholders and the names in `$n` order.
+
+    Rendered by SQLAlchemy's asyncpg dialect, so the text is the one SQLAlchemy would send
+    (pg_stat_statements and bench/pgbench see one statement either way)."""
+
+    sql: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, statement: TextClause) -> DriverStatement:
+        compiled = statement.compile(dialect=_ASYNCPG_DIALECT)
+        return cls(compiled.string, tuple(compiled.positiontup or ()))
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        return [params[name] for name in self.names]
+
+
+_RESERVE = DriverStatement.of(RESERVE)
+_COMMIT = DriverStatement.of(COMMIT)
+_RELEASE = DriverStatement.of(RELEASE)
+
+# Errors after which the connection cannot be trusted: it is dropped from the pool, and the
+# call fails as a storage fault (UNAVAILABLE; the client retries with the same request_id).
+_CONNECTION_FAULTS = (
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+def reserve_params(hold: Hold) -> dict[str, Any]:
     price = hold.price
     assert price is not None
     assert hold.metered
-    params: dict[str, Any] = {
+    return {
         "amount_micros": hold.amount_micros,
         "tenant_id": hold.tenant_id,
         "hold_id": hold.hold_id,
@@ -273,27 +345,11 @@ async def reserve(conn: AsyncConnection, hold: Hold) -> Hold | None:
         },
         "epoch": EPOCH,
     }
-    try:
-        row = (await conn.execute(RESERVE, params)).one_or_none()
-    except DBAPIError as error:
-        if getattr(error.orig, "pgcode", None) == _DIVISION_BY_ZERO:
-            return None
-        raise
-    if row is None:
-        return None
-    return replace(
-        hold,
-        decision_available_micros=int(row.available_after_micros),
-        budgets=usages_from_json(row.budgets),
-    )
 
 
-async def commit(
-    conn: AsyncConnection, command: Commit, request_fingerprint: str, now: datetime
-) -> Any | None:
-    """Settles an open, unexpired hold; returns the usage_records row written, else None."""
+def commit_params(command: Commit, request_fingerprint: str, now: datetime) -> dict[str, Any]:
     usage = command.usage
-    params: dict[str, Any] = {
+    return {
         "hold_id": command.reservation_id,
         "request_id": command.request_id,
         "request_fingerprint": request_fingerprint,
@@ -302,4 +358,82 @@ async def commit(
         "output_tokens": usage.output_tokens,
         "now": now,
     }
-    return (await conn.execute(COMMIT, params)).one_or_none()
+
+
+class Released(NamedTuple):
+    released_micros: int
+    available_after_micros: int
+
+
+class HotPath:
+    """Runs the one-statement calls on connections of `engine`'s pool (PostgreSQL only)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def reserve(self, hold: Hold) -> Hold | None:
+        """Takes a metered hold if it fits in the tenant's credit and in every budget that
+        applies; returns the hold as stored, else None."""
+        try:
+            row = await self._fetchrow(_RESERVE, reserve_params(hold))
+        except asyncpg.DivisionByZeroError:
+            return None  # a budget filled up under the statement: the general path decides
+        if row is None:
+            return None
+        return replace(
+            hold,
+            decision_available_micros=int(row["available_after_micros"]),
+            budgets=usages_from_json(row["budgets"]),
+        )
+
+    async def commit(
+        self, command: Commit, request_fingerprint: str, now: datetime
+    ) -> Mapping[str, Any] | None:
+        """Settles an open, unexpired hold; returns the usage_records row written, else None."""
+        return await self._fetchrow(_COMMIT, commit_params(command, request_fingerprint, now))
+
+    async def release(
+        self, command: Refund, request_fingerprint: str, now: datetime
+    ) -> Released | None:
+        """Releases an open metered hold that took from no budget, else returns None."""
+        row = await self._fetchrow(
+            _RELEASE,
+            {
+                "hold_id": command.reservation_id,
+                "request_id": command.request_id,
+                "request_fingerprint": request_fingerprint,
+                "memo": command.reason or None,
+                "now": now,
+            },
+        )
+        if row is None:
+            return None
+        return Released(int(row["released_micros"]), int(row["available_after_micros"]))
+
+    async def _fetchrow(
+        self, statement: DriverStatement, params: Mapping[str, Any]
+    ) -> Mapping[str, Any] | None:
+        pooled = await self._engine.raw_connection()
+        driver: Any = pooled.driver_connection  # an asyncpg.Connection
+        try:
+            row = await driver.fetchrow(statement.sql, *statement.args(params))
+        except asyncpg.IntegrityConstraintViolationError as error:
+            raise IntegrityError(statement.sql, None, error) from error
+        except BaseException as error:
+            # Cancelled mid-statement (the caller's deadline), the connection may still be busy
+            # with it: like a broken one, it is not handed to the next caller.
+            cancelled = isinstance(error, asyncio.CancelledError)
+            if not (cancelled or isinstance(error, _CONNECTION_FAULTS) or driver.is_closed()):
+                raise
+            driver.terminate()
+            await greenlet_spawn(pooled.invalidate, error)
+            if cancelled or not isinstance(error, Exception):
+                raise
+            raise OperationalError(
+                statement.sql, None, error, connection_invalidated=True
+            ) from error
+        finally:
+            # Returning it to the pool may close it (invalidated, or past pool_recycle), which
+            # awaits inside SQLAlchemy: hence the greenlet.
+            await greenlet_spawn(pooled.close)
+        return cast("Mapping[str, Any] | None", row)

@@ -1,0 +1,153 @@
+"""The one-statement calls on PostgreSQL (storage.postgres_hot_path): taken when they apply,
+and what a lost or cancelled connection does to them.
+
+The ledger tests run every call on both databases; these pin down what only PostgreSQL has:
+that ReserveCredit, Commit and a release really take the one-statement path (a regression to
+the general transaction would pass every other test, only slower), and that a connection
+broken under a statement is reported as UNAVAILABLE, never reused, and the retry with the same
+request_id answers once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billing_service.core import BillingCore
+from billing_service.domain.commands import Commit, Refund
+from billing_service.domain.errors import ErrorReason, Unavailable
+from billing_service.domain.ledger import EntryKind
+from billing_service.storage.ledger_store import LedgerStore
+from billing_service.storage.postgres_hot_path import HotPath
+from billing_service.storage.tables import holds
+from tests.ledger.books import money
+from tests.ledger.test_ledger import ESTIMATE_HOLD, LIMIT, USAGE, USAGE_COST, granted, new_tenant
+
+pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
+
+
+def record_answers(store: LedgerStore, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
+    """What each one-statement call of `store` answered (None: it fell back)."""
+    hot_path = store._hot_path
+    assert isinstance(hot_path, HotPath)
+    answers: dict[str, list[Any]] = {"reserve": [], "commit": [], "release": []}
+    for name, seen in answers.items():
+        original: Callable[..., Awaitable[Any]] = getattr(hot_path, name)
+
+        async def recorded(
+            *args: Any, _original: Callable[..., Awaitable[Any]] = original, _seen: list[Any] = seen
+        ) -> Any:
+            answer = await _original(*args)
+            _seen.append(answer)
+            return answer
+
+        monkeypatch.setattr(hot_path, name, recorded)
+    return answers
+
+
+async def terminate_other_connections(database_url: str) -> int:
+    """Kills every other connection to the database (the pool's); returns how many."""
+    admin = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await admin.close()
+    return int(killed)
+
+
+async def test_reserve_commit_and_release_each_take_one_statement(
+    core: BillingCore, store: LedgerStore, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = record_answers(store, monkeypatch)
+    await new_tenant(core)
+    committed = await granted(core, "r1")
+    released = await granted(core, "r2")
+    await core.commit(Commit("c1", committed.hold_id, USAGE))
+    outcome = await core.refund(Refund("f1", released.hold_id, 0, "cancelled"))
+
+    assert [answer is not None for answer in answers["reserve"]] == [True, True]
+    assert [answer is not None for answer in answers["commit"]] == [True]
+    assert [answer is not None for answer in answers["release"]] == [True]
+    assert (outcome.kind, outcome.amount_micros) == (EntryKind.RELEASE, ESTIMATE_HOLD)
+    assert outcome.available_after_micros == LIMIT - USAGE_COST
+    assert await money(engine, "acme") == (-USAGE_COST, 0)
+
+
+async def test_a_retried_release_falls_back_and_replays(
+    core: BillingCore, store: LedgerStore, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = record_answers(store, monkeypatch)
+    await new_tenant(core)
+    hold = await granted(core, "r1")
+    command = Refund("f1", hold.hold_id, 0, "cancelled")
+    first = await core.refund(command)
+    assert await core.refund(command) == first
+    # The retry found no open hold to release: the general transaction replayed the answer.
+    assert [answer is not None for answer in answers["release"]] == [True, False]
+    assert await money(engine, "acme") == (0, 0)
+
+
+async def test_a_connection_lost_under_the_pool_is_unavailable_then_replaced(
+    core: BillingCore, engine: AsyncEngine, database_url: str
+) -> None:
+    await new_tenant(core)
+    await granted(core, "r1")
+    # The calls so far ran one at a time: the pool holds one connection, now dead.
+    assert await terminate_other_connections(database_url) == 1
+
+    with pytest.raises(Unavailable) as raised:
+        await granted(core, "r2")
+    assert raised.value.reason is ErrorReason.STORAGE_UNAVAILABLE
+    assert await money(engine, "acme") == (0, ESTIMATE_HOLD)
+    # The broken connection was dropped, not handed to the retry.
+    await granted(core, "r2")
+    assert await money(engine, "acme") == (0, 2 * ESTIMATE_HOLD)
+
+
+async def test_a_reserve_cancelled_under_a_lock_is_answered_once_on_retry(
+    core: BillingCore, engine: AsyncEngine, database_url: str
+) -> None:
+    await new_tenant(core)
+    locker = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        transaction = locker.transaction()
+        await transaction.start()
+        await locker.execute("SELECT 1 FROM tenants WHERE tenant_id = 'acme' FOR UPDATE")
+        call = asyncio.create_task(granted(core, "r1"))
+        await _until_waiting_for_a_lock(locker)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await transaction.rollback()
+    finally:
+        await locker.close()
+
+    # The cancelled statement may still have run on its abandoned connection: the retry answers
+    # with its hold if so, else takes one. Either way there is one hold.
+    hold = await granted(core, "r1")
+    assert await granted(core, "r1") == hold
+    async with engine.connect() as conn:
+        count = (await conn.execute(select(func.count()).select_from(holds))).scalar_one()
+    assert count == 1
+    assert await money(engine, "acme") == (0, ESTIMATE_HOLD)
+
+
+async def _until_waiting_for_a_lock(locker: asyncpg.Connection) -> None:
+    query = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    for _ in range(1000):
+        if await locker.fetchval(query):
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the reservation never waited for the tenant's row")
