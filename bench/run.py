@@ -85,6 +85,7 @@ class Options:
     big_ledger_duration_s: float
     settle_s: float
     sweep_interval_s: float
+    pool_size: int
     access_log: bool
     smoke: bool
     out: Path
@@ -109,6 +110,7 @@ class Options:
             "big_ledger_duration_s": self.big_ledger_duration_s,
             "db_stats_settle_s": self.settle_s,
             "expiry_sweep_interval_s": self.sweep_interval_s,
+            "pool_size_per_server": self.pool_size or "max callers / servers + 2",
             "access_log": self.access_log,
             "release_share": workload.RELEASE_SHARE,
             "hold_micros": workload.HOLD_MICROS,
@@ -165,6 +167,12 @@ def parse_options(argv: list[str] | None = None) -> Options:
         help="seconds before reading pg_stat_database (11)",
     )
     add("--sweep-interval", type=float, default=1.0, help="BILLING_EXPIRY_SWEEP_INTERVAL_S (1.0)")
+    add(
+        "--pool-size",
+        type=int,
+        default=16,
+        help="BILLING_DB_POOL_SIZE per server (16; 0: callers / servers + 2, one each)",
+    )
     add("--access-log", action="store_true", help="keep the servers' per-call access log on")
     add("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -196,6 +204,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         big_ledger_duration_s=pick(args.big_ledger_duration, 10.0, 2.0),
         settle_s=pick(args.db_stats_settle, pg.FULL_SETTLE_S, 0.0),
         sweep_interval_s=args.sweep_interval,
+        pool_size=args.pool_size,
         access_log=args.access_log,
         smoke=args.smoke,
         out=out,
@@ -350,7 +359,7 @@ class Benchmark:
         if backend == "postgresql":
             assert self.cluster is not None
             dbid = self.runner.run(self.cluster.database_oid(database))
-        pool = max(2, math.ceil(max(options.concurrency) / count) + 2)
+        pool = options.pool_size or max(2, math.ceil(max(options.concurrency) / count) + 2)
         servers = Servers(
             url, count, pool_size=pool, price_table=prices, extra_settings=self._server_settings()
         )

@@ -55,6 +55,9 @@ class CallGuard(_ServerInterceptor):
         self._metrics = metrics
         self._access_log = access_log
         self.in_flight = 0
+        # The guarded handler of each method, built on its first call: building it costs as much
+        # as the rest of the guard, and grpc asks for it on every call.
+        self._guarded: dict[str, tuple[object, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -66,7 +69,17 @@ class CallGuard(_ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        cached = self._guarded.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = self._guard(handler, handler_call_details.method)
+        self._guarded[handler_call_details.method] = (handler, guarded)
+        return guarded
+
+    def _guard(
+        self, handler: grpc.RpcMethodHandler[Any, Any], full_method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        service, _, method = full_method.lstrip("/").partition("/")
         protected = service not in OPEN_SERVICES and self._authenticator.enabled
         if handler.unary_stream is not None and protected:
             return self._guarded_stream(handler, service)
