@@ -223,6 +223,39 @@ def write_all(result: dict[str, Any], out: Path) -> dict[str, Path]:
     return paths
 
 
+def cpu_ms_per_query(run: dict[str, Any]) -> dict[str, float] | None:
+    """CPU milliseconds each part of the machine spent per query of `run`."""
+    queries = run["queries_per_s"] * run["cpu"]["window_s"]
+    if not queries:
+        return None
+    return {part: 1000 * s / queries for part, s in run["cpu"]["seconds"].items()}
+
+
+def _cpu_per_query(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## CPU per query (ms of CPU time per ReserveCredit + settle, or per two no-op calls)",
+        "",
+        "| scenario | callers | query: servers / PostgreSQL / load generator | total "
+        "| no-op: servers / load generator | total |",
+        "|---|---:|---|---:|---|---:|",
+    ]
+    for key, scenario in result["scenarios"].items():
+        for point in scenario["points"]:
+            query = cpu_ms_per_query(point["query"])
+            noop = cpu_ms_per_query(point["noop"])
+            if query is None or noop is None:
+                continue
+            lines.append(
+                f"| {key} | {point['concurrency']} "
+                f"| {query['servers']:.2f} / {query['postgres']:.2f} / {query['loadgen']:.2f} "
+                f"| {query['servers'] + query['postgres'] + query['loadgen']:.2f} "
+                f"| {noop['servers']:.2f} / {noop['loadgen']:.2f} "
+                f"| {noop['servers'] + noop['loadgen']:.2f} |"
+            )
+    return lines
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -286,6 +319,7 @@ def markdown(result: dict[str, Any], plot_name: str) -> str:
                 f"| {100 * query['cpu']['machine_busy']:.0f}% "
                 f"| {'ok' if query['invariants']['ok'] else '**VIOLATED**'} |"
             )
+    lines += _cpu_per_query(result)
     if any("check" in p for s in result["scenarios"].values() for p in s["points"]):
         lines += [
             "",
@@ -461,3 +495,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.report bench/results/NAME.json`: writes NAME.md and NAME.png again from
+    the JSON of a run (after a change of the report, not of the measurements)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    parser.add_argument("json", type=Path)
+    args = parser.parse_args(argv)
+    result = json.loads(args.json.read_text())
+    out = args.json.with_suffix("")
+    out.with_name(out.name + ".md").write_text(markdown(result, out.name + ".png"))
+    plot(result, out.with_name(out.name + ".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
