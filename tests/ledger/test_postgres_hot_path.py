@@ -101,14 +101,17 @@ async def test_a_connection_lost_under_the_pool_is_unavailable_then_replaced(
 ) -> None:
     await new_tenant(core)
     await granted(core, "r1")
-    # The calls so far ran one at a time: the pool holds one connection, now dead.
-    assert await terminate_other_connections(database_url) == 1
+    # Three connections in the pool, then a database restart as far as they can tell.
+    opened = [await engine.raw_connection() for _ in range(3)]
+    for pooled in opened:
+        pooled.close()
+    assert await terminate_other_connections(database_url) == 3
 
     with pytest.raises(Unavailable) as raised:
         await granted(core, "r2")
     assert raised.value.reason is ErrorReason.STORAGE_UNAVAILABLE
-    assert await money(engine, "acme") == (0, ESTIMATE_HOLD)
-    # The broken connection was dropped, not handed to the retry.
+    # The first fault retired the whole pool: the retry gets a new connection, not a dead one.
+    # (Nothing else may touch the pool in between: SQLAlchemy's own execute would retire it.)
     await granted(core, "r2")
     assert await money(engine, "acme") == (0, 2 * ESTIMATE_HOLD)
 

@@ -39,6 +39,7 @@ from sqlalchemy import BigInteger, DateTime, String, bindparam, text
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql.elements import BindParameter, TextClause
 from sqlalchemy.types import TypeEngine
 from sqlalchemy.util import greenlet_spawn
@@ -310,11 +311,16 @@ _RESERVE = DriverStatement.of(RESERVE)
 _COMMIT = DriverStatement.of(COMMIT)
 _RELEASE = DriverStatement.of(RELEASE)
 
-# Errors after which the connection cannot be trusted: it is dropped from the pool, and the
-# call fails as a storage fault (UNAVAILABLE; the client retries with the same request_id).
+# Errors after which the connection cannot be trusted: it is dropped from the pool, with every
+# connection opened before it, and the call fails as a storage fault (UNAVAILABLE; the client
+# retries with the same request_id). Other asyncpg errors (a value it cannot encode, ...) are
+# not faults: retrying would not help.
 _CONNECTION_FAULTS = (
-    asyncpg.InterfaceError,
+    asyncpg.ConnectionDoesNotExistError,
     asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
     OSError,
     TimeoutError,
 )
@@ -426,14 +432,23 @@ class HotPath:
             if not (cancelled or isinstance(error, _CONNECTION_FAULTS) or driver.is_closed()):
                 raise
             driver.terminate()
-            await greenlet_spawn(pooled.invalidate, error)
+            await greenlet_spawn(self._invalidate, pooled, error, not cancelled)
             if cancelled or not isinstance(error, Exception):
                 raise
             raise OperationalError(
                 statement.sql, None, error, connection_invalidated=True
             ) from error
         finally:
-            # Returning it to the pool may close it (invalidated, or past pool_recycle), which
-            # awaits inside SQLAlchemy: hence the greenlet.
+            # Returning it to the pool awaits inside SQLAlchemy (a closing connection's close):
+            # hence the greenlet.
             await greenlet_spawn(pooled.close)
         return cast("Mapping[str, Any] | None", row)
+
+    def _invalidate(self, pooled: PoolProxiedConnection, error: BaseException, fault: bool) -> None:
+        """Drops `pooled`; after a fault, also marks the connections opened before it to be
+        replaced at their next checkout: a database restart broke them all, and without
+        pre-ping each would fail one more call. This is what SQLAlchemy's own execute does on a
+        disconnect (Pool._invalidate; tests/ledger/test_postgres_hot_path.py checks it)."""
+        if fault:
+            self._engine.sync_engine.pool._invalidate(pooled, error, _checkin=False)
+        pooled.invalidate(error)
