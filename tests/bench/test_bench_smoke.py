@@ -5,6 +5,7 @@ few seconds, and every invariant check after every run passes. No speed is asser
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -103,3 +104,15 @@ def test_smoke_run_passes_every_invariant_check(tmp_path: Path) -> None:
     assert dash["commit_rollup_cost"]["ratio_mean"] > 0
     assert "pk_usage_rollups" in dash["explain"]
     assert any(t["target"].startswith("summary read") for t in result["targets"])
+
+
+def test_the_sqlite_core_measure_counts_its_hops(tmp_path: Path) -> None:
+    from bench.sqlite_core import measure
+
+    result = asyncio.run(measure(tmp_path, 5))
+    # ReserveCredit and Commit are each a transaction of several statements on SQLite, every
+    # statement at least one hop to aiosqlite's thread; CPU is spent, and nothing is asserted
+    # about how much.
+    assert result["aiosqlite_hops_per_query"] >= 4
+    assert result["cpu_ms_per_query"] > 0
+    assert result["cpu_ms_per_bare_hop"] > 0
