@@ -25,6 +25,7 @@ from billing.client._errors import (
     PermissionDenied,
     RequestIdReused,
     Unauthenticated,
+    error_from_rpc,
 )
 from billing.client._model import AccessDecision, OnExit, new_request_id
 from billing.client._retry import RETRIED_CODES, OnRetry, RetryEvent, RetryPolicy
@@ -60,5 +61,6 @@ __all__ = [
     "Unauthenticated",
     "connect_aio_channel",
     "connect_channel",
+    "error_from_rpc",
     "new_request_id",
 ]

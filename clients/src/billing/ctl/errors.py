@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
+
+from billing.client import RETRIED_CODES, error_from_rpc
 
 # Like grpcurl: a failed call exits with 64 + its gRPC status code (NOT_FOUND: 69,
 # UNAVAILABLE: 78), so scripts can tell the cause from the exit code alone. 2 is a usage error.
 RPC_EXIT_BASE = 64
 USAGE_EXIT = 2
-
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class CallFailure:
 
     @property
     def retryable(self) -> bool:
-        return self.code in _RETRYABLE
+        return self.code in RETRIED_CODES
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -53,27 +52,16 @@ class CallFailure:
 
 
 def call_failure(error: grpc.RpcError) -> CallFailure:
-    """Reads the status code, message and the ErrorInfo / BadRequest details of a failed call."""
+    """The status code, message and the ErrorInfo / BadRequest details of a failed call, as the
+    client library decodes them."""
     if not isinstance(error, grpc.Call):
         return CallFailure(grpc.StatusCode.UNKNOWN, str(error))
-    status = status_pb2.Status()
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            status.ParseFromString(value)
-    info = error_details_pb2.ErrorInfo()
-    fields: list[str] = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            fields.extend(violation.field for violation in bad_request.field_violations)
+    typed = error_from_rpc(error)
     return CallFailure(
-        code=error.code(),
-        message=error.details() or "",
-        reason=info.reason,
-        domain=info.domain,
-        metadata=dict(info.metadata),
-        fields=fields,
+        code=typed.code,
+        message=typed.message,
+        reason=typed.reason,
+        domain=typed.domain,
+        metadata=typed.metadata,
+        fields=[violation.field for violation in typed.field_violations],
     )
