@@ -26,15 +26,15 @@ from billing.v1 import types_pb2 as billing_dot_v1_dot_types__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62illing/v1/billing.proto\x12\nbilling.v1\x1a\x16\x62illing/v1/types.proto\x1a\x1egoogle/protobuf/duration.proto\"@\n\rQueryEstimate\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x02 \x01(\x03\"\x88\x01\n\x12\x43heckAccessRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x08\x65stimate\x18\x03 \x01(\x0b\x32\x19.billing.v1.QueryEstimate\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x12\n\napi_key_id\x18\x05 \x01(\t\"=\n\x13\x43heckAccessResponse\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x14.billing.v1.Decision\"\xe9\x01\n\x14ReserveCreditRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12-\n\x08\x65stimate\x18\x05 \x01(\x0b\x32\x19.billing.v1.QueryEstimateH\x00\x12\x17\n\ramount_micros\x18\x06 \x01(\x03H\x00\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\napi_key_id\x18\x08 \x01(\tB\x06\n\x04size\"m\n\x15ReserveCreditResponse\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x14.billing.v1.Decision\x12,\n\x0breservation\x18\x02 \x01(\x0b\x32\x17.billing.v1.Reservation\"b\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.billing.v1.TokenUsage\"`\n\x0e\x43ommitResponse\x12-\n\x0cusage_record\x18\x01 \x01(\x0b\x32\x17.billing.v1.UsageRecord\x12\x1f\n\x17\x61vailable_credit_micros\x18\x02 \x01(\x03\"b\n\rRefundRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x8d\x01\n\x0eRefundResponse\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.billing.v1.RefundKind\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x1f\n\x17\x61vailable_credit_micros\x18\x03 \x01(\x03\x12\x1d\n\x15refunded_total_micros\x18\x04 \x01(\x03*Z\n\nRefundKind\x12\x1b\n\x17REFUND_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13REFUND_KIND_RELEASE\x10\x01\x12\x16\n\x12REFUND_KIND_REFUND\x10\x02\x32\xb8\x02\n\x0e\x42illingService\x12N\n\x0b\x43heckAccess\x12\x1e.billing.v1.CheckAccessRequest\x1a\x1f.billing.v1.CheckAccessResponse\x12T\n\rReserveCredit\x12 .billing.v1.ReserveCreditRequest\x1a!.billing.v1.ReserveCreditResponse\x12?\n\x06\x43ommit\x12\x19.billing.v1.CommitRequest\x1a\x1a.billing.v1.CommitResponse\x12?\n\x06Refund\x12\x19.billing.v1.RefundRequest\x1a\x1a.billing.v1.RefundResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62illing/v1/billing.proto\x12\nbilling.v1\x1a\x16\x62illing/v1/types.proto\x1a\x1egoogle/protobuf/duration.proto\"@\n\rQueryEstimate\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x02 \x01(\x03\"\x88\x01\n\x12\x43heckAccessRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x08\x65stimate\x18\x03 \x01(\x0b\x32\x19.billing.v1.QueryEstimate\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x12\n\napi_key_id\x18\x05 \x01(\t\"=\n\x13\x43heckAccessResponse\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x14.billing.v1.Decision\"\xe9\x01\n\x14ReserveCreditRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12-\n\x08\x65stimate\x18\x05 \x01(\x0b\x32\x19.billing.v1.QueryEstimateH\x00\x12\x17\n\ramount_micros\x18\x06 \x01(\x03H\x00\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\napi_key_id\x18\x08 \x01(\tB\x06\n\x04size\"m\n\x15ReserveCreditResponse\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x14.billing.v1.Decision\x12,\n\x0breservation\x18\x02 \x01(\x0b\x32\x17.billing.v1.Reservation\"b\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.billing.v1.TokenUsage\"`\n\x0e\x43ommitResponse\x12-\n\x0cusage_record\x18\x01 \x01(\x0b\x32\x17.billing.v1.UsageRecord\x12\x1f\n\x17\x61vailable_credit_micros\x18\x02 \x01(\x03\"v\n\rRefundRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nrefund_all\x18\x05 \x01(\x08\"\x8d\x01\n\x0eRefundResponse\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.billing.v1.RefundKind\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x1f\n\x17\x61vailable_credit_micros\x18\x03 \x01(\x03\x12\x1d\n\x15refunded_total_micros\x18\x04 \x01(\x03\"L\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"K\n\x0fReleaseResponse\x12\x17\n\x0freleased_micros\x18\x01 \x01(\x03\x12\x1f\n\x17\x61vailable_credit_micros\x18\x02 \x01(\x03*Z\n\nRefundKind\x12\x1b\n\x17REFUND_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13REFUND_KIND_RELEASE\x10\x01\x12\x16\n\x12REFUND_KIND_REFUND\x10\x02\x32\xfc\x02\n\x0e\x42illingService\x12N\n\x0b\x43heckAccess\x12\x1e.billing.v1.CheckAccessRequest\x1a\x1f.billing.v1.CheckAccessResponse\x12T\n\rReserveCredit\x12 .billing.v1.ReserveCreditRequest\x1a!.billing.v1.ReserveCreditResponse\x12?\n\x06\x43ommit\x12\x19.billing.v1.CommitRequest\x1a\x1a.billing.v1.CommitResponse\x12?\n\x06Refund\x12\x19.billing.v1.RefundRequest\x1a\x1a.billing.v1.RefundResponse\x12\x42\n\x07Release\x12\x1a.billing.v1.ReleaseRequest\x1a\x1b.billing.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'billing.v1.billing_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REFUNDKIND']._serialized_start=1153
-  _globals['_REFUNDKIND']._serialized_end=1243
+  _globals['_REFUNDKIND']._serialized_start=1328
+  _globals['_REFUNDKIND']._serialized_end=1418
   _globals['_QUERYESTIMATE']._serialized_start=96
   _globals['_QUERYESTIMATE']._serialized_end=160
   _globals['_CHECKACCESSREQUEST']._serialized_start=163
@@ -50,9 +50,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMMITRESPONSE']._serialized_start=811
   _globals['_COMMITRESPONSE']._serialized_end=907
   _globals['_REFUNDREQUEST']._serialized_start=909
-  _globals['_REFUNDREQUEST']._serialized_end=1007
-  _globals['_REFUNDRESPONSE']._serialized_start=1010
-  _globals['_REFUNDRESPONSE']._serialized_end=1151
-  _globals['_BILLINGSERVICE']._serialized_start=1246
-  _globals['_BILLINGSERVICE']._serialized_end=1558
+  _globals['_REFUNDREQUEST']._serialized_end=1027
+  _globals['_REFUNDRESPONSE']._serialized_start=1030
+  _globals['_REFUNDRESPONSE']._serialized_end=1171
+  _globals['_RELEASEREQUEST']._serialized_start=1173
+  _globals['_RELEASEREQUEST']._serialized_end=1249
+  _globals['_RELEASERESPONSE']._serialized_start=1251
+  _globals['_RELEASERESPONSE']._serialized_end=1326
+  _globals['_BILLINGSERVICE']._serialized_start=1421
+  _globals['_BILLINGSERVICE']._serialized_end=1801
 # @@protoc_insertion_point(module_scope)

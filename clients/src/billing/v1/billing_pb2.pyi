@@ -316,18 +316,24 @@ class RefundRequest(_message.Message):
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REFUND_ALL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Required. Idempotency key (AIP-155), 1-128 characters."""
     reservation_id: _builtins.str
-    """Required. The reservation to release or refund."""
+    """Required. The committed reservation whose charge to refund."""
     amount_micros: _builtins.int
-    """Optional. For a committed reservation: how much of its charge to give
-    back, in micros, at most what is left unrefunded; 0 (the default) means all
-    of it. For an open hold it must be 0: the whole hold is released.
+    """Optional. How much of the charge to give back, in micros, 1 to what is
+    left unrefunded. 0 (the default) with `refund_all` false makes the request
+    a release (see BillingService.Refund); set exactly one of the two to
+    refund.
     """
     reason: _builtins.str
-    """Optional. Why, for the ledger (e.g. "model timed out", "ticket 4411"), at
+    """Optional. Why, for the ledger (e.g. "ticket 4411: truncated answer"), at
     most 500 characters.
+    """
+    refund_all: _builtins.bool
+    """Optional. True refunds everything still unrefunded of the charge;
+    `amount_micros` must then be 0. Default false.
     """
     def __init__(
         self,
@@ -336,10 +342,11 @@ class RefundRequest(_message.Message):
         reservation_id: _builtins.str = ...,
         amount_micros: _builtins.int = ...,
         reason: _builtins.str = ...,
+        refund_all: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "reason", b"reason", "request_id", b"request_id", "reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "reason", b"reason", "refund_all", b"refund_all", "request_id", b"request_id", "reservation_id", b"reservation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -380,3 +387,65 @@ class RefundResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RefundResponse: _TypeAlias = RefundResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseRequest(_message.Message):
+    """Request of BillingService.Release."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required. Idempotency key (AIP-155), 1-128 characters. Generate it once
+    per release and reuse it on every retry.
+    """
+    reservation_id: _builtins.str
+    """Required. The open reservation to release, as returned by ReserveCredit."""
+    reason: _builtins.str
+    """Optional. Why, for the ledger (e.g. "model timed out"), at most 500
+    characters.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "reservation_id", b"reservation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseRequest: _TypeAlias = ReleaseRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseResponse(_message.Message):
+    """Response of BillingService.Release."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_MICROS_FIELD_NUMBER: _builtins.int
+    AVAILABLE_CREDIT_MICROS_FIELD_NUMBER: _builtins.int
+    released_micros: _builtins.int
+    """Output only. The amount returned to available credit, in micros: the
+    whole hold (0 for an included model, which holds nothing).
+    """
+    available_credit_micros: _builtins.int
+    """Output only. The tenant's available credit in micros right after."""
+    def __init__(
+        self,
+        *,
+        released_micros: _builtins.int = ...,
+        available_credit_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_credit_micros", b"available_credit_micros", "released_micros", b"released_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseResponse: _TypeAlias = ReleaseResponse  # noqa: Y015

@@ -28,8 +28,9 @@ if _version_not_supported:
 class BillingServiceStub(object):
     """The hot path a chat service calls around every model query:
     CheckAccess (may it run?), ReserveCredit (hold the most it can cost), then
-    Commit (settle the real cost) or Refund (give the hold back, or refund a
-    committed charge).
+    Commit (settle the real cost) or Release (give the hold back). Refund gives
+    back part or all of a committed charge; it is a separate request so that a
+    release can never turn into a refund.
 
     No tenant's unpaid exposure (open holds plus spend not covered by prepaid
     credit) ever exceeds its credit limit: a hold is granted only if it fits,
@@ -65,13 +66,19 @@ class BillingServiceStub(object):
                 request_serializer=billing_dot_v1_dot_billing__pb2.RefundRequest.SerializeToString,
                 response_deserializer=billing_dot_v1_dot_billing__pb2.RefundResponse.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/billing.v1.BillingService/Release',
+                request_serializer=billing_dot_v1_dot_billing__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_billing__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer(object):
     """The hot path a chat service calls around every model query:
     CheckAccess (may it run?), ReserveCredit (hold the most it can cost), then
-    Commit (settle the real cost) or Refund (give the hold back, or refund a
-    committed charge).
+    Commit (settle the real cost) or Release (give the hold back). Refund gives
+    back part or all of a committed charge; it is a separate request so that a
+    release can never turn into a refund.
 
     No tenant's unpaid exposure (open holds plus spend not covered by prepaid
     credit) ever exceeds its credit limit: a hold is granted only if it fits,
@@ -115,13 +122,37 @@ class BillingServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def Refund(self, request, context):
-        """Releases an open hold (the query failed or was cancelled), or refunds all
-        or part of a committed charge (e.g. a support agent refunding a bad
-        answer).
+        """Refunds part or all of a committed charge (e.g. a support agent refunding
+        a bad answer): `amount_micros`, or everything still unrefunded with
+        `refund_all`. It never releases a hold when either is set: on an open hold
+        it fails with FAILED_PRECONDITION and changes nothing.
+
+        Compatibility: a request with neither `amount_micros` nor `refund_all`
+        (the shape earlier clients sent to release a hold) is a release, exactly
+        as Release: it releases an open hold, and on a committed hold it fails
+        with FAILED_PRECONDITION, reason HOLD_ALREADY_COMMITTED, refunding
+        nothing. New callers use Release to release and set `amount_micros` or
+        `refund_all` to refund.
         Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
-        FAILED_PRECONDITION (reason HOLD_RELEASED, HOLD_EXPIRED,
-        PARTIAL_RELEASE_NOT_ALLOWED or REFUND_EXCEEDS_CHARGE), ALREADY_EXISTS
-        (request_id reused).
+        FAILED_PRECONDITION (reason HOLD_NOT_COMMITTED, HOLD_ALREADY_COMMITTED,
+        HOLD_RELEASED, HOLD_EXPIRED, PARTIAL_RELEASE_NOT_ALLOWED or
+        REFUND_EXCEEDS_CHARGE), ALREADY_EXISTS (request_id reused).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Releases an open hold: the query failed or was cancelled, nothing is
+        charged, and the whole hold returns to available credit. A release never
+        refunds anything: on a hold that is already committed (even by a Commit
+        that raced this call) it fails with FAILED_PRECONDITION, reason
+        HOLD_ALREADY_COMMITTED, and changes nothing. A hold whose expire time has
+        passed is expired, not released: the answer is FAILED_PRECONDITION, reason
+        HOLD_EXPIRED (its amount is back in available credit either way).
+        Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
+        FAILED_PRECONDITION (reason HOLD_ALREADY_COMMITTED, HOLD_RELEASED or
+        HOLD_EXPIRED), ALREADY_EXISTS (request_id reused).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,6 +181,11 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     request_deserializer=billing_dot_v1_dot_billing__pb2.RefundRequest.FromString,
                     response_serializer=billing_dot_v1_dot_billing__pb2.RefundResponse.SerializeToString,
             ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=billing_dot_v1_dot_billing__pb2.ReleaseRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_billing__pb2.ReleaseResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'billing.v1.BillingService', rpc_method_handlers)
@@ -161,8 +197,9 @@ def add_BillingServiceServicer_to_server(servicer, server):
 class BillingService(object):
     """The hot path a chat service calls around every model query:
     CheckAccess (may it run?), ReserveCredit (hold the most it can cost), then
-    Commit (settle the real cost) or Refund (give the hold back, or refund a
-    committed charge).
+    Commit (settle the real cost) or Release (give the hold back). Refund gives
+    back part or all of a committed charge; it is a separate request so that a
+    release can never turn into a refund.
 
     No tenant's unpaid exposure (open holds plus spend not covered by prepaid
     credit) ever exceeds its credit limit: a hold is granted only if it fits,
@@ -270,6 +307,33 @@ class BillingService(object):
             '/billing.v1.BillingService/Refund',
             billing_dot_v1_dot_billing__pb2.RefundRequest.SerializeToString,
             billing_dot_v1_dot_billing__pb2.RefundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/billing.v1.BillingService/Release',
+            billing_dot_v1_dot_billing__pb2.ReleaseRequest.SerializeToString,
+            billing_dot_v1_dot_billing__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

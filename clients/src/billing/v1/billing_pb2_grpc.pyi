@@ -29,8 +29,9 @@ GRPC_VERSION: str
 class BillingServiceStub:
     """The hot path a chat service calls around every model query:
     CheckAccess (may it run?), ReserveCredit (hold the most it can cost), then
-    Commit (settle the real cost) or Refund (give the hold back, or refund a
-    committed charge).
+    Commit (settle the real cost) or Release (give the hold back). Refund gives
+    back part or all of a committed charge; it is a separate request so that a
+    release can never turn into a refund.
 
     No tenant's unpaid exposure (open holds plus spend not covered by prepaid
     credit) ever exceeds its credit limit: a hold is granted only if it fits,
@@ -66,21 +67,42 @@ class BillingServiceStub:
     HOLD_EXPIRED), ALREADY_EXISTS (request_id reused).
     """
     Refund: _grpc.UnaryUnaryMultiCallable[_billing_pb2.RefundRequest, _billing_pb2.RefundResponse]
-    """Releases an open hold (the query failed or was cancelled), or refunds all
-    or part of a committed charge (e.g. a support agent refunding a bad
-    answer).
+    """Refunds part or all of a committed charge (e.g. a support agent refunding
+    a bad answer): `amount_micros`, or everything still unrefunded with
+    `refund_all`. It never releases a hold when either is set: on an open hold
+    it fails with FAILED_PRECONDITION and changes nothing.
+
+    Compatibility: a request with neither `amount_micros` nor `refund_all`
+    (the shape earlier clients sent to release a hold) is a release, exactly
+    as Release: it releases an open hold, and on a committed hold it fails
+    with FAILED_PRECONDITION, reason HOLD_ALREADY_COMMITTED, refunding
+    nothing. New callers use Release to release and set `amount_micros` or
+    `refund_all` to refund.
     Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
-    FAILED_PRECONDITION (reason HOLD_RELEASED, HOLD_EXPIRED,
-    PARTIAL_RELEASE_NOT_ALLOWED or REFUND_EXCEEDS_CHARGE), ALREADY_EXISTS
-    (request_id reused).
+    FAILED_PRECONDITION (reason HOLD_NOT_COMMITTED, HOLD_ALREADY_COMMITTED,
+    HOLD_RELEASED, HOLD_EXPIRED, PARTIAL_RELEASE_NOT_ALLOWED or
+    REFUND_EXCEEDS_CHARGE), ALREADY_EXISTS (request_id reused).
+    """
+    Release: _grpc.UnaryUnaryMultiCallable[_billing_pb2.ReleaseRequest, _billing_pb2.ReleaseResponse]
+    """Releases an open hold: the query failed or was cancelled, nothing is
+    charged, and the whole hold returns to available credit. A release never
+    refunds anything: on a hold that is already committed (even by a Commit
+    that raced this call) it fails with FAILED_PRECONDITION, reason
+    HOLD_ALREADY_COMMITTED, and changes nothing. A hold whose expire time has
+    passed is expired, not released: the answer is FAILED_PRECONDITION, reason
+    HOLD_EXPIRED (its amount is back in available credit either way).
+    Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
+    FAILED_PRECONDITION (reason HOLD_ALREADY_COMMITTED, HOLD_RELEASED or
+    HOLD_EXPIRED), ALREADY_EXISTS (request_id reused).
     """
 
 @_typing.type_check_only
 class BillingServiceAsyncStub(BillingServiceStub):
     """The hot path a chat service calls around every model query:
     CheckAccess (may it run?), ReserveCredit (hold the most it can cost), then
-    Commit (settle the real cost) or Refund (give the hold back, or refund a
-    committed charge).
+    Commit (settle the real cost) or Release (give the hold back). Refund gives
+    back part or all of a committed charge; it is a separate request so that a
+    release can never turn into a refund.
 
     No tenant's unpaid exposure (open holds plus spend not covered by prepaid
     credit) ever exceeds its credit limit: a hold is granted only if it fits,
@@ -113,20 +135,41 @@ class BillingServiceAsyncStub(BillingServiceStub):
     HOLD_EXPIRED), ALREADY_EXISTS (request_id reused).
     """
     Refund: _aio.UnaryUnaryMultiCallable[_billing_pb2.RefundRequest, _billing_pb2.RefundResponse]  # type: ignore[assignment]
-    """Releases an open hold (the query failed or was cancelled), or refunds all
-    or part of a committed charge (e.g. a support agent refunding a bad
-    answer).
+    """Refunds part or all of a committed charge (e.g. a support agent refunding
+    a bad answer): `amount_micros`, or everything still unrefunded with
+    `refund_all`. It never releases a hold when either is set: on an open hold
+    it fails with FAILED_PRECONDITION and changes nothing.
+
+    Compatibility: a request with neither `amount_micros` nor `refund_all`
+    (the shape earlier clients sent to release a hold) is a release, exactly
+    as Release: it releases an open hold, and on a committed hold it fails
+    with FAILED_PRECONDITION, reason HOLD_ALREADY_COMMITTED, refunding
+    nothing. New callers use Release to release and set `amount_micros` or
+    `refund_all` to refund.
     Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
-    FAILED_PRECONDITION (reason HOLD_RELEASED, HOLD_EXPIRED,
-    PARTIAL_RELEASE_NOT_ALLOWED or REFUND_EXCEEDS_CHARGE), ALREADY_EXISTS
-    (request_id reused).
+    FAILED_PRECONDITION (reason HOLD_NOT_COMMITTED, HOLD_ALREADY_COMMITTED,
+    HOLD_RELEASED, HOLD_EXPIRED, PARTIAL_RELEASE_NOT_ALLOWED or
+    REFUND_EXCEEDS_CHARGE), ALREADY_EXISTS (request_id reused).
+    """
+    Release: _aio.UnaryUnaryMultiCallable[_billing_pb2.ReleaseRequest, _billing_pb2.ReleaseResponse]  # type: ignore[assignment]
+    """Releases an open hold: the query failed or was cancelled, nothing is
+    charged, and the whole hold returns to available credit. A release never
+    refunds anything: on a hold that is already committed (even by a Commit
+    that raced this call) it fails with FAILED_PRECONDITION, reason
+    HOLD_ALREADY_COMMITTED, and changes nothing. A hold whose expire time has
+    passed is expired, not released: the answer is FAILED_PRECONDITION, reason
+    HOLD_EXPIRED (its amount is back in available credit either way).
+    Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
+    FAILED_PRECONDITION (reason HOLD_ALREADY_COMMITTED, HOLD_RELEASED or
+    HOLD_EXPIRED), ALREADY_EXISTS (request_id reused).
     """
 
 class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
     """The hot path a chat service calls around every model query:
     CheckAccess (may it run?), ReserveCredit (hold the most it can cost), then
-    Commit (settle the real cost) or Refund (give the hold back, or refund a
-    committed charge).
+    Commit (settle the real cost) or Release (give the hold back). Refund gives
+    back part or all of a committed charge; it is a separate request so that a
+    release can never turn into a refund.
 
     No tenant's unpaid exposure (open holds plus spend not covered by prepaid
     credit) ever exceeds its credit limit: a hold is granted only if it fits,
@@ -181,13 +224,39 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _billing_pb2.RefundRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_billing_pb2.RefundResponse, _abc.Awaitable[_billing_pb2.RefundResponse]]:
-        """Releases an open hold (the query failed or was cancelled), or refunds all
-        or part of a committed charge (e.g. a support agent refunding a bad
-        answer).
+        """Refunds part or all of a committed charge (e.g. a support agent refunding
+        a bad answer): `amount_micros`, or everything still unrefunded with
+        `refund_all`. It never releases a hold when either is set: on an open hold
+        it fails with FAILED_PRECONDITION and changes nothing.
+
+        Compatibility: a request with neither `amount_micros` nor `refund_all`
+        (the shape earlier clients sent to release a hold) is a release, exactly
+        as Release: it releases an open hold, and on a committed hold it fails
+        with FAILED_PRECONDITION, reason HOLD_ALREADY_COMMITTED, refunding
+        nothing. New callers use Release to release and set `amount_micros` or
+        `refund_all` to refund.
         Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
-        FAILED_PRECONDITION (reason HOLD_RELEASED, HOLD_EXPIRED,
-        PARTIAL_RELEASE_NOT_ALLOWED or REFUND_EXCEEDS_CHARGE), ALREADY_EXISTS
-        (request_id reused).
+        FAILED_PRECONDITION (reason HOLD_NOT_COMMITTED, HOLD_ALREADY_COMMITTED,
+        HOLD_RELEASED, HOLD_EXPIRED, PARTIAL_RELEASE_NOT_ALLOWED or
+        REFUND_EXCEEDS_CHARGE), ALREADY_EXISTS (request_id reused).
+        """
+
+    @_abc_1.abstractmethod
+    def Release(
+        self,
+        request: _billing_pb2.ReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.ReleaseResponse, _abc.Awaitable[_billing_pb2.ReleaseResponse]]:
+        """Releases an open hold: the query failed or was cancelled, nothing is
+        charged, and the whole hold returns to available credit. A release never
+        refunds anything: on a hold that is already committed (even by a Commit
+        that raced this call) it fails with FAILED_PRECONDITION, reason
+        HOLD_ALREADY_COMMITTED, and changes nothing. A hold whose expire time has
+        passed is expired, not released: the answer is FAILED_PRECONDITION, reason
+        HOLD_EXPIRED (its amount is back in available credit either way).
+        Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
+        FAILED_PRECONDITION (reason HOLD_ALREADY_COMMITTED, HOLD_RELEASED or
+        HOLD_EXPIRED), ALREADY_EXISTS (request_id reused).
         """
 
 def add_BillingServiceServicer_to_server(servicer: BillingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

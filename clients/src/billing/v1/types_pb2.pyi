@@ -298,7 +298,9 @@ class _ReservationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Res
     all of the charge may have been refunded since.
     """
     RESERVATION_STATUS_RELEASED: _ReservationStatus.ValueType  # 3
-    """Released by a Refund before commit; nothing was charged."""
+    """Released by Release (or a Refund without an amount) before commit;
+    nothing was charged.
+    """
     RESERVATION_STATUS_EXPIRED: _ReservationStatus.ValueType  # 4
     """Released automatically at its expire time; nothing was charged."""
 
@@ -316,7 +318,9 @@ RESERVATION_STATUS_COMMITTED: ReservationStatus.ValueType  # 2
 all of the charge may have been refunded since.
 """
 RESERVATION_STATUS_RELEASED: ReservationStatus.ValueType  # 3
-"""Released by a Refund before commit; nothing was charged."""
+"""Released by Release (or a Refund without an amount) before commit;
+nothing was charged.
+"""
 RESERVATION_STATUS_EXPIRED: ReservationStatus.ValueType  # 4
 """Released automatically at its expire time; nothing was charged."""
 Global___ReservationStatus: _TypeAlias = ReservationStatus  # noqa: Y015
