@@ -202,6 +202,7 @@ class StripeFaultProxy:
         self._faults: list[_Fault] = []
         self._keys: dict[str, _KeyRecord] = {}
         self._forwarded: Counter[tuple[str, str]] = Counter()
+        self._forwarded_for: Counter[tuple[str, str, str | None]] = Counter()
         self._replayed: Counter[tuple[str, str]] = Counter()
         self._hold = _Hold()
         self._loop = asyncio.new_event_loop()
@@ -312,10 +313,16 @@ class StripeFaultProxy:
         """Lets every held request (and any later one of the current hold) answer."""
         self._hold.released.set()
 
-    def clear_faults(self) -> None:
+    def clear_faults(self, *, customer: str | None = None) -> None:
+        """Drops every fault (only those of `customer`, when given)."""
         with self._lock:
-            self._faults.clear()
-        self.release()
+            self._faults = [
+                fault
+                for fault in self._faults
+                if customer is not None and fault.customer != customer
+            ]
+        if customer is None:
+            self.release()
 
     def _add_fault(
         self,
@@ -337,21 +344,50 @@ class StripeFaultProxy:
         """How many requests under `path_prefix` reached upstream."""
         return self._count(self._forwarded, path_prefix, method)
 
+    def forwarded_for(self, customer: str, path: str, method: str) -> int:
+        """How many requests to exactly `path` naming `customer` reached upstream."""
+        with self._lock:
+            return self._forwarded_for[(method.upper(), path, customer)]
+
     def wait_until_forwarded(
-        self, path_prefix: str, method: str, count: int, timeout_s: float
+        self,
+        path_prefix: str,
+        method: str,
+        count: int,
+        timeout_s: float,
+        *,
+        customer: str | None = None,
     ) -> None:
-        """Blocks until `count` requests under `path_prefix` have reached upstream."""
+        """Blocks until `count` requests under `path_prefix` (naming `customer`, when given)
+        have reached upstream."""
+
+        def reached() -> int:
+            if customer is None:
+                return self._count_locked(self._forwarded, path_prefix, method)
+            return sum(
+                n
+                for (m, path, who), n in self._forwarded_for.items()
+                if who == customer and m == method.upper() and path.startswith(path_prefix)
+            )
+
         with self._forwarded_changed:
-            if not self._forwarded_changed.wait_for(
-                lambda: self._count_locked(self._forwarded, path_prefix, method) >= count,
-                timeout_s,
-            ):
+            if not self._forwarded_changed.wait_for(lambda: reached() >= count, timeout_s):
                 raise TimeoutError(f"fewer than {count} {method} {path_prefix} in {timeout_s} s")
 
     async def async_wait_until_forwarded(
-        self, path_prefix: str, method: str, count: int, timeout_s: float
+        self,
+        path_prefix: str,
+        method: str,
+        count: int,
+        timeout_s: float,
+        *,
+        customer: str | None = None,
     ) -> None:
-        await asyncio.to_thread(self.wait_until_forwarded, path_prefix, method, count, timeout_s)
+        await asyncio.to_thread(
+            lambda: self.wait_until_forwarded(
+                path_prefix, method, count, timeout_s, customer=customer
+            )
+        )
 
     def replayed(self, path_prefix: str, method: str | None = None) -> int:
         """How many requests under `path_prefix` were answered from the idempotency store."""
@@ -459,8 +495,10 @@ class StripeFaultProxy:
 
     async def _forward(self, request: web.Request, body: bytes) -> _StoredAnswer | None:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIPPED_HEADERS}
+        customer = _customer_of(request, body)
         with self._lock:
             self._forwarded[(request.method, request.path)] += 1
+            self._forwarded_for[(request.method, request.path, customer)] += 1
             self._forwarded_changed.notify_all()
         return await self._upstream(request.method, request.path_qs, headers, body)
 
