@@ -5,7 +5,8 @@ Every combination of a fault on the charge's PaymentIntent create (the answer is
 Stripe charged; Stripe answers 500 after charging; the call hangs past the caller's timeout)
 with a change made while the charge is unresolved (a new card, the card removed, the tenant
 suspended, the idempotency key forgotten by Stripe a day later), on one server with an
-injected clock, against localstripe behind the replaying fault proxy, with faults for the
+injected clock (on SQLite: test_unknown_charge_outcomes_replicas.py runs them on PostgreSQL
+with server processes), against localstripe behind the replaying fault proxy, with faults for the
 tenant's customer only. The books are checked against Stripe's own PaymentIntents
 (charge_books.py): every success credited exactly once, nothing credited without one, no
 charge left without an outcome, the monthly ceiling never passed.
@@ -17,6 +18,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -112,12 +114,13 @@ async def worker_rounds_until_quiet(payments: Payments, clock: FakeClock) -> Non
 @pytest.mark.parametrize("change", CHANGES)
 @pytest.mark.parametrize("fault", FAULTS)
 async def test_a_charge_with_an_unknown_outcome_is_learned_and_credited_once(
-    database_url: str,
+    tmp_path: Path,
     localstripe: LocalStripe,
     proxy: StripeFaultProxy,
     fault: str,
     change: str,
 ) -> None:
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}"
     clock = FakeClock()
     async with serving(
         database_url, proxy.url, localstripe, clock, charge_lease_s=LEASE_S
