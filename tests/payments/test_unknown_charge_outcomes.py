@@ -178,6 +178,7 @@ async def test_one_tenants_hanging_charges_do_not_delay_the_others(
         others = [await payments.create_tenant() for _ in range(4)]
         for tenant_id in others:
             await payments.save_card(tenant_id, CARD_OK)
+        await timed_top_ups(payments, others)  # connections and caches warm
         before = await timed_top_ups(payments, others)
 
         proxy.hang(HANG_S, "POST", INTENTS, times=100, customer=stuck_customer)

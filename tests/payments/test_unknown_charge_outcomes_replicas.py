@@ -284,6 +284,7 @@ async def test_one_tenants_hanging_charges_do_not_delay_the_others_on_two_replic
                     account_pb2.GetBillingProfileRequest(tenant_id=stuck)
                 )
             ).profile.stripe_customer_id
+            await timed_top_ups(both, others)  # connections and caches warm
             before = await timed_top_ups(both, others)
 
             proxy.hang(HANG_S, "POST", INTENTS, times=1000, customer=stuck_customer)
