@@ -21,6 +21,7 @@ from tests.payments.conftest import (
     new_id,
     serving,
 )
+from tests.payments.test_cards_and_charges import top_up_now
 from tests.support.clock import FakeClock
 from tests.support.grpc_errors import rich_error
 from tests.support.localstripe import LocalStripe
@@ -228,14 +229,7 @@ async def test_resolutions_that_cannot_be_right_change_nothing(desk: Desk) -> No
     payments = desk.payments
     tenant_id = await payments.create_tenant()
     await payments.save_card(tenant_id, CARD_OK)
-    charge = (
-        await payments.account.TopUpNow(
-            account_pb2.TopUpNowRequest(
-                request_id=new_id("topup"), tenant_id=tenant_id, amount_micros=AMOUNT
-            ),
-            timeout=30,
-        )
-    ).charge
+    charge = await top_up_now(payments, tenant_id, AMOUNT)
     assert charge.status == account_pb2.CHARGE_STATUS_SUCCEEDED
     succeeded = admin_pb2.CHARGE_RESOLUTION_SUCCEEDED
     invalid = grpc.StatusCode.INVALID_ARGUMENT
@@ -280,13 +274,7 @@ async def test_charges_are_listed_a_page_at_a_time(desk: Desk) -> None:
     made = []
     for _ in range(3):
         desk.clock.advance(seconds=1)
-        answer = await payments.account.TopUpNow(
-            account_pb2.TopUpNowRequest(
-                request_id=new_id("topup"), tenant_id=tenant_id, amount_micros=AMOUNT
-            ),
-            timeout=30,
-        )
-        made.append(answer.charge.charge_id)
+        made.append((await top_up_now(payments, tenant_id, AMOUNT)).charge_id)
 
     pages, token = [], ""
     while True:

@@ -28,7 +28,7 @@ from datetime import timedelta
 import grpc
 import pytest
 import stripe
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.v1 import account_pb2, account_pb2_grpc, admin_pb2, admin_pb2_grpc
@@ -37,7 +37,14 @@ from billing_service.storage.migrations import migrate
 from billing_service.storage.tables import charges
 from tests.payments.charge_books import charge_problems, charge_rows
 from tests.payments.conftest import CARD_OK, Payments, new_id
-from tests.payments.test_unknown_charge_outcomes import CHANGES, FAULTS, HANG_S, INTENTS, inject
+from tests.payments.test_unknown_charge_outcomes import (
+    CHANGES,
+    FAULTS,
+    HANG_S,
+    INTENTS,
+    inject,
+    timed_top_ups,
+)
 from tests.support.localstripe import API_KEY, LocalStripe
 from tests.support.postgres import PostgresServer
 from tests.support.server_process import ServerProcess
@@ -159,11 +166,17 @@ async def make_change(payments: Payments, cell: Cell) -> None:
 
 async def a_day_passes(engine: AsyncEngine, proxy: StripeFaultProxy, cell: Cell) -> None:
     async with engine.begin() as conn:
-        await conn.execute(
-            update(charges)
-            .where(charges.c.tenant_id == cell.tenant_id, charges.c.sent_at.is_not(None))
-            .values(sent_at=charges.c.sent_at - timedelta(hours=21))
+        sent = await conn.execute(
+            select(charges.c.charge_id, charges.c.sent_at).where(
+                charges.c.tenant_id == cell.tenant_id, charges.c.sent_at.is_not(None)
+            )
         )
+        for charge_id, sent_at in list(sent):
+            await conn.execute(
+                update(charges)
+                .where(charges.c.charge_id == charge_id)
+                .values(sent_at=sent_at - timedelta(hours=21))
+            )
     proxy.forget_keys(customer=cell.customer_id)
 
 
@@ -239,24 +252,6 @@ async def test_every_fault_and_change_on_two_replicas_killed_between_steps(
         await engine.dispose()
 
     assert {cell: found for cell, found in problems.items() if found} == {}
-
-
-async def timed_top_ups(servers: list[Payments], tenants: list[str]) -> list[tuple[int, float]]:
-    """Each tenant tops up $1 at once, the calls spread over the servers."""
-
-    async def one(payments: Payments, tenant_id: str) -> tuple[int, float]:
-        started = time.perf_counter()
-        answer = await payments.account.TopUpNow(
-            account_pb2.TopUpNowRequest(
-                request_id=new_id("topup"), tenant_id=tenant_id, amount_micros=1_000_000
-            ),
-            timeout=4 * HANG_S,
-        )
-        return answer.charge.status, time.perf_counter() - started
-
-    return await asyncio.gather(
-        *(one(servers[i % len(servers)], tenant_id) for i, tenant_id in enumerate(tenants))
-    )
 
 
 async def test_one_tenants_hanging_charges_do_not_delay_the_others_on_two_replicas(
