@@ -23,7 +23,7 @@ import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
 from billing.ctl.money import format_dollars
-from billing.v1 import admin_pb2, admin_pb2_grpc
+from billing.v1 import account_pb2, account_pb2_grpc, admin_pb2, admin_pb2_grpc
 from examples.chat_app.app import create_app
 from examples.chat_app.settings import ChatSettings
 from tests.support.browser import WAIT_MS, chromium
@@ -33,6 +33,9 @@ from tests.support.web_app import serving
 
 pytestmark = pytest.mark.slow
 
+CARD_OK = "4242424242424242"
+CARD_DECLINED = "4000000000000002"
+CARD_DECLINED_OFF_SESSION = "4000000000000341"
 CREDIT_LIMIT = 25_000_000
 # 20,000 words: the app estimates 20,000 input tokens, the model reports 20,003.
 LONG_PROMPT = " ".join(["a"] * 20_000)
@@ -76,6 +79,21 @@ class Stack:
             )
         return tenant_id
 
+    def top_up_now(self, tenant_id: str, amount_micros: int) -> account_pb2.Charge:
+        with grpc.insecure_channel(self.billing) as channel:
+            return (
+                account_pb2_grpc.AccountServiceStub(channel)
+                .TopUpNow(
+                    account_pb2.TopUpNowRequest(
+                        request_id=str(uuid.uuid4()),
+                        tenant_id=tenant_id,
+                        amount_micros=amount_micros,
+                    ),
+                    timeout=30,
+                )
+                .charge
+            )
+
     def chat(
         self, tenant_id: str, user_id: str, model: str, prompt: str, max_tokens: int = 256
     ) -> httpx.Response:
@@ -99,6 +117,18 @@ def _bounded_waits() -> None:
     expect.set_options(timeout=WAIT_MS)
 
 
+def save_card(page: Page, number: str) -> None:
+    """Types a test card into the form and saves it. localstripe's Stripe.js mounts plain
+    inputs where real Stripe.js mounts its iframe; it takes the 16 digits without spaces."""
+    card = page.locator("#card-element")
+    card.get_by_placeholder("number").fill(number)
+    card.get_by_placeholder("exp_month").fill("12")
+    card.get_by_placeholder("exp_year").fill("34")
+    card.get_by_placeholder("cvc").fill("123")
+    card.get_by_placeholder("postal_code").fill("10001")
+    page.locator("#save-card").click()
+
+
 def billed(response: httpx.Response) -> dict[str, Any]:
     assert response.status_code == 200, response.text[:500]
     billing: dict[str, Any] = response.json()["billing"]
@@ -119,14 +149,7 @@ def test_a_card_added_in_the_browser_and_the_queries_after_it_show_on_the_page(
     assert refused.status_code == 402
     assert refused.json()["error"]["reason"] == "PAYMENT_METHOD_REQUIRED"
 
-    # localstripe's Stripe.js mounts plain inputs where real Stripe.js mounts its iframe.
-    card = page.locator("#card-element")
-    card.get_by_placeholder("number").fill("4242424242424242")
-    card.get_by_placeholder("exp_month").fill("12")
-    card.get_by_placeholder("exp_year").fill("34")
-    card.get_by_placeholder("cvc").fill("123")
-    card.get_by_placeholder("postal_code").fill("10001")
-    page.locator("#save-card").click()
+    save_card(page, CARD_OK)
     # Saving reloads the page: the card, the limit it brings and good standing.
     expect(page.locator("#card-on-file")).to_contain_text("•••• 4242")
     expect(page.locator("#card-on-file .brand")).to_have_text("Visa")
@@ -209,13 +232,55 @@ def test_ids_from_callers_are_shown_as_text_never_markup(stack: Stack) -> None:
 def test_a_declined_card_is_reported_in_the_form_and_nothing_is_saved(stack: Stack) -> None:
     tenant_id = stack.create_tenant(f"acme-{uuid.uuid4().hex[:6]}")
     page = stack.open(tenant_id)
-    card = page.locator("#card-element")
-    card.get_by_placeholder("number").fill("4000000000000002")
-    card.get_by_placeholder("exp_month").fill("12")
-    card.get_by_placeholder("exp_year").fill("34")
-    card.get_by_placeholder("cvc").fill("123")
-    page.locator("#save-card").click()
+    save_card(page, CARD_DECLINED)
     expect(page.locator("#card-status")).to_have_text(re.compile("declined"))
     expect(page.locator("#save-card")).to_be_enabled()
     page.reload()
     expect(page.locator("#no-card")).to_have_text("No card on file.")
+
+
+def test_a_declined_charge_asks_to_update_the_card_and_a_new_card_clears_it(stack: Stack) -> None:
+    tenant_id = stack.create_tenant(f"acme-{uuid.uuid4().hex[:6]}")
+    page = stack.open(tenant_id)
+    save_card(page, CARD_DECLINED_OFF_SESSION)  # saved; its off-session charges are declined
+    expect(page.locator("#status-pill")).to_have_text("Good standing")
+    charge = stack.top_up_now(tenant_id, 10_000_000)
+    assert charge.status == account_pb2.CHARGE_STATUS_FAILED
+    refused = stack.chat(tenant_id, "alice", "gpt-4o", "hello there")
+    assert refused.json()["error"]["reason"] == "PAYMENT_FAILED"
+
+    page.reload()
+    expect(page.locator("#status-pill")).to_have_text("Payment failed")
+    banner = page.locator("#standing")
+    expect(banner).to_contain_text("The last card charge was declined.")
+    banner.get_by_role("link", name="Update your card").click()
+    expect(page.locator("#card-details")).to_have_attribute("open", "")
+    save_card(page, CARD_OK)
+    expect(page.locator("#status-pill")).to_have_text("Good standing")
+    expect(page.locator("#standing")).to_have_count(0)
+    billed(stack.chat(tenant_id, "alice", "gpt-4o", "hello there"))
+
+
+def test_automatic_top_up_settings_are_changed_from_the_page(stack: Stack) -> None:
+    tenant_id = stack.create_tenant(f"acme-{uuid.uuid4().hex[:6]}")
+    page = stack.open(tenant_id)
+    save_card(page, CARD_OK)
+    # Saving reloads the page; the form is filled only after that.
+    expect(page.locator("#card-on-file")).to_contain_text("•••• 4242")
+    expect(page.locator("#auto-top-up-summary")).to_contain_text("the card is charged $20.00")
+    form = page.locator("#auto-top-up-form")
+    form.get_by_label("charge").fill("12.5")
+    form.get_by_label("Below").fill("ten")
+    form.get_by_role("button", name="Save").click()
+    expect(page.locator("#auto-top-up-status")).to_contain_text("Enter an amount in dollars")
+    form.get_by_label("Below").fill("$7.25")
+    form.get_by_label("at most a month").fill("100")
+    form.get_by_role("button", name="Save").click()
+    summary = page.locator("#auto-top-up-summary")
+    expect(summary).to_contain_text(
+        "When available credit falls below $7.25, the card is charged $12.50, "
+        "at most $100.00 a month."
+    )
+    form.get_by_role("checkbox", name="On").uncheck()
+    form.get_by_role("button", name="Save").click()
+    expect(summary).to_contain_text("Off: the card is charged only when you top up.")
