@@ -5,8 +5,9 @@ the latest usage records, automatic top-up settings, and the billing status with
 
 The example has no login: a real product takes the tenant from the signed-in admin's session
 (and checks that the admin may manage its billing) instead of from the URL and the request
-body. The browser only ever sees the SetupIntent's client secret; card numbers go from the
-browser to Stripe, never through this app or the billing service.
+body. The actions take JSON bodies only, which a form on another site cannot send. The browser
+only ever sees the SetupIntent's client secret; card numbers go from the browser to Stripe,
+never through this app or the billing service.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ money, unknown tenants, billing down, refused actions)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,3 +215,15 @@ def test_a_refused_action_while_billing_is_down_says_to_reload(tmp_path: Path) -
     assert answer.status_code == 503
     assert answer.json()["error"]["message"].startswith("Billing did not answer in time.")
     assert "127.0.0.1" not in answer.text
+
+
+def test_actions_take_json_only_which_a_cross_site_form_cannot_send(
+    billing: ServerProcess, page: TestClient
+) -> None:
+    tenant_id = create_tenant(billing.address, card=True)
+    body = json.dumps({"tenant_id": tenant_id})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        answer = page.post(
+            "/billing/setup-intent", content=body, headers={"content-type": content_type}
+        )
+        assert answer.status_code == 422
