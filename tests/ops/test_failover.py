@@ -35,7 +35,7 @@ from tests.ledger.books import assert_books_balance
 from tests.ops.conftest import UNIT_PRICES
 from tests.support.grpc_errors import rich_error
 from tests.support.postgres_ha import AutoFailoverFormation
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import ServerProcess, start_together
 
 pytestmark = pytest.mark.slow
 
@@ -164,12 +164,7 @@ def test_a_failover_under_load_loses_no_answer(
         "BILLING_HEALTH_CHECK_INTERVAL_S": "0.5",
         "BILLING_ACCESS_LOG": "false",
     }
-    with (
-        ServerProcess(settings) as first,
-        ServerProcess(settings) as second,
-        ServerProcess(settings) as third,
-    ):
-        replicas = [first, second, third]
+    with start_together(*[settings] * REPLICAS) as replicas:
         pids = [replica.process.pid for replica in replicas]
         load = asyncio.run(_failover_under_load(formation, replicas))
         assert [replica.process.poll() for replica in replicas] == [None] * REPLICAS
