@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
+import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +74,8 @@ class Load:
     calls: list[Call] = field(default_factory=list)
     stop: bool = False
     killed_at: float | None = None
+    killed_at_wall: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
     promoted_at: float | None = None
     enough_before_kill: asyncio.Event = field(default_factory=asyncio.Event)
     enough_after_promotion: asyncio.Event = field(default_factory=asyncio.Event)
@@ -170,6 +176,8 @@ def test_a_failover_under_load_loses_no_answer(
         assert [replica.process.poll() for replica in replicas] == [None] * REPLICAS
         assert [replica.process.pid for replica in replicas] == pids
         asyncio.run(_check(url, load))
+        _report(load)
+        _report_logs(load, replicas)
 
 
 async def _failover_under_load(
@@ -188,18 +196,21 @@ async def _failover_under_load(
                 )
             )
         load = Load([billing_pb2_grpc.BillingServiceStub(channel) for channel in channels])
+        started = time.monotonic()
         workers = [asyncio.create_task(load.worker(n)) for n in range(WORKERS)]
         try:
             async with asyncio.timeout(FAILOVER_TIMEOUT_S):
                 await load.enough_before_kill.wait()
             primary = formation.primary()
             (standby,) = [node for node in formation.nodes if node is not primary]
-            load.killed_at = time.monotonic()
+            load.killed_at, load.killed_at_wall = time.monotonic(), time.time()
+            load.phases["load before the kill"] = load.killed_at - started
             await asyncio.to_thread(formation.kill, primary)
             await asyncio.to_thread(formation.wait_for_primary, standby, FAILOVER_TIMEOUT_S)
             load.promoted_at = time.monotonic()
             async with asyncio.timeout(FAILOVER_TIMEOUT_S):
                 await load.enough_after_promotion.wait()
+            load.phases["load after the promotion"] = time.monotonic() - load.promoted_at
         finally:
             load.stop = True
             async with asyncio.timeout(FAILOVER_TIMEOUT_S):
@@ -211,11 +222,17 @@ async def _failover_under_load(
             )
             assert ready.status == health_pb2.HealthCheckResponse.SERVING
         # Every answered call sent again with its request_id: the same answer.
-        for call in load.calls:
-            if call.answer is not None:
+        replaying = asyncio.Semaphore(WORKERS)
+
+        async def replay(call: Call) -> None:
+            async with replaying:
                 rpc = getattr(load.stubs[call.replica], call.method)
                 again = await rpc(call.request, timeout=CALL_TIMEOUT_S)
-                assert again == call.answer, (call.method, call.request)
+            assert again == call.answer, (call.method, call.request)
+
+        started = time.monotonic()
+        await asyncio.gather(*(replay(call) for call in load.calls if call.answer is not None))
+        load.phases["replay"] = time.monotonic() - started
         return load
     finally:
         for channel in channels:
@@ -276,7 +293,6 @@ async def _check(url: str, load: Load) -> None:
         await assert_books_balance(engine)
     finally:
         await engine.dispose()
-    _report(load)
 
 
 def _report(load: Load) -> None:
@@ -303,5 +319,27 @@ def _report(load: Load) -> None:
         f"kill at +{first_after_kill - load.killed_at:.1f} s; failed attempts from "
         f"+{failed_at[0] - load.killed_at:.1f} s to +{failed_at[-1] - load.killed_at:.1f} s; "
         f"longest time without an answer "
-        f"per replica: {', '.join(f'{gap:.1f} s' for gap in gaps)}"
+        f"per replica: {', '.join(f'{gap:.1f} s' for gap in gaps)}; phases (s): "
+        + ", ".join(f"{name} {seconds:.1f}" for name, seconds in load.phases.items())
     )
+
+
+def _report_logs(load: Load, replicas: list[ServerProcess]) -> None:
+    """What an operator reads in the replicas' logs: readiness changes and the causes of the
+    UNAVAILABLE answers, relative to the kill."""
+    causes: Counter[str] = Counter()
+    for number, replica in enumerate(replicas):
+        for line in replica.log:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            message = str(record.get("message", ""))
+            at = datetime.fromisoformat(record["time"]).timestamp() - load.killed_at_wall
+            if message.startswith(("ready:", "not ready:")):
+                print(f"replica {number} at {at:+.1f} s: {message[:150]}")
+            elif " unavailable: " in message:
+                cause = message.split(" unavailable: ", 1)[1]
+                causes[re.sub(r"\d+", "N", cause)[:160]] += 1
+    for cause, count in causes.most_common():
+        print(f"{count:5d} x unavailable: {cause}")

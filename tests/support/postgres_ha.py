@@ -99,6 +99,8 @@ class AutoFailoverFormation:
             )
             self._wait_for_log("monitor", "Contacting the monitor to LISTEN")
             self.psql(monitor.port, "pg_auto_failover", *self._monitor_settings())
+            # Both nodes register at once: the monitor makes the first one the primary and the
+            # other its standby, which clones the primary once it is up.
             for name in ("a", "b"):
                 node = Node(name, free_port(), self._root / name)
                 node.keeper = self._spawn(
@@ -114,28 +116,18 @@ class AutoFailoverFormation:
                     ],
                 )
                 self.nodes.append(node)
-                # One at a time: the first registered becomes the primary.
-                self._wait_for_state({name: {"single", "wait_primary", "primary", "secondary"}})
-            self._wait_for_state({"a": {"primary"}, "b": {"secondary"}})
+            self._wait_for_roles()
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
-        """Stops every keeper (each stops its PostgreSQL), then deletes the directory."""
-        keepers = [node for node in [*self.nodes, self._monitor] if node and node.keeper]
-        for node in keepers:
-            assert node.keeper is not None
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.keeper.pid, signal.SIGTERM)
-        for node in keepers:
-            assert node.keeper is not None
-            try:
-                node.keeper.wait(30)
-            except subprocess.TimeoutExpired:
+        """Kills every piece (the data is thrown away: no clean shutdown needed), then deletes
+        the directory."""
+        for node in [*self.nodes, self._monitor]:
+            if node is not None:
                 self.kill(node)
-            self._kill_postgres(node)
         for log in self._logs:
             log.close()
         if self._root is not None:
@@ -194,11 +186,16 @@ class AutoFailoverFormation:
     def kill(self, node: Node) -> None:
         """kill -9 the whole node: its keeper (which would restart PostgreSQL) first, then the
         postmaster and every backend, as when its machine dies."""
+        postmaster = node.postmaster_pid()
+        # Found before anything dies: orphaned backends are re-parented and lost from view.
+        postgres = [postmaster, *_children(postmaster)] if postmaster else []
         if node.keeper is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.keeper.pid, signal.SIGKILL)
             node.keeper.wait(30)
-        self._kill_postgres(node)
+        for pid in postgres:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def wait_for_primary(self, node: Node, timeout_s: float) -> float:
         """Waits until the monitor reports `node` as a primary that takes writes; returns the
@@ -295,6 +292,22 @@ class AutoFailoverFormation:
                 raise PostgresServerError(f"not {wanted} in {timeout_s}s: {rows}\n{logs}")
             time.sleep(0.1)  # polling the monitor for a condition, bounded by the deadline
 
+    def _wait_for_roles(self, timeout_s: float = _START_TIMEOUT_S) -> None:
+        """Waits until one node is the primary and the other its synchronous standby."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                states = sorted(reported for reported, _ in self.state().values())
+            except PostgresServerError:
+                states = []
+            if states == ["primary", "secondary"]:
+                return
+            self._check_alive()
+            if time.monotonic() > deadline:
+                logs = "\n".join(self.log_tail(node.name) for node in self.nodes)
+                raise PostgresServerError(f"no primary and standby in {timeout_s}s\n{logs}")
+            time.sleep(0.1)  # polling the monitor for a condition, bounded by the deadline
+
     def _check_alive(self) -> None:
         for node in [self._monitor, *self.nodes]:
             if node and node.keeper and node.keeper.poll() not in (None, -signal.SIGKILL):
@@ -302,14 +315,6 @@ class AutoFailoverFormation:
                     f"pg_autoctl for {node.name} ended ({node.keeper.returncode})\n"
                     + self.log_tail(node.name)
                 )
-
-    def _kill_postgres(self, node: Node) -> None:
-        postmaster = node.postmaster_pid()
-        if postmaster is None:
-            return
-        for pid in [postmaster, *_children(postmaster)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 def _children(parent: int) -> list[int]:
