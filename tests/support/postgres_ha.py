@@ -30,6 +30,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -263,50 +264,43 @@ class AutoFailoverFormation:
             start_new_session=True,
         )
 
-    def _wait_for_log(self, name: str, text: str, timeout_s: float = _START_TIMEOUT_S) -> None:
+    def _wait_for_log(self, name: str, text: str) -> None:
         assert self._root is not None
-        deadline = time.monotonic() + timeout_s
         path = self._root / f"{name}.log"
-        while text not in path.read_text(errors="replace"):
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise PostgresServerError(
-                    f"{name}: no {text!r} in {timeout_s}s\n{self.log_tail(name)}"
-                )
-            time.sleep(0.1)  # polling a log file for a condition, bounded by the deadline
+        self._wait_until(lambda: text in path.read_text(errors="replace"), f"{text!r} in {name}")
 
-    def _wait_for_state(
-        self, wanted: dict[str, set[str]], timeout_s: float = _START_TIMEOUT_S
+    def _reported_states(self) -> dict[str, str]:
+        try:
+            return {name: reported for name, (reported, _) in self.state().items()}
+        except PostgresServerError:
+            return {}  # the monitor is not answering yet
+
+    def _wait_for_state(self, wanted: dict[str, set[str]], timeout_s: float) -> None:
+        def reached() -> bool:
+            states = self._reported_states()
+            return all(states.get(name) in allowed for name, allowed in wanted.items())
+
+        self._wait_until(reached, f"states {wanted}", timeout_s)
+
+    def _wait_for_roles(self) -> None:
+        """Waits until one node is the primary and the other its synchronous standby."""
+        self._wait_until(
+            lambda: sorted(self._reported_states().values()) == ["primary", "secondary"],
+            "a primary and a standby",
+        )
+
+    def _wait_until(
+        self, condition: Callable[[], bool], what: str, timeout_s: float = _START_TIMEOUT_S
     ) -> None:
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                rows = self.state()
-            except PostgresServerError:
-                rows = {}
-            if all(rows.get(n, ("", ""))[0] in states for n, states in wanted.items()):
-                return
+        while not condition():
             self._check_alive()
             if time.monotonic() > deadline:
                 logs = "\n".join(self.log_tail(node.name) for node in self.nodes)
-                raise PostgresServerError(f"not {wanted} in {timeout_s}s: {rows}\n{logs}")
-            time.sleep(0.1)  # polling the monitor for a condition, bounded by the deadline
-
-    def _wait_for_roles(self, timeout_s: float = _START_TIMEOUT_S) -> None:
-        """Waits until one node is the primary and the other its synchronous standby."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                states = sorted(reported for reported, _ in self.state().values())
-            except PostgresServerError:
-                states = []
-            if states == ["primary", "secondary"]:
-                return
-            self._check_alive()
-            if time.monotonic() > deadline:
-                logs = "\n".join(self.log_tail(node.name) for node in self.nodes)
-                raise PostgresServerError(f"no primary and standby in {timeout_s}s\n{logs}")
-            time.sleep(0.1)  # polling the monitor for a condition, bounded by the deadline
+                raise PostgresServerError(
+                    f"no {what} in {timeout_s}s: {self._reported_states()}\n{logs}"
+                )
+            time.sleep(0.1)  # polling for a condition, bounded by the deadline
 
     def _check_alive(self) -> None:
         for node in [self._monitor, *self.nodes]:
