@@ -116,7 +116,7 @@ class Metrics:
         )
         self.ready = Gauge(
             "billing_ready",
-            "1 while the database is reachable and migrated (readiness SERVING), else 0.",
+            "1 while the database is reachable, writable and migrated (readiness SERVING), else 0.",
             registry=registry,
         )
 

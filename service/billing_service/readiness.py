@@ -1,10 +1,11 @@
-"""Readiness: the service names are SERVING only while the database is reachable and migrated.
+"""Readiness: the service names are SERVING only while the database is reachable, takes writes
+and is migrated.
 
 A periodic check (one connection, cheap queries: on PostgreSQL whether the node takes writes,
 then the schema version and the open holds, which also feed the holds-open gauges) sets the
-health status of the billing services. The "" service
-(liveness) is SERVING as long as the process serves, whatever the database does: a database
-outage makes pods unready, it does not get them restarted.
+health status of the billing services. The "" service (liveness) is SERVING as long as the
+process serves, whatever the database does: a database outage or a failover makes pods
+unready, it does not get them restarted.
 """
 
 from __future__ import annotations
