@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -25,6 +26,7 @@ from tests.payments.test_cards_and_charges import top_up_now
 from tests.support.clock import FakeClock
 from tests.support.grpc_errors import rich_error
 from tests.support.localstripe import LocalStripe
+from tests.support.metric_names import CHARGE_METRICS, exported_metric_names
 from tests.support.stripe_proxy import StripeFaultProxy
 
 INTENTS = "/v1/payment_intents"
@@ -292,3 +294,7 @@ async def test_charges_are_listed_a_page_at_a_time(desk: Desk) -> None:
 
     assert pages == [made[:2], made[2:]]
     assert rich_error(caught.value).fields == ["page_token"]
+
+
+def test_the_charge_metrics_the_alerts_read_are_exported(tmp_path: Path) -> None:
+    assert exported_metric_names(tmp_path) >= CHARGE_METRICS
