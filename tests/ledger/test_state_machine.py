@@ -343,6 +343,36 @@ class LedgerMachine(RuleBasedStateMachine):
             self.commit(hold_id, share, cached)
         return hold_id
 
+    @rule(
+        target=granted,
+        tenant_id=tenant_ids,
+        model=st.sampled_from([TOKENS, FLAT, INCLUDED]),
+        size=amounts,
+        ttl=ttls,
+        wait_s=st.sampled_from([0, 0, 1, 31]),
+        how=st.sampled_from(["Release", "Refund", "refund_all", "amount"]),
+    )
+    def give_back(
+        self,
+        tenant_id: str,
+        model: str,
+        size: int,
+        ttl: timedelta | None,
+        wait_s: int,
+        how: str,
+    ) -> Any:
+        """A query that fails: reserve, maybe wait past the hold's expire time (no sweep), then
+        give it back with each shape of request, the right ones and the wrong ones."""
+        hold_id = self.reserve(tenant_id, model, size, ttl, ("user", ""))
+        if not isinstance(hold_id, str):
+            return hold_id
+        self.clock.advance(seconds=wait_s)
+        if how == "Release":
+            self.release(hold_id, "model failed")
+        else:
+            self.refund(hold_id, 1_000 if how == "amount" else 0, how == "refund_all")
+        return hold_id
+
     def reserve(
         self,
         tenant_id: str,
@@ -635,7 +665,7 @@ class LedgerMachine(RuleBasedStateMachine):
             expected = RefundOutcome(
                 EntryKind.RELEASE, hold.amount, tenant.available, 0, fingerprint(command)
             )
-        event(f"release by {type(command).__name__}")
+        event(f"release: by {type(command).__name__}")
         assert answer == expected
 
     def expire(self, hold: HoldModel) -> None:
