@@ -249,3 +249,26 @@ async def test_a_commit_and_a_release_of_one_hold_racing_settle_it_once(
     assert kinds.count("hold") == 30
     assert kinds.count("debit") + kinds.count("release") == 30
     await assert_books_balance(engine)
+
+
+async def test_a_late_release_racing_the_sweep_expires_the_hold_once(
+    core: BillingCore, engine: AsyncEngine, clock: FakeClock
+) -> None:
+    await new_tenant(core)
+    for round_number in range(10):
+        hold = await granted(core, f"r{round_number}", model=FLAT, ttl=timedelta(seconds=1))
+        clock.advance(seconds=1)
+        answers = await asyncio.gather(
+            core.release(Release(f"l{round_number}", hold.hold_id)),
+            core.release_expired(),
+            core.refund(legacy_release(f"f{round_number}", hold.hold_id)),
+            return_exceptions=True,
+        )
+        released, swept, refunded = answers
+        assert isinstance(released, FailedPrecondition), answers
+        assert isinstance(refunded, FailedPrecondition), answers
+        assert (released.reason, refunded.reason) == (ErrorReason.HOLD_EXPIRED,) * 2
+        assert swept in (0, 1)
+    kinds = await entry_kinds(engine, "acme")
+    assert (kinds.count("hold"), kinds.count("expiry"), len(kinds)) == (10, 10, 20)
+    assert await money(engine, "acme") == (0, 0)
