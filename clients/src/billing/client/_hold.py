@@ -57,8 +57,9 @@ class HoldBase:
         """The amount held, in micros (0 for an included model)."""
         return self.reservation.amount_micros
 
-    def _failed(self, error: BillingError) -> BillingError:
-        """What to raise for a failed commit or release of this hold, noting what it says."""
+    def _note_failure(self, error: BillingError) -> None:
+        """Remembers what a failed commit or release says of the hold, so leaving the block
+        does not act on a hold that is no longer open, or that may not be."""
         if isinstance(error, CommitOutcomeUnknown | ReleaseOutcomeUnknown):
             self.state = "unknown"
         elif isinstance(error, HoldAlreadyCommitted):
@@ -67,7 +68,6 @@ class HoldBase:
             self.state = "released"
         elif isinstance(error, HoldExpired):
             self.state = "expired"
-        return error
 
     def _interrupted(self) -> None:
         """A commit or release stopped by something else (a cancelled task, Ctrl-C) may have

@@ -277,43 +277,35 @@ class Hold(HoldBase):
         `HoldExpired` if the hold expired first (nothing was charged), and
         `CommitOutcomeUnknown` if no attempt got an answer: the hold is then never released;
         calling `commit()` again with the same counts retries the same commit."""
-        request = commit_request(
-            self._commit_request_id,
-            self.reservation_id,
-            input_tokens,
-            output_tokens,
-            cached_input_tokens,
-        )
         try:
-            response = self._client.call(
-                self._client.billing.Commit,
-                request,
-                name="Commit",
+            record = self._client.commit(
+                self.reservation_id,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cached_input_tokens=cached_input_tokens,
                 request_id=self._commit_request_id,
             )
         except BillingError as error:
-            raise self._failed(commit_failure(error, request)) from error
+            self._note_failure(error)
+            raise
         except BaseException:
             self._interrupted()
             raise
-        self.record = response.usage_record
+        self.record = record
         self.state = "committed"
-        return response.usage_record
+        return record
 
     def release(self, reason: str = "") -> billing_pb2.ReleaseResponse:
         """Gives the hold back; nothing is charged. It never refunds: if the hold was
         committed meanwhile it raises `HoldAlreadyCommitted` and changes nothing. Raises
         `ReleaseOutcomeUnknown` if no attempt got an answer."""
-        request = release_request(self._release_request_id, self.reservation_id, reason)
         try:
-            response = self._client.call(
-                self._client.billing.Release,
-                request,
-                name="Release",
-                request_id=self._release_request_id,
+            response = self._client.release(
+                self.reservation_id, reason=reason, request_id=self._release_request_id
             )
         except BillingError as error:
-            raise self._failed(release_failure(error, request)) from error
+            self._note_failure(error)
+            raise
         except BaseException:
             self._interrupted()
             raise
