@@ -15,7 +15,7 @@ from tests.support.tools import tool
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 METHODS = {
-    "billing.v1.BillingService": ["CheckAccess", "ReserveCredit", "Commit", "Refund"],
+    "billing.v1.BillingService": ["CheckAccess", "ReserveCredit", "Commit", "Refund", "Release"],
     "billing.v1.AdminService": [
         "CreateTenant",
         "UpdateTenant",
@@ -136,7 +136,12 @@ async def test_grpcurl_calls_every_method(client: Client) -> None:
     refunded = await call(
         client,
         f"{billing}/Refund",
-        {"request_id": str(uuid.uuid4()), "reservation_id": reservation_id, "reason": "bad answer"},
+        {
+            "request_id": str(uuid.uuid4()),
+            "reservation_id": reservation_id,
+            "reason": "bad answer",
+            "refund_all": True,
+        },
     )
     assert refunded["kind"] == "REFUND_KIND_REFUND"
     assert refunded["amount_micros"] == "7500"

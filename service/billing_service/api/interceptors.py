@@ -256,7 +256,8 @@ def _final_code(context: Context, error: BaseException) -> grpc.StatusCode:
 
 
 def _bind_tenant_of(response: Message) -> None:
-    """Commit and Refund name only a reservation; a usage record in the answer names its tenant."""
+    """Commit, Release and Refund name only a reservation; a usage record in the answer names
+    its tenant."""
     record = getattr(response, "usage_record", None)
     if isinstance(record, Message):
         bind_tenant(str(getattr(record, "tenant_id", "")))
