@@ -29,7 +29,7 @@ GRPC_CODES = (
 
 
 def contract_reasons() -> set[str]:
-    """The ErrorInfo reason strings of the contract: each value's name (UNSPECIFIED is never sent)."""
+    """The reason strings of the contract: its values' names (UNSPECIFIED is never sent)."""
     return {
         value.name
         for value in errors_pb2.ErrorReason.DESCRIPTOR.values
