@@ -40,7 +40,7 @@ export interface Logger {
 export type BillingClientOptions = ConnectionOptions &
   RetryOptions & {
     /** Default: `console`. */
-    readonly logger?: Logger;
+    readonly logger?: Logger | undefined;
   };
 
 /**
@@ -167,8 +167,8 @@ export class BillingClient implements AsyncDisposable {
    */
   async release(args: {
     reservationId: string;
-    reason?: string;
-    requestId?: string;
+    reason?: string | undefined;
+    requestId?: string | undefined;
   }): Promise<ReleaseResponse> {
     return this.#release(
       releaseRequest(args.requestId ?? newRequestId(), args.reservationId, args.reason ?? ""),

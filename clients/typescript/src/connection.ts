@@ -7,13 +7,13 @@ import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-no
 /** PEM material for TLS. */
 export interface TlsOptions {
   /** The CA certificates to trust; omitted: Node's default roots. */
-  readonly ca?: string | Buffer;
+  readonly ca?: string | Buffer | undefined;
   /** The client certificate chain, for mutual TLS (with `key`). */
-  readonly cert?: string | Buffer;
+  readonly cert?: string | Buffer | undefined;
   /** The client certificate's private key, for mutual TLS (with `cert`). */
-  readonly key?: string | Buffer;
+  readonly key?: string | Buffer | undefined;
   /** The name to verify the server certificate against, when not the target's host. */
-  readonly servername?: string;
+  readonly servername?: string | undefined;
 }
 
 export interface ConnectionOptions {
@@ -23,11 +23,11 @@ export interface ConnectionOptions {
    * Sent as `authorization: Bearer <token>` on every call, over TLS or plain TCP (a sidecar on
    * 127.0.0.1 is a supported setup).
    */
-  readonly token?: string;
+  readonly token?: string | undefined;
   /** TLS: `true` with the default roots, or the PEM material. Omitted or false: plain TCP. */
-  readonly tls?: boolean | TlsOptions;
+  readonly tls?: boolean | TlsOptions | undefined;
   /** Connect interceptors run on every call (tracing, logging), after the token is added. */
-  readonly interceptors?: readonly Interceptor[];
+  readonly interceptors?: readonly Interceptor[] | undefined;
 }
 
 /**

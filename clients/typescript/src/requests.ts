@@ -39,12 +39,12 @@ export interface CheckAccessArgs {
   readonly tenantId: string;
   readonly model: string;
   /** The query's size; without it, whether the smallest query would fit. */
-  readonly inputTokens?: Count;
-  readonly maxTokens?: Count;
+  readonly inputTokens?: Count | undefined;
+  readonly maxTokens?: Count | undefined;
   /** The end user: their budget is taken into account. */
-  readonly userId?: string;
+  readonly userId?: string | undefined;
   /** The API key or caller label: its budget is taken into account. */
-  readonly apiKeyId?: string;
+  readonly apiKeyId?: string | undefined;
 }
 
 export interface ReserveArgs {
@@ -56,10 +56,10 @@ export interface ReserveArgs {
   /** The output cap passed to the model (`max_tokens`). */
   readonly maxTokens: Count;
   /** How long the hold lives if never committed or released; whole seconds. Server default 300 s. */
-  readonly ttlSeconds?: number;
-  readonly apiKeyId?: string;
+  readonly ttlSeconds?: number | undefined;
+  readonly apiKeyId?: string | undefined;
   /** Your own idempotency key, to replay a reservation across processes; default a new UUID. */
-  readonly requestId?: string;
+  readonly requestId?: string | undefined;
 }
 
 /** The model's real token counts, as its provider reported them. */
@@ -67,7 +67,7 @@ export interface TokenCounts {
   readonly inputTokens: Count;
   readonly outputTokens: Count;
   /** Input tokens served from the provider's prompt cache (billed at the cached price). */
-  readonly cachedInputTokens?: Count;
+  readonly cachedInputTokens?: Count | undefined;
 }
 
 export function checkAccessRequest(args: CheckAccessArgs): CheckAccessRequest {
@@ -138,9 +138,9 @@ export interface RefundArgs {
   readonly reservationId: string;
   readonly refund: RefundAmount;
   /** Why, for the ledger (e.g. "ticket 4411: truncated answer"). */
-  readonly reason?: string;
+  readonly reason?: string | undefined;
   /** Your own idempotency key (a support ticket's, say); default a new UUID. */
-  readonly requestId?: string;
+  readonly requestId?: string | undefined;
 }
 
 export function refundRequest(args: RefundArgs): RefundRequest {

@@ -23,13 +23,13 @@ export interface RetryEvent {
 
 export interface RetryOptions {
   /** Deadline of one attempt. Default 2000 ms. */
-  readonly timeoutMs?: number;
+  readonly timeoutMs?: number | undefined;
   /** Attempts in all, the first included. Default 4. */
-  readonly maxAttempts?: number;
+  readonly maxAttempts?: number | undefined;
   /** When set, no attempt starts or runs past this long after the call began. */
-  readonly totalTimeoutMs?: number;
+  readonly totalTimeoutMs?: number | undefined;
   /** Called before each retry. */
-  readonly onRetry?: (event: RetryEvent) => void;
+  readonly onRetry?: (event: RetryEvent) => void | undefined;
 }
 
 /** What one attempt is given: its deadline, for the Connect call options. */

@@ -20,7 +20,7 @@ export function chatApp(): ChatApp {
     const settings = chatSettings();
     const billing = new BillingClient({
       target: settings.billingTarget,
-      ...(settings.billingToken !== undefined && { token: settings.billingToken }),
+      token: settings.billingToken,
       timeoutMs: settings.billingTimeoutMs,
       maxAttempts: settings.billingAttempts,
     });
