@@ -89,7 +89,7 @@ test("502: the model failed, the hold is released, nothing is charged (needs Rel
   const { ledgerEntries } = await admin.usage.listLedgerEntries({ tenantId, pageSize: 10 });
   assert.deepEqual(
     ledgerEntries.map((entry) => entry.kind),
-    [LedgerEntryKind.HOLD, LedgerEntryKind.RELEASE],
+    [LedgerEntryKind.RELEASE, LedgerEntryKind.HOLD], // newest first
   );
 });
 

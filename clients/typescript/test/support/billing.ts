@@ -78,7 +78,7 @@ export async function eventually(
   }
 }
 
-/** The ledger entries of one reservation, as `KIND memo` lines, in the ledger's order. */
+/** The ledger entries of one reservation, as `KIND memo` lines, oldest first. */
 export async function ledgerOf(
   billing: BillingClient,
   tenantId: string,
@@ -87,5 +87,6 @@ export async function ledgerOf(
   const { ledgerEntries } = await billing.usage.listLedgerEntries({ tenantId, pageSize: 100 });
   return ledgerEntries
     .filter((entry) => entry.reservationId === reservationId)
+    .sort((a, b) => Number(a.ledgerEntryId - b.ledgerEntryId))
     .map((entry) => `${LedgerEntryKind[entry.kind]} ${entry.memo}`.trim());
 }
