@@ -3,9 +3,9 @@
 and the client's generated code, current with the .proto files.
 
 scripts/ensure-tools installs both packages from their lock files (`npm ci`); scripts/test
-type-checks them (`tsc --noEmit`). Here they are built and `node --test` runs their tests with
-the shared server's address, the command that starts more servers, and a certificate authority's
-files in its environment; a failing node test fails this test with node's report.
+type-checks them. Here they are built, and `node --test` runs their tests with the shared
+server's address, the command that starts more servers, their price table and a certificate
+authority's files in its environment; a failing node test fails this test with node's report.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.client.conftest import PRICES
 from tests.support.certs import CertificateAuthority
 from tests.support.server_process import ServerProcess
 from tests.support.tools import REPO
@@ -30,19 +31,6 @@ CLIENT = REPO / "clients" / "typescript"
 EXAMPLE = REPO / "examples" / "nextjs_chat"
 GENERATED = Path("src") / "gen"
 NODE_TESTS_TIMEOUT_S = 600
-
-# The same prices as the node tests' own servers (clients/typescript/test/support/server.ts).
-PRICES = """
-[models."unit-priced"]
-billing = "metered"
-input_micros_per_mtok = 1_000_000
-output_micros_per_mtok = 1_000_000
-
-[models."unit-included"]
-billing = "included"
-input_micros_per_mtok = 1_000_000
-output_micros_per_mtok = 1_000_000
-"""
 
 
 def _npm(package: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -102,10 +90,18 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def prices(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One token of any kind costs one micro, on every server of the node tests."""
+    path = tmp_path_factory.mktemp("prices") / "prices.toml"
+    path.write_text(PRICES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, prices: Path
+) -> Iterator[ServerProcess]:
     directory = tmp_path_factory.mktemp("server")
-    prices = directory / "prices.toml"
-    prices.write_text(PRICES)
     settings = {
         "BILLING_DATABASE_URL": f"sqlite+aiosqlite:///{directory / 'billing.db'}",
         "BILLING_LISTEN_ADDRESS": "127.0.0.1:0",
@@ -118,7 +114,9 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
 
 
 @pytest.mark.slow
-def test_node_tests_pass(built: None, certificates: Path, shared_server: ServerProcess) -> None:
+def test_node_tests_pass(
+    built: None, certificates: Path, prices: Path, shared_server: ServerProcess
+) -> None:
     node = shutil.which("node")
     assert node is not None, "node is not installed: run scripts/ensure-tools"
     files = sorted(
@@ -133,6 +131,7 @@ def test_node_tests_pass(built: None, certificates: Path, shared_server: ServerP
         "BILLING_TEST_TARGET": shared_server.address,
         "BILLING_TEST_SERVE_COMMAND": json.dumps(serve),
         "BILLING_TEST_TLS_DIR": str(certificates),
+        "BILLING_TEST_PRICE_TABLE": str(prices),
     }
     result = subprocess.run(
         [node, "--test", "--test-reporter=spec", *files],

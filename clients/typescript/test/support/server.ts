@@ -3,24 +3,11 @@
 
 import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
-
-// One token of any kind costs one micro: amounts in tests are exact and easy to read.
-export const PRICES = `
-[models."unit-priced"]
-billing = "metered"
-input_micros_per_mtok = 1_000_000
-output_micros_per_mtok = 1_000_000
-
-[models."unit-included"]
-billing = "included"
-input_micros_per_mtok = 1_000_000
-output_micros_per_mtok = 1_000_000
-`;
 
 const SERVING = /serving billing\.v1 on \S+ \(port (\d+)\)/;
 const START_TIMEOUT_MS = 60_000;
@@ -57,14 +44,15 @@ export async function freePort(): Promise<number> {
   return address.port;
 }
 
-/** The settings of a server on a SQLite file in `directory`, with the test prices. */
+/**
+ * The settings of a server on a SQLite file in `directory`, with the test price table (one token
+ * of any kind costs one micro: "unit-priced" is metered, "unit-included" included).
+ */
 export function sqliteSettings(directory: string, port = 0): Record<string, string> {
-  const prices = join(directory, "prices.toml");
-  writeFileSync(prices, PRICES);
   return {
     BILLING_DATABASE_URL: `sqlite+aiosqlite:///${join(directory, "billing.db")}`,
     BILLING_LISTEN_ADDRESS: `127.0.0.1:${port}`,
-    BILLING_PRICE_TABLE: prices,
+    BILLING_PRICE_TABLE: setting("BILLING_TEST_PRICE_TABLE"),
     BILLING_AUTO_CREATE_TENANTS: "false",
     BILLING_EXPIRY_SWEEP_INTERVAL_S: "0.05",
     BILLING_LOG_FORMAT: "text",
