@@ -7,6 +7,7 @@ import { after, test } from "node:test";
 import {
   AlreadyExists,
   BillingError,
+  BudgetScope,
   Code,
   ErrorReason,
   FailedPrecondition,
@@ -251,6 +252,35 @@ test("REFUND_EXCEEDS_CHARGE: refunding more than is left", async () => {
       type: FailedPrecondition,
       code: Code.FailedPrecondition,
       reason: ErrorReason.REFUND_EXCEEDS_CHARGE,
+    },
+  );
+});
+
+test("reasons of the other services arrive the same way: BUDGET_NOT_FOUND", async () => {
+  const tenantId = tenantName("budgetless");
+  await createTenant(billing, tenantId);
+  await expectError(
+    () =>
+      billing.call("GetBudget", "", (options) =>
+        billing.budgets.getBudget({ tenantId, scope: BudgetScope.USER, scopeId: "u" }, options),
+      ),
+    { type: NotFound, code: Code.NotFound, reason: ErrorReason.BUDGET_NOT_FOUND },
+  );
+});
+
+test("STRIPE_NOT_CONFIGURED: card calls on a server without a Stripe key", async () => {
+  const tenantId = tenantName("cardless");
+  await createTenant(billing, tenantId);
+  const requestId = randomUUID();
+  await expectError(
+    () =>
+      billing.call("CreateSetupIntent", requestId, (options) =>
+        billing.account.createSetupIntent({ requestId, tenantId }, options),
+      ),
+    {
+      type: FailedPrecondition,
+      code: Code.FailedPrecondition,
+      reason: ErrorReason.STRIPE_NOT_CONFIGURED,
     },
   );
 });
