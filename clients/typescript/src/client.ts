@@ -16,7 +16,7 @@ import { BudgetService } from "./gen/billing/v1/budget_pb.js";
 import type { Decision } from "./gen/billing/v1/types_pb.js";
 import { UsageService } from "./gen/billing/v1/usage_pb.js";
 import { type ConnectionOptions, connect } from "./connection.js";
-import { Denied, billingErrorFrom } from "./errors.js";
+import { Denied, billingErrorFrom, codeName } from "./errors.js";
 import { Hold, type HoldClient } from "./hold.js";
 import {
   type CheckAccessArgs,
@@ -32,7 +32,7 @@ import {
 } from "./requests.js";
 import { type AttemptOptions, type RetryOptions, RetryPolicy } from "./retry.js";
 
-/** Where the client reports what it cannot throw: a hold it could not release, or kept. */
+/** Where the client reports retries, and what it cannot throw (a hold not released, or kept). */
 export interface Logger {
   warn(message: string): void;
 }
@@ -66,8 +66,18 @@ export class BillingClient implements AsyncDisposable {
   constructor(options: BillingClientOptions) {
     const connection = connect(options);
     this.#close = connection.close;
-    this.retry = new RetryPolicy(options);
     this.#logger = options.logger ?? console;
+    const onRetry = options.onRetry;
+    this.retry = new RetryPolicy({
+      ...options,
+      onRetry: (event) => {
+        this.#logger.warn(
+          `billing call ${event.method} failed with ${codeName(event.code)} ` +
+            `(attempt ${event.attempt}), retrying in ${Math.round(event.nextInMs)} ms`,
+        );
+        onRetry?.(event);
+      },
+    });
     const transport: Transport = connection.transport;
     this.billing = createClient(BillingService, transport);
     this.admin = createClient(AdminService, transport);

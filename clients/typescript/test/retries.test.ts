@@ -156,6 +156,10 @@ test("while the server is down", async (t) => {
           [2, Code.Unavailable, requestId],
         ],
       );
+      assert.match(
+        logged.messages.join("\n"),
+        /billing call ReserveCredit failed with UNAVAILABLE \(attempt 1\), retrying in \d+ ms/,
+      );
     },
   );
 
