@@ -44,8 +44,9 @@ from billing_service.domain.payments import AutoTopUp
 from billing_service.metrics import Metrics, MetricsServer
 from billing_service.payments.account import AccountCore, Payments
 from billing_service.payments.events import StripeEventSink
-from billing_service.payments.outbox import ChargeWorker, OnDemandTopUp
+from billing_service.payments.outbox import ChargeOutcomes, ChargeWorker, OnDemandTopUp
 from billing_service.payments.reconcile import CardReconciler
+from billing_service.payments.resolution import ChargeResolution
 from billing_service.payments.sink import PaymentsEventSink
 from billing_service.payments.stripe_gateway import StripeGateway
 from billing_service.payments.webhooks import WebhookServer, start_webhook_server
@@ -129,12 +130,17 @@ class Application:
             metrics = Metrics()
             metrics.watch_pool(engine)
             core = BillingCore(LedgerStore(engine), prices, settings.core_settings(), clock)
-            account, worker = payments_for(settings, engine, core, clock)
+            account, worker = payments_for(settings, engine, core, clock, metrics)
             guard = CallGuard(authenticator, metrics, access_log=settings.access_log)
             chain = [*interceptors, *([tracing.interceptor] if tracing else []), guard]
             server = grpc.aio.server(interceptors=chain, options=server_options(settings))
             billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingServicer(core), server)
-            admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(core, account), server)
+            resolution = ChargeResolution(
+                account.store, None if worker is None else account.gateway, clock, metrics
+            )
+            admin_pb2_grpc.add_AdminServiceServicer_to_server(
+                AdminServicer(core, account, resolution), server
+            )
             account_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(account), server)
             dashboard = UsageDashboard[account_pb2.BillingProfile](
                 UsageStore(engine),
@@ -162,7 +168,7 @@ class Application:
             if settings.metrics_port:
                 metrics_server = metrics.serve(settings.metrics_host, settings.metrics_port)
                 on_failure.callback(metrics_server.stop)
-            payments_sink = PaymentsEventSink(account.store, account, worker, clock)
+            payments_sink = PaymentsEventSink(account.store, account, worker, clock, metrics)
             webhook_server = await start_webhook_server(
                 settings, stripe_event_sink or payments_sink, engine, clock, metrics
             )
@@ -281,7 +287,11 @@ async def _sweep_expired_holds(
 
 
 def payments_for(
-    settings: Settings, engine: AsyncEngine, core: BillingCore, clock: Clock
+    settings: Settings,
+    engine: AsyncEngine,
+    core: BillingCore,
+    clock: Clock,
+    outcomes: ChargeOutcomes | None = None,
 ) -> tuple[AccountCore, ChargeWorker | None]:
     """The account use cases; with a Stripe key also the charge worker and on-demand top-ups."""
     defaults = AutoTopUp(
@@ -290,7 +300,7 @@ def payments_for(
         settings.auto_top_up_amount_micros,
         settings.auto_top_up_monthly_limit_micros,
     )
-    store = PaymentsStore(engine, defaults)
+    store = PaymentsStore(engine, defaults, settings.stripe_currency)
     key = settings.stripe_key()
     if not key:
         return AccountCore(store, None, clock), None
@@ -306,6 +316,9 @@ def payments_for(
         clock,
         poll_interval_s=settings.charge_worker_interval_s,
         lease=timedelta(seconds=settings.charge_lease_s),
+        concurrency=settings.charge_worker_concurrency,
+        currency=settings.stripe_currency,
+        outcomes=outcomes,
     )
     if settings.on_demand_top_up:
         core.top_up = OnDemandTopUp(store, worker, clock)

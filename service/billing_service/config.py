@@ -183,7 +183,15 @@ class Settings(BaseSettings):
         5.0, gt=0, description="How often the charge worker looks for due top-ups and charges."
     )
     charge_lease_s: float = Field(
-        60.0, gt=0, description="How long a worker owns a charge before another may retry it."
+        60.0,
+        gt=0,
+        description=(
+            "How long a worker owns a charge before another may retry it; one Stripe call for "
+            "a charge gives up after half of it."
+        ),
+    )
+    charge_worker_concurrency: int = Field(
+        8, ge=1, le=256, description="The most charges one process sends to Stripe at once."
     )
     on_demand_top_up: bool = Field(
         True, description="A ReserveCredit without room waits for a top-up of a card on file."

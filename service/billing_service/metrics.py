@@ -1,8 +1,9 @@
 """Prometheus metrics (prometheus-client), served on their own HTTP port.
 
 Per process: RPC counts and latencies, decisions, money moved (read off the answers the process
-gave), database pool usage. Database-wide: open holds, read by the readiness check's periodic
-query, so every replica reports the same value (aggregate them with max, not sum).
+gave), card charge outcomes recorded, database pool usage. Database-wide: open holds and card
+charges without an outcome, read by the readiness check's periodic query, so every replica
+reports the same value (aggregate them with max, not sum).
 
 Money counters count answers: a retried call that replays its first answer is counted again.
 They are for rates and dashboards; the ledger is the record of the money.
@@ -33,9 +34,12 @@ from sqlalchemy.pool import QueuePool
 
 from billing.v1 import admin_pb2, billing_pb2, types_pb2
 from billing_service.config import ConfigError
+from billing_service.domain.payments import ChargeTrigger
 
 __all__ = ["Metrics", "MetricsServer"]
 
+# The outcome label of billing_charges_total.
+CHARGE_OUTCOMES = ("succeeded", "failed", "action_required", "unknown")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -120,6 +124,38 @@ class Metrics:
             "1 while the database is reachable, writable and migrated (readiness SERVING), else 0.",
             registry=registry,
         )
+        self.charges = Counter(
+            "billing_charges",
+            "Card charge outcomes recorded by this process (its worker, webhooks, operators), "
+            "by what started the charge; unknown: Stripe's answer could not be learned.",
+            ["trigger", "outcome"],
+            registry=registry,
+        )
+        for trigger in ChargeTrigger:
+            for outcome in CHARGE_OUTCOMES:
+                self.charges.labels(str(trigger), outcome)
+        self.charges_pending = Gauge(
+            "billing_charges_pending",
+            "Card charges in the database without a final outcome (pending or unresolved), "
+            "as of the last readiness check.",
+            registry=registry,
+        )
+        self.charge_oldest_pending_seconds = Gauge(
+            "billing_charge_oldest_pending_seconds",
+            "Age of the oldest card charge without a final outcome, 0 when there is none, as "
+            "of the last readiness check.",
+            registry=registry,
+        )
+        self.charges_needing_operator = Gauge(
+            "billing_charges_needing_operator",
+            "Card charges whose outcome could not be learned from Stripe automatically "
+            "(UNRESOLVED: AdminService.ResolveCharge), as of the last readiness check.",
+            registry=registry,
+        )
+
+    def charge_recorded(self, trigger: ChargeTrigger, outcome: str) -> None:
+        """A charge attempt's outcome was recorded (payments.outbox.ChargeOutcomes)."""
+        self.charges.labels(str(trigger), outcome).inc()
 
     def watch_pool(self, engine: AsyncEngine) -> None:
         self.registry.register(_PoolCollector(engine))

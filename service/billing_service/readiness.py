@@ -2,10 +2,10 @@
 and is migrated.
 
 A periodic check (one connection, cheap queries: on PostgreSQL whether the node takes writes,
-then the schema version and the open holds, which also feed the holds-open gauges) sets the
-health status of the billing services. The "" service (liveness) is SERVING as long as the
-process serves, whatever the database does: a database outage or a failover makes pods
-unready, it does not get them restarted.
+then the schema version, the open holds and the card charges without an outcome, which also feed
+their gauges) sets the health status of the billing services. The "" service (liveness) is
+SERVING as long as the process serves, whatever the database does: a database outage or a
+failover makes pods unready, it does not get them restarted.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from alembic.script import ScriptDirectory
 from grpc_health.v1 import _async as health_aio
@@ -23,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing_service.domain.model import HoldStatus
 from billing_service.metrics import Metrics
+from billing_service.storage.charge_store import charge_gauges
 from billing_service.storage.database import is_postgres
 from billing_service.storage.migrations import alembic_config
 from billing_service.storage.tables import holds
@@ -133,8 +135,14 @@ class Readiness:
                     )
                 )
             ).one()
+            charges = await charge_gauges(conn)
         self._metrics.holds_open.set(count)
         self._metrics.holds_open_micros.set(held)
+        self._metrics.charges_pending.set(charges.open_charges)
+        oldest = charges.oldest_open_created_at
+        age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
+        self._metrics.charge_oldest_pending_seconds.set(max(age, 0.0))
+        self._metrics.charges_needing_operator.set(charges.unresolved)
 
     async def _set(self, ready: bool, why: str) -> None:
         if self._draining:

@@ -22,6 +22,8 @@ METHODS = {
         "GetTenant",
         "GrantCredit",
         "ListTenants",
+        "ListCharges",
+        "ResolveCharge",
     ],
     "billing.v1.AccountService": [
         "GetBillingProfile",

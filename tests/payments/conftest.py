@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -112,7 +113,7 @@ class Payments:
 
 
 async def start_app(
-    database_url: str, stripe_url: str | None, clock: Clock = utc_now
+    database_url: str, stripe_url: str | None, clock: Clock = utc_now, **overrides: Any
 ) -> Application:
     stripe_settings = {}
     if stripe_url is not None:
@@ -123,6 +124,7 @@ async def start_app(
         # Worker rounds run when a test (or low credit) asks, not on a timer.
         charge_worker_interval_s=3600,
         **stripe_settings,  # type: ignore[arg-type]
+        **overrides,
     )
     return await Application.start(settings, clock=clock)
 
@@ -135,10 +137,14 @@ async def payments(database_url: str, localstripe: LocalStripe) -> AsyncIterator
 
 @contextlib.asynccontextmanager
 async def serving(
-    database_url: str, stripe_url: str, localstripe: LocalStripe, clock: Clock = utc_now
+    database_url: str,
+    stripe_url: str,
+    localstripe: LocalStripe,
+    clock: Clock = utc_now,
+    **settings: Any,
 ) -> AsyncIterator[Payments]:
     """The server with Stripe at `stripe_url`; the test's browser talks to localstripe."""
-    app = await start_app(database_url, stripe_url, clock)
+    app = await start_app(database_url, stripe_url, clock, **settings)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
     try:
         yield Payments(

@@ -4,10 +4,12 @@ Stripe stand-in that replays by idempotency key as Stripe does (localstripe does
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -26,7 +28,7 @@ from billing_service.domain.payments import (
 )
 from billing_service.payments.account import AccountCore
 from billing_service.payments.events import PaymentIntentFacts
-from billing_service.payments.gateway import GatewayUnavailable, PaymentResult
+from billing_service.payments.gateway import GatewayRefused, GatewayUnavailable, PaymentResult
 from billing_service.payments.outbox import ChargeWorker, new_charge_id
 from billing_service.payments.sink import PaymentsEventSink
 from billing_service.storage.audit import audit_ledger
@@ -39,18 +41,24 @@ from tests.support.clock import FakeClock
 
 START = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=60)
+DEFAULTS = AutoTopUp(True, 5_000_000, 20_000_000)
 _tenants = itertools.count()
 
 
 @dataclass
 class FakeStripe:
-    """Charges by idempotency key: a repeated key replays the first PaymentIntent."""
+    """Charges by idempotency key as Stripe does: a key seen before with the same parameters
+    replays its first PaymentIntent; with other parameters it is refused."""
 
     outcome: PaymentOutcome = PaymentOutcome.SUCCEEDED
     lose_responses: int = 0  # the next N answers are lost after Stripe charged
     gate: asyncio.Event | None = None  # holds each answer until set
+    # Customers whose calls never answer (until the caller gives up).
+    hanging: set[str] = field(default_factory=set)
     charged: asyncio.Event = field(default_factory=asyncio.Event)
-    intents: dict[str, PaymentResult] = field(default_factory=dict)
+    intents: dict[str, PaymentResult] = field(default_factory=dict)  # by key
+    requests: dict[str, dict[str, Any]] = field(default_factory=dict)  # by key
+    by_id: dict[str, tuple[str, PaymentResult]] = field(default_factory=dict)  # customer, intent
     calls: int = 0
 
     async def charge(
@@ -59,21 +67,56 @@ class FakeStripe:
         customer_id: str,
         payment_method_id: str,
         amount_cents: int,
+        currency: str,
         charge_id: str,
         idempotency_key: str,
     ) -> PaymentResult:
         self.calls += 1
+        request = {
+            "customer": customer_id,
+            "payment_method": payment_method_id,
+            "amount": amount_cents,
+            "currency": currency,
+            "charge_id": charge_id,
+        }
+        if self.requests.setdefault(idempotency_key, request) != request:
+            raise GatewayRefused(
+                "Keys for idempotent requests can only be used with the same parameters"
+            )
         if idempotency_key not in self.intents:
-            number = len(self.intents) + 1
+            number = len(self.by_id) + 1
             message = None if self.outcome is PaymentOutcome.SUCCEEDED else "declined"
-            self.intents[idempotency_key] = PaymentResult(self.outcome, f"pi_{number}", message)
+            intent = PaymentResult(
+                self.outcome, f"pi_{number}", message, amount_cents, currency, charge_id
+            )
+            self.intents[idempotency_key] = intent
+            self.by_id[f"pi_{number}"] = (customer_id, intent)
         self.charged.set()
+        if customer_id in self.hanging:
+            await asyncio.Event().wait()
         if self.gate is not None:
             await self.gate.wait()
         if self.lose_responses:
             self.lose_responses -= 1
             raise GatewayUnavailable("connection reset after the request was sent")
         return self.intents[idempotency_key]
+
+    async def get_payment(self, payment_intent_id: str) -> PaymentResult:
+        return self.by_id[payment_intent_id][1]
+
+    async def find_payments(
+        self, *, customer_id: str, charge_id: str, created_since: datetime
+    ) -> list[PaymentResult]:
+        return [
+            intent
+            for customer, intent in self.by_id.values()
+            if customer == customer_id and intent.charge_id == charge_id
+        ]
+
+    def forget_keys(self) -> None:
+        """Stripe forgets idempotency keys after a day; the PaymentIntents stay."""
+        self.intents.clear()
+        self.requests.clear()
 
 
 @dataclass
@@ -84,8 +127,8 @@ class World:
     clock: FakeClock
     stripe: FakeStripe
 
-    def worker(self) -> ChargeWorker:
-        return ChargeWorker(self.store, self.stripe, self.clock, lease=LEASE)  # type: ignore[arg-type]
+    def worker(self, lease: timedelta = LEASE) -> ChargeWorker:
+        return ChargeWorker(self.store, self.stripe, self.clock, lease=lease)  # type: ignore[arg-type]
 
     async def tenant_with_card(self) -> str:
         tenant_id = f"tenant-{next(_tenants)}"
@@ -98,7 +141,7 @@ class World:
 
     async def enqueue(self, tenant_id: str, amount_micros: int = 10_000_000) -> Charge:
         now = self.clock()
-        return await self.store.enqueue_charge(
+        charge = await self.store.enqueue_charge(
             Charge(
                 new_charge_id(),
                 tenant_id,
@@ -112,6 +155,13 @@ class World:
                 now,
             )
         )
+        assert charge is not None
+        return charge
+
+    async def status(self, charge_id: str) -> ChargeStatus:
+        charge = await self.store.get_charge(charge_id)
+        assert charge is not None
+        return charge.status
 
     async def entries(self, tenant_id: str) -> list[tuple[str, int]]:
         async with self.engine.connect() as conn:
@@ -128,22 +178,33 @@ class World:
         return account.balance_micros
 
 
-@pytest.fixture
-async def world(database_url: str) -> AsyncIterator[World]:
+@contextlib.asynccontextmanager
+async def world_on(
+    database_url: str,
+    defaults: AutoTopUp = DEFAULTS,
+    start: datetime = START,
+    pool_size: int = 5,
+) -> AsyncIterator[World]:
+    """A migrated database with the store and a Stripe stand-in; the books audited after."""
     await migrate(database_url)
-    engine = create_engine(database_url, pool_size=5)
-    defaults = AutoTopUp(True, 5_000_000, 20_000_000)
+    engine = create_engine(database_url, pool_size=pool_size)
     try:
         yield World(
             engine,
             PaymentsStore(engine, defaults),
             LedgerStore(engine),
-            FakeClock(START),
+            FakeClock(start),
             FakeStripe(),
         )
         assert await audit_ledger(engine, check_exposure=False) == []
     finally:
         await engine.dispose()
+
+
+@pytest.fixture
+async def world(database_url: str) -> AsyncIterator[World]:
+    async with world_on(database_url) as world:
+        yield world
 
 
 # Exactly once
@@ -398,14 +459,12 @@ async def test_a_charge_whose_card_was_removed_fails_without_blaming_the_tenant(
     assert profile.billing_status is BillingStatus.GOOD_STANDING
 
 
-async def test_a_charge_older_than_stripes_key_memory_is_not_resent(world: World) -> None:
+async def test_a_charge_never_sent_is_sent_however_old(world: World) -> None:
     tenant_id = await world.tenant_with_card()
     charge = await world.enqueue(tenant_id)
-    world.clock.advance(hours=21)
+    world.clock.advance(hours=30)  # Stripe down all along: its key was never used
 
     await world.worker().run_once()
 
-    assert world.stripe.calls == 0
-    pending = await world.store.get_charge(charge.charge_id)
-    assert pending is not None
-    assert pending.status is ChargeStatus.PENDING
+    assert world.stripe.calls == 1
+    assert await world.status(charge.charge_id) is ChargeStatus.SUCCEEDED

@@ -17,6 +17,7 @@ from tests.support.stripe_proxy import StripeFaultProxy
 
 _WAIT_S = 10.0
 _CUSTOMERS = "/v1/customers"
+_INTENTS = "/v1/payment_intents"
 
 
 @pytest.fixture
@@ -264,3 +265,98 @@ def test_wait_until_held_times_out_when_nothing_is_held(proxy: StripeFaultProxy)
     proxy.hold("POST", _CUSTOMERS)
     with pytest.raises(TimeoutError):
         proxy.wait_until_held(0.05)
+
+
+def _customer(client: httpx.Client) -> str:
+    created = client.post(_CUSTOMERS, data={"email": _email()})
+    assert created.status_code == 200
+    customer_id: str = created.json()["id"]
+    return customer_id
+
+
+def test_a_fault_for_one_customer_leaves_the_others_alone(
+    proxy: StripeFaultProxy, http: httpx.Client
+) -> None:
+    troubled, other = _customer(http), _customer(http)
+    proxy.status_500("POST", _CUSTOMERS, times=5, customer=troubled)
+
+    path = f"{_CUSTOMERS}/{other}"
+    assert http.post(path, data={"description": "x"}).status_code == 200
+    assert http.post(_CUSTOMERS, data={"customer": other}).status_code == 400  # not a fault
+    assert http.post(_CUSTOMERS, data={"customer": troubled}).status_code == 500
+
+
+def test_a_500_after_forwarding_took_effect_and_its_retry_is_replayed(
+    proxy: StripeFaultProxy, http: httpx.Client, localstripe: LocalStripe
+) -> None:
+    email, key = _email(), _key()
+    proxy.status_500_after_forwarding("POST", _CUSTOMERS)
+
+    failed = http.post(_CUSTOMERS, data={"email": email}, headers=key)
+    again = http.post(_CUSTOMERS, data={"email": email}, headers=key)
+
+    assert failed.status_code == 500
+    assert again.status_code == 200
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert _customers_with_email(localstripe, email) == [again.json()["id"]]
+
+
+def test_a_hang_outlasts_the_caller_and_never_answers(
+    proxy: StripeFaultProxy, localstripe: LocalStripe
+) -> None:
+    email, key = _email(), _key()
+    proxy.hang(1.0, "POST", _CUSTOMERS)
+
+    with httpx.Client(base_url=proxy.url, auth=(API_KEY, ""), timeout=0.2) as impatient:
+        with pytest.raises(httpx.ReadTimeout):
+            impatient.post(_CUSTOMERS, data={"email": email}, headers=key)
+        proxy.wait_until_forwarded(_CUSTOMERS, "POST", 1, _WAIT_S)
+    proxy.hang(0.2, "POST", _CUSTOMERS)
+    with (
+        httpx.Client(base_url=proxy.url, auth=(API_KEY, ""), timeout=_WAIT_S) as patient,
+        pytest.raises(httpx.RemoteProtocolError),
+    ):
+        patient.post(_CUSTOMERS, data={"email": email}, headers=key)
+
+    assert len(_customers_with_email(localstripe, email)) == 1
+
+
+def test_forgotten_keys_are_sent_upstream_again(
+    proxy: StripeFaultProxy, http: httpx.Client
+) -> None:
+    customer = _customer(http)
+    charge = {"amount": "500", "currency": "usd", "customer": customer}
+    signup = {"email": _email()}
+    charge_key, signup_key = _key(), _key()
+    http.post(_INTENTS, data=charge, headers=charge_key)
+    http.post(_CUSTOMERS, data=signup, headers=signup_key)
+
+    proxy.forget_keys(customer=customer)  # only the keys of requests naming the customer
+    http.post(_INTENTS, data=charge, headers=charge_key)
+    http.post(_CUSTOMERS, data=signup, headers=signup_key)
+    assert (proxy.forwarded(_INTENTS, "POST"), proxy.replayed(_CUSTOMERS, "POST")) == (2, 1)
+
+    proxy.forget_keys()
+    http.post(_CUSTOMERS, data=signup, headers=signup_key)
+    assert proxy.forwarded(_CUSTOMERS, "POST") == 3  # the customer above, and twice this one
+
+
+def test_payment_intents_are_listed_by_customer_and_creation_time(
+    proxy: StripeFaultProxy, localstripe: LocalStripe
+) -> None:
+    sdk = _sdk(proxy.url)
+    mine, theirs = sdk.v1.customers.create({}).id, sdk.v1.customers.create({}).id
+    for customer in (mine, theirs, mine):
+        sdk.v1.payment_intents.create({"amount": 500, "currency": "usd", "customer": customer})
+
+    listed = sdk.v1.payment_intents.list({"customer": mine, "limit": 1})
+    every = list(listed.auto_paging_iter())
+    later = sdk.v1.payment_intents.list(
+        {"customer": mine, "created": {"gt": every[0].created + 10}}
+    )
+
+    assert len(listed.data) == 1
+    assert listed.has_more
+    assert [intent.customer for intent in every] == [mine, mine]
+    assert len({intent.id for intent in every}) == 2
+    assert later.data == []

@@ -48,7 +48,10 @@ def clock() -> FakeClock:
 async def payments(
     database_url: str, localstripe: LocalStripe, proxy: StripeFaultProxy, clock: FakeClock
 ) -> AsyncIterator[Payments]:
-    async with serving(database_url, proxy.url, localstripe, clock) as payments:
+    # Months pass on the clock while the tests' holds stay open: no sweep may expire them.
+    async with serving(
+        database_url, proxy.url, localstripe, clock, expiry_sweep_interval_s=3600
+    ) as payments:
         yield payments
 
 

@@ -10,15 +10,12 @@ from datetime import UTC, datetime
 import pytest
 
 from billing_service.domain.ledger import EntryKind
-from billing_service.domain.payments import AutoTopUp, ChargeStatus
+from billing_service.domain.payments import AutoTopUp, Card, ChargeStatus, PaymentOutcome
+from billing_service.payments.account import AccountCore
+from billing_service.payments.events import PaymentIntentFacts
 from billing_service.payments.outbox import new_charge_id
-from billing_service.storage.audit import audit_ledger
-from billing_service.storage.database import create_engine
-from billing_service.storage.ledger_store import LedgerStore
-from billing_service.storage.migrations import migrate
-from billing_service.storage.payments_store import PaymentsStore
-from tests.payments.test_outbox_and_sink import FakeStripe, World
-from tests.support.clock import FakeClock
+from billing_service.payments.sink import PaymentsEventSink
+from tests.payments.test_outbox_and_sink import World, world_on
 
 TOP_UP = 5_000_000
 CEILING = 10_000_000
@@ -27,21 +24,10 @@ START = datetime(2026, 11, 30, 23, 0, tzinfo=UTC)
 
 @pytest.fixture
 async def world(database_url: str) -> AsyncIterator[World]:
-    await migrate(database_url)
-    engine = create_engine(database_url, pool_size=10)
     # Every tenant is under this threshold: each worker round wants a top-up.
     defaults = AutoTopUp(True, 1_000_000_000, TOP_UP, CEILING)
-    try:
-        yield World(
-            engine,
-            PaymentsStore(engine, defaults),
-            LedgerStore(engine),
-            FakeClock(START),
-            FakeStripe(),
-        )
-        assert await audit_ledger(engine, check_exposure=False) == []
-    finally:
-        await engine.dispose()
+    async with world_on(database_url, defaults, START, pool_size=10) as world:
+        yield world
 
 
 async def test_concurrent_workers_never_pass_the_ceiling_together(world: World) -> None:
@@ -78,7 +64,7 @@ async def test_a_refund_gives_no_room_back(world: World) -> None:
     assert await world.store.ceiling_blocks_top_up(tenant_id, world.clock())
 
 
-async def test_a_charge_counts_in_the_month_it_succeeds_and_while_pending(world: World) -> None:
+async def test_a_charge_counts_in_the_month_it_was_made_pending_or_not(world: World) -> None:
     tenant_id = await world.tenant_with_card()
     await world.worker().run_once()  # November: $5 of $10
     assert await world.store.enqueue_automatic(tenant_id, new_charge_id(), world.clock())
@@ -86,15 +72,57 @@ async def test_a_charge_counts_in_the_month_it_succeeds_and_while_pending(world:
     assert await world.store.ceiling_blocks_top_up(tenant_id, world.clock(), at_least_micros=1)
 
     world.clock.now = datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
-    await world.worker().run_once()  # sends the pending one
-    await world.worker().run_once()  # December's room: one more
+    await world.worker().run_once()  # sends November's second one
+    await world.worker().run_once()  # December's room: two more
+    await world.worker().run_once()
     await world.worker().run_once()  # and no more
 
     charges = await world.store.charges_of(tenant_id)
-    assert [c.status for c in charges] == [ChargeStatus.SUCCEEDED] * 3
+    assert [c.status for c in charges] == [ChargeStatus.SUCCEEDED] * 4
+    assert [c.created_at.month for c in charges] == [11, 11, 12, 12]
     profile = await world.store.get_profile(tenant_id, world.clock())
     assert profile is not None
-    # December: the charge decided in November but credited now, and one more.
+    assert profile.automatic_top_ups_this_month_micros == 2 * TOP_UP
+
+
+async def test_a_charge_parked_for_authentication_counts_in_its_month_until_it_fails(
+    world: World,
+) -> None:
+    tenant_id = await world.tenant_with_card()
+    world.stripe.outcome = PaymentOutcome.REQUIRES_ACTION
+    await world.worker().run_once()  # November 30: $5 waiting for the card holder
+    [parked] = await world.store.charges_of(tenant_id)
+    assert parked.status is ChargeStatus.ACTION_REQUIRED
+    world.stripe.outcome = PaymentOutcome.SUCCEEDED
+    await world.store.save_card(tenant_id, Card("pm_new", "visa", "1881", None), world.clock())
+    world.clock.advance(seconds=1)
+
+    for _ in range(3):
+        await world.worker().run_once()
+    # The parked $5 may still be authenticated: one more $5 fits November.
+    assert len(await world.store.charges_of(tenant_id)) == 2
+    world.clock.now = datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
+    sink = PaymentsEventSink(
+        world.store, AccountCore(world.store, None, world.clock), None, world.clock
+    )
+    assert parked.payment_intent_id is not None
+    await sink.payment_intent_succeeded(
+        PaymentIntentFacts(
+            parked.payment_intent_id, None, TOP_UP // 10_000, parked.charge_id, None, world.clock()
+        )
+    )
+    for _ in range(3):
+        await world.worker().run_once()
+
+    charges = await world.store.charges_of(tenant_id)
+    assert [(c.created_at.month, c.status) for c in charges] == [
+        (11, ChargeStatus.SUCCEEDED),
+        (11, ChargeStatus.SUCCEEDED),
+        (12, ChargeStatus.SUCCEEDED),
+        (12, ChargeStatus.SUCCEEDED),
+    ]
+    profile = await world.store.get_profile(tenant_id, world.clock())
+    assert profile is not None
     assert profile.automatic_top_ups_this_month_micros == 2 * TOP_UP
 
 
@@ -112,8 +140,10 @@ async def test_only_the_tenants_own_manual_top_up_resumes_its_automatic_ones(wor
     assert await world.entries(other) == [(EntryKind.TOP_UP, 1_000_000)]
     assert await world.store.ceiling_blocks_top_up(capped, world.clock())
 
+    world.clock.advance(seconds=1)
     await world.enqueue(capped, 1_000_000)  # the tenant's own
     await world.worker().run_once()
+    world.clock.advance(seconds=1)
     await world.worker().run_once()
     await world.worker().run_once()
     assert (

@@ -31,7 +31,9 @@ _CHARGE_STATUSES = {
     ChargeStatus.FAILED: account_pb2.CHARGE_STATUS_FAILED,
     ChargeStatus.ACTION_REQUIRED: account_pb2.CHARGE_STATUS_ACTION_REQUIRED,
     ChargeStatus.REFUNDED: account_pb2.CHARGE_STATUS_REFUNDED,
+    ChargeStatus.UNRESOLVED: account_pb2.CHARGE_STATUS_UNRESOLVED,
 }
+CHARGE_STATUSES_IN = {value: key for key, value in _CHARGE_STATUSES.items()}
 # TopUpNow answers before its deadline by this much, so the reply still reaches the caller.
 _DEADLINE_MARGIN_S = 1.0
 _WAIT_WITHOUT_DEADLINE_S = 30.0

@@ -6,11 +6,20 @@ from typing import Any
 
 import grpc
 
-from billing.v1 import admin_pb2, admin_pb2_grpc, billing_pb2, billing_pb2_grpc
+from billing.v1 import account_pb2, admin_pb2, admin_pb2_grpc, billing_pb2, billing_pb2_grpc
 from billing_service.api import convert
+from billing_service.api.account_servicer import CHARGE_STATUSES_IN, charge_message
 from billing_service.api.errors import maps_errors
 from billing_service.core import BillingCore
+from billing_service.domain.errors import InvalidArgument
+from billing_service.domain.payments import ChargeStatus
 from billing_service.payments.account import AccountCore
+from billing_service.payments.resolution import ChargeResolution
+
+_RESOLUTIONS = {
+    admin_pb2.CHARGE_RESOLUTION_SUCCEEDED: ChargeStatus.SUCCEEDED,
+    admin_pb2.CHARGE_RESOLUTION_FAILED: ChargeStatus.FAILED,
+}
 
 
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
@@ -78,9 +87,58 @@ def _top_up_wait_s(context: grpc.aio.ServicerContext[Any, Any]) -> float:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, core: BillingCore, account: AccountCore | None = None) -> None:
+    def __init__(
+        self,
+        core: BillingCore,
+        account: AccountCore | None = None,
+        charges: ChargeResolution | None = None,
+    ) -> None:
         self._core = core
         self._account = account
+        self._charges = charges
+
+    @maps_errors
+    async def ListCharges(
+        self,
+        request: admin_pb2.ListChargesRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ListChargesRequest, admin_pb2.ListChargesResponse
+        ],
+    ) -> admin_pb2.ListChargesResponse:
+        if self._charges is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListCharges is not wired")
+        assert self._charges is not None
+        status = None
+        if request.status != account_pb2.CHARGE_STATUS_UNSPECIFIED:
+            status = CHARGE_STATUSES_IN.get(request.status)
+            if status is None:
+                raise InvalidArgument("status", f"{request.status} is not a ChargeStatus")
+        charges, next_token = await self._charges.list_charges(
+            status, request.tenant_id, request.page_size, request.page_token
+        )
+        return admin_pb2.ListChargesResponse(
+            charges=[charge_message(charge) for charge in charges], next_page_token=next_token
+        )
+
+    @maps_errors
+    async def ResolveCharge(
+        self,
+        request: admin_pb2.ResolveChargeRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ResolveChargeRequest, admin_pb2.ResolveChargeResponse
+        ],
+    ) -> admin_pb2.ResolveChargeResponse:
+        if self._charges is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ResolveCharge is not wired")
+        assert self._charges is not None
+        charge = await self._charges.resolve_charge(
+            request.request_id,
+            request.charge_id,
+            _RESOLUTIONS.get(request.outcome),
+            request.payment_intent_id,
+            request.reason,
+        )
+        return admin_pb2.ResolveChargeResponse(charge=charge_message(charge))
 
     @maps_errors
     async def ListTenants(

@@ -14,6 +14,7 @@ from billing_service.domain.errors import InvalidArgument
 from billing_service.domain.money import AMOUNT_MICROS_MAX
 
 MICROS_PER_CENT = 10_000
+CHARGE_ID_LENGTH = 36  # "chg_" and 32 hex digits
 # Stripe's smallest USD charge: $0.50.
 TOP_UP_MICROS_MIN = 500_000
 # Without a configured ceiling, automatic top-ups may take this many top-up amounts a month.
@@ -54,24 +55,55 @@ AUTOMATIC_TRIGGERS = (ChargeTrigger.AUTOMATIC, ChargeTrigger.ON_DEMAND)
 
 
 class ChargeStatus(StrEnum):
+    # Decided; the worker is sending it, or learning from Stripe what became of it.
     PENDING = "pending"
     SUCCEEDED = "succeeded"
+    # Stripe declined it (or it was never sent): nothing was taken.
     FAILED = "failed"
     ACTION_REQUIRED = "action_required"
     REFUNDED = "refunded"
+    # It may have been charged, and what Stripe did could not be learned automatically: an
+    # operator resolves it (AdminService.ResolveCharge).
+    UNRESOLVED = "unresolved"
 
 
 # The statuses a charge may be in before it moves to the key's status. Success may follow a
-# failure or an authentication (the same PaymentIntent confirmed again); nothing ever moves a
-# succeeded or refunded charge back.
+# failure or an authentication (the same PaymentIntent confirmed again by its holder);
+# nothing ever moves a succeeded or refunded charge back, and only Stripe's own answer (never
+# a guess) moves a charge out of PENDING or UNRESOLVED.
 ALLOWED_BEFORE: dict[ChargeStatus, frozenset[ChargeStatus]] = {
     ChargeStatus.SUCCEEDED: frozenset(
-        {ChargeStatus.PENDING, ChargeStatus.FAILED, ChargeStatus.ACTION_REQUIRED}
+        {
+            ChargeStatus.PENDING,
+            ChargeStatus.UNRESOLVED,
+            ChargeStatus.FAILED,
+            ChargeStatus.ACTION_REQUIRED,
+        }
     ),
-    ChargeStatus.FAILED: frozenset({ChargeStatus.PENDING, ChargeStatus.ACTION_REQUIRED}),
-    ChargeStatus.ACTION_REQUIRED: frozenset({ChargeStatus.PENDING}),
+    ChargeStatus.FAILED: frozenset(
+        {ChargeStatus.PENDING, ChargeStatus.UNRESOLVED, ChargeStatus.ACTION_REQUIRED}
+    ),
+    ChargeStatus.ACTION_REQUIRED: frozenset({ChargeStatus.PENDING, ChargeStatus.UNRESOLVED}),
     ChargeStatus.REFUNDED: frozenset({ChargeStatus.SUCCEEDED, ChargeStatus.REFUNDED}),
+    ChargeStatus.UNRESOLVED: frozenset({ChargeStatus.PENDING}),
 }
+
+# The charges that have taken money, or may still: a charge in flight, one whose outcome is
+# unknown, one waiting for its holder's authentication. Each counts against the monthly
+# ceiling of the month it was made in, whenever (and whether) it succeeds.
+MAY_TAKE_MONEY = frozenset(
+    {
+        ChargeStatus.PENDING,
+        ChargeStatus.UNRESOLVED,
+        ChargeStatus.ACTION_REQUIRED,
+        ChargeStatus.SUCCEEDED,
+        ChargeStatus.REFUNDED,
+    }
+)
+# The charges that took money (their TOP_UP credit is in the ledger).
+TOOK_MONEY = frozenset({ChargeStatus.SUCCEEDED, ChargeStatus.REFUNDED})
+# The charges the service still owes an outcome (ACTION_REQUIRED waits for a person instead).
+OPEN_STATUSES = frozenset({ChargeStatus.PENDING, ChargeStatus.UNRESOLVED})
 
 # What a finished charge does to the tenant's billing status.
 STATUS_AFTER_CHARGE = {
@@ -110,6 +142,15 @@ def check_top_up_amount(field: str, amount_micros: int) -> None:
         )
     if amount_micros % MICROS_PER_CENT:
         raise InvalidArgument(field, "must be a whole number of cents (a multiple of 10000)")
+
+
+def check_charge_id(field: str, charge_id: str) -> None:
+    if (
+        len(charge_id) != CHARGE_ID_LENGTH
+        or not charge_id.startswith("chg_")
+        or any(c not in "0123456789abcdef" for c in charge_id[4:])
+    ):
+        raise InvalidArgument(field, "must be 'chg_' followed by 32 lowercase hex digits")
 
 
 def check_threshold(field: str, amount_micros: int) -> None:
@@ -165,8 +206,11 @@ class BillingProfile:
     card: Card | None
     auto_top_up: AutoTopUp
     pending_charge: Charge | None
-    # Successful automatic and on-demand charges this calendar month (UTC), from the ledger.
+    # Successful automatic and on-demand charges made this calendar month (UTC).
     automatic_top_ups_this_month_micros: int = 0
+    # When the newest fact about the card happened by our own data (the creation of the
+    # SetupIntent that saved it, or its removal); None before any.
+    card_fact_at: datetime | None = None
 
     @property
     def billing_status_message(self) -> str:
@@ -187,6 +231,15 @@ class Charge:
     updated_at: datetime
     request_id: str | None = None
     request_fingerprint: str | None = None
+    # What Stripe is asked, fixed when the charge is decided: every attempt sends exactly
+    # these (with the key `charge-<charge_id>`), whatever happens to the tenant's card since.
+    stripe_customer_id: str | None = None
+    payment_method_id: str | None = None
+    # None only for charges decided before it was kept: the server's currency.
+    currency: str | None = None
+    # When a request for it may first have reached Stripe; None: never sent.
+    sent_at: datetime | None = None
+    attempts: int = 0
 
 
 class TopUpAttempt(StrEnum):

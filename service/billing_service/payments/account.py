@@ -38,6 +38,7 @@ from billing_service.domain.payments import (
     Charge,
     ChargeStatus,
     ChargeTrigger,
+    check_charge_id,
     check_monthly_limit,
     check_threshold,
     check_top_up_amount,
@@ -53,7 +54,6 @@ from billing_service.storage.payments_store import PaymentsStore
 
 Clock = Callable[[], datetime]
 
-_CHARGE_ID_LENGTH = 36
 _PAGE_SIZE_DEFAULT = 100
 _PAGE_SIZE_MAX = 1000
 
@@ -139,6 +139,7 @@ class AccountCore:
             )
         except GatewayUnavailable as error:
             raise _stripe_unavailable(error) from None
+        await self._store.record_setup_intent(intent.setup_intent_id, tenant_id, self._clock())
         stored = await self._store.record_request(
             request_id,
             fingerprint,
@@ -173,10 +174,11 @@ class AccountCore:
         return await self._profile(tenant_id)
 
     async def save_card_of_setup_intent(
-        self, profile: BillingProfile, setup_intent_id: str
+        self, profile: BillingProfile, setup_intent_id: str, *, only_if_newer: bool = False
     ) -> None:
         """Checks with Stripe that the SetupIntent succeeded for this tenant's customer, then
-        makes its card the default and stores it."""
+        makes its card the default and stores it. only_if_newer: not if a newer card fact
+        (by when we created the SetupIntent) has been stored meanwhile."""
         gateway = self._stripe().gateway
         try:
             try:
@@ -213,10 +215,13 @@ class AccountCore:
             raise _stripe_unavailable(error) from None
         except GatewayRefused as error:
             raise FailedPrecondition(ErrorReason.CARD_REFUSED, str(error)) from None
+        created = await self._store.setup_intent_created(setup_intent_id)
         await self._store.save_card(
             profile.tenant_id,
             Card(card.payment_method_id, card.brand, card.last4, None),
             self._clock(),
+            fact_at=None if created is None else created[1],
+            only_if_newer=only_if_newer,
         )
 
     async def remove_payment_method(self, request_id: str, tenant_id: str) -> BillingProfile:
@@ -327,11 +332,12 @@ class AccountCore:
         )
         prior = await self._store.get_charge_by_request(request_id)
         if prior is None:
-            if profile.card is None:
+            if profile.card is not None:
+                prior = await self._store.enqueue_charge(wanted)
+            if prior is None:
                 raise FailedPrecondition(
                     ErrorReason.NO_PAYMENT_METHOD, f"tenant {tenant_id} has no card on file"
                 )
-            prior = await self._store.enqueue_charge(wanted)
             if prior.request_id != request_id:
                 raise FailedPrecondition(
                     ErrorReason.CHARGE_IN_PROGRESS,
@@ -347,8 +353,7 @@ class AccountCore:
     async def get_charge(self, tenant_id: str, charge_id: str) -> Charge:
         check_id("tenant_id", tenant_id)
         check_id("charge_id", charge_id)
-        if not charge_id.startswith("chg_") or len(charge_id) != _CHARGE_ID_LENGTH:
-            raise InvalidArgument("charge_id", "must be 'chg_' followed by 32 lowercase hex digits")
+        check_charge_id("charge_id", charge_id)
         await self._profile(tenant_id)
         charge = await self._store.get_charge(charge_id)
         if charge is None or charge.tenant_id != tenant_id:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from billing_service.domain.payments import PaymentOutcome
@@ -17,7 +18,10 @@ class GatewayNotFound(Exception):
 
 
 class GatewayRefused(Exception):
-    """Stripe refused the request (e.g. a card declined at attach); `message` says why."""
+    """Stripe refused the request (e.g. a card declined at attach, a PaymentIntent create with
+    parameters it rejects, or an idempotency key it knows with other parameters); `message`
+    says why. Nothing was created by this request, but an earlier one with the same key may
+    have been."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,11 @@ class PaymentResult:
     outcome: PaymentOutcome | None
     payment_intent_id: str | None
     failure_message: str | None
+    # What the PaymentIntent is for, when Stripe's answer carries it (charge_id: its
+    # metadata's).
+    amount_cents: int | None = None
+    currency: str | None = None
+    charge_id: str | None = None
 
 
 class PaymentGateway(Protocol):
@@ -76,8 +85,20 @@ class PaymentGateway(Protocol):
         customer_id: str,
         payment_method_id: str,
         amount_cents: int,
+        currency: str,
         charge_id: str,
         idempotency_key: str,
-    ) -> PaymentResult: ...
+    ) -> PaymentResult:
+        """Creates and confirms an off-session PaymentIntent with metadata charge_id; a
+        decline is an answer. GatewayRefused: Stripe refused the request itself."""
+        ...
 
     async def get_payment(self, payment_intent_id: str) -> PaymentResult: ...
+
+    async def find_payments(
+        self, *, customer_id: str, charge_id: str, created_since: datetime
+    ) -> list[PaymentResult]:
+        """The customer's PaymentIntents created since then whose metadata names the charge,
+        read from a list Stripe answers consistently (not the search API, which lags).
+        GatewayRefused: Stripe cannot say (e.g. far too many PaymentIntents to read)."""
+        ...

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import stripe
@@ -37,6 +38,9 @@ from billing_service.payments.gateway import (
 T = TypeVar("T")
 
 _DECLINED_STATUSES = frozenset({"requires_payment_method", "canceled"})
+_LIST_PAGE = 100
+# A charge's PaymentIntent is looked for among this many of its customer's (since the charge).
+_FIND_PAGES_MAX = 10
 
 
 def _transient(error: BaseException) -> bool:
@@ -186,18 +190,23 @@ class StripeGateway:
                 lambda: self._client.v1.payment_methods.detach_async(payment_method_id)
             )
 
+    @property
+    def currency(self) -> str:
+        return self._currency
+
     async def charge(
         self,
         *,
         customer_id: str,
         payment_method_id: str,
         amount_cents: int,
+        currency: str,
         charge_id: str,
         idempotency_key: str,
     ) -> PaymentResult:
         params: dict[str, Any] = {
             "amount": amount_cents,
-            "currency": self._currency,
+            "currency": currency,
             "customer": customer_id,
             "payment_method": payment_method_id,
             "off_session": True,
@@ -213,6 +222,10 @@ class StripeGateway:
             )
         except stripe.CardError as error:
             return _card_error_result(error)
+        except (stripe.InvalidRequestError, stripe.IdempotencyError, GatewayNotFound) as error:
+            # Refused before anything was charged by this request (a key Stripe knows with
+            # other parameters, a payment method it no longer accepts, ...).
+            raise GatewayRefused(_text(error)) from error
         return _result(intent)
 
     async def get_payment(self, payment_intent_id: str) -> PaymentResult:
@@ -221,24 +234,68 @@ class StripeGateway:
         )
         return _result(intent)
 
+    async def _list_payments(self, params: dict[str, Any]) -> Any:
+        return await self._call(
+            lambda: self._client.v1.payment_intents.list_async(params)  # type: ignore[arg-type]
+        )
+
+    async def find_payments(
+        self, *, customer_id: str, charge_id: str, created_since: datetime
+    ) -> list[PaymentResult]:
+        params: dict[str, Any] = {
+            "customer": customer_id,
+            "created": {"gte": int(created_since.timestamp())},
+            "limit": _LIST_PAGE,
+        }
+        found: list[PaymentResult] = []
+        for _ in range(_FIND_PAGES_MAX):
+            page = await self._list_payments(params)
+            found += [_result(intent) for intent in page.data if _charge_of(intent) == charge_id]
+            if not page.has_more or not page.data:
+                return found
+            params = {**params, "starting_after": page.data[-1].id}
+        raise GatewayRefused(
+            f"more than {_LIST_PAGE * _FIND_PAGES_MAX} PaymentIntents of {customer_id} "
+            "since the charge: too many to read"
+        )
+
 
 def _result(intent: Any) -> PaymentResult:
     status = str(intent.status)
     error = getattr(intent, "last_payment_error", None)
     message = str(error.message) if error is not None and error.message else None
+    amount = getattr(intent, "amount", None)
+    currency = getattr(intent, "currency", None)
+    about: dict[str, Any] = {
+        "amount_cents": amount if isinstance(amount, int) else None,
+        "currency": str(currency) if currency else None,
+        "charge_id": _charge_of(intent),
+    }
     if status == "succeeded":
-        return PaymentResult(PaymentOutcome.SUCCEEDED, str(intent.id), None)
+        return PaymentResult(PaymentOutcome.SUCCEEDED, str(intent.id), None, **about)
     if status == "requires_action":
         return PaymentResult(
             PaymentOutcome.REQUIRES_ACTION,
             str(intent.id),
             message or "The card holder must authenticate this payment.",
+            **about,
         )
     if status in _DECLINED_STATUSES:
         return PaymentResult(
-            PaymentOutcome.DECLINED, str(intent.id), message or "The card was declined."
+            PaymentOutcome.DECLINED, str(intent.id), message or "The card was declined.", **about
         )
-    return PaymentResult(None, str(intent.id), None)
+    return PaymentResult(None, str(intent.id), None, **about)
+
+
+def _charge_of(intent: Any) -> str | None:
+    metadata = getattr(intent, "metadata", None)
+    values = metadata.to_dict() if metadata is not None else {}
+    charge_id = values.get("charge_id")
+    return charge_id if isinstance(charge_id, str) else None
+
+
+def _text(error: Exception) -> str:
+    return _message(error) if isinstance(error, stripe.StripeError) else str(error)
 
 
 def _card_error_result(error: stripe.CardError) -> PaymentResult:

@@ -90,6 +90,10 @@ tenants = Table(
     Column("auto_top_up_amount_micros", BigInteger, nullable=True),
     # The most automatic top-ups may charge per calendar month (migration 0006); NULL: default.
     Column("top_up_monthly_limit_micros", BigInteger, nullable=True),
+    # When the newest fact about the tenant's card happened, by our own data (migration 0007):
+    # the creation of the SetupIntent that saved the card on file, or the card's removal. A
+    # SetupIntent created before it is older news and never replaces the card.
+    Column("card_fact_at", UtcDateTime, nullable=True),
     CheckConstraint("held_micros >= 0", name="held_not_negative"),
     CheckConstraint("credit_limit_micros >= 0", name="credit_limit_not_negative"),
 )
@@ -223,10 +227,21 @@ charges = Table(
     Column("failure_message", String(500), nullable=True),
     _micros("refunded_micros", server_default=text("0")),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
-    # A worker that claimed the pending charge owns it until then (then another may retry it).
+    # A worker that claimed the pending charge owns it until then (then another may retry it);
+    # after an attempt without an outcome, the next attempt is not due before it.
     Column("lease_until", UtcDateTime, nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    # What Stripe is asked, fixed when the charge is decided (migration 0007): every attempt
+    # sends exactly these. A NULL currency (older rows) means the server's.
+    Column("stripe_customer_id", String(64), nullable=True),
+    Column("payment_method_id", String(64), nullable=True),
+    Column("currency", String(3), nullable=True),
+    # When a request for the charge may first have reached Stripe; NULL: never sent.
+    Column("sent_at", UtcDateTime, nullable=True),
+    # The claim of the worker that owns the lease: a worker whose lease was taken over can
+    # neither send nor reschedule the charge.
+    Column("claim_token", String(32), nullable=True),
     CheckConstraint("amount_micros > 0", name="amount_positive"),
     CheckConstraint("refunded_micros >= 0", name="refunded_not_negative"),
 )
@@ -242,6 +257,18 @@ Index("ix_charges_payment_intent_id", charges.c.payment_intent_id)
 Index("ix_charges_status_created_at", charges.c.status, charges.c.created_at)
 # The monthly ceiling sums a tenant's charges (migration 0006).
 Index("ix_charges_tenant_id_created_at", charges.c.tenant_id, charges.c.created_at)
+# Due charges, in the order their attempts fall due (migration 0007).
+Index("ix_charges_status_lease_until", charges.c.status, charges.c.lease_until)
+
+# The SetupIntents this service created (CreateSetupIntent), so that a late
+# setup_intent.succeeded is ordered by when we started it, not by when Stripe delivered it.
+setup_intents = Table(
+    "setup_intents",
+    metadata,
+    Column("setup_intent_id", String(255), primary_key=True),
+    Column("tenant_id", String(128), ForeignKey("tenants.tenant_id"), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
 
 # AccountService requests, kept for idempotent replay (AIP-155).
 account_requests = Table(

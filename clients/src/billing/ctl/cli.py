@@ -18,7 +18,7 @@ from billing.ctl import commands
 from billing.ctl.errors import USAGE_EXIT, call_failure
 from billing.ctl.money import parse_dollars
 from billing.ctl.output import print_json_value
-from billing.v1 import admin_pb2, types_pb2, usage_pb2
+from billing.v1 import account_pb2, admin_pb2, types_pb2, usage_pb2
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_S = 10.0
@@ -177,6 +177,43 @@ def build_parser() -> argparse.ArgumentParser:
         "top-up, top-up-reversal",
     )
     _paging(ledger_list, default_limit=50)
+
+    charges = _group(groups, "charges", "card charges (top-ups), and those waiting for an operator")
+    charge_list = _command(
+        charges, "list", "card charges, oldest first", commands.list_charges, common
+    )
+    charge_list.add_argument(
+        "--status",
+        type=_enum_value(account_pb2.ChargeStatus, "CHARGE_STATUS_"),
+        default=account_pb2.CHARGE_STATUS_UNSPECIFIED,
+        metavar="STATUS",
+        help="only charges in this status: pending, succeeded, failed, action-required, "
+        "refunded, unresolved (the ones waiting for an operator)",
+    )
+    charge_list.add_argument("--tenant", default="", metavar="TENANT", help="only this tenant's")
+    _paging(charge_list, default_limit=None)
+    resolve = _command(
+        charges,
+        "resolve",
+        "record what Stripe did with a charge that has no outcome (checked against Stripe)",
+        commands.resolve_charge,
+        common,
+        mutating=True,
+    )
+    resolve.add_argument("charge_id", metavar="CHARGE_ID")
+    resolve.add_argument(
+        "--outcome",
+        required=True,
+        type=_enum_value(admin_pb2.ChargeResolution, "CHARGE_RESOLUTION_"),
+        help="succeeded (Stripe took the money: it is credited) or failed (it took nothing)",
+    )
+    resolve.add_argument(
+        "--payment-intent",
+        default="",
+        metavar="PI",
+        help="the PaymentIntent (pi_...) that took the money, or that was declined",
+    )
+    resolve.add_argument("--reason", required=True, help="why, e.g. a ticket number; logged")
 
     refund = _command(
         groups,

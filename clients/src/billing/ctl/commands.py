@@ -227,6 +227,66 @@ def release(ctx: Context, args: argparse.Namespace) -> None:
     )
 
 
+# Card charges
+
+
+def list_charges(ctx: Context, args: argparse.Namespace) -> None:
+    merged = admin_pb2.ListChargesResponse()
+    token = args.page_token
+    while True:
+        request = admin_pb2.ListChargesRequest(
+            status=args.status,
+            tenant_id=args.tenant,
+            page_size=_page_size(args.limit, len(merged.charges)),
+            page_token=token,
+        )
+        page = ctx.call(ctx.admin.ListCharges, request)
+        merged.charges.extend(page.charges)
+        token = page.next_page_token
+        if not token or _full(args.limit, len(merged.charges)):
+            break
+    merged.next_page_token = token
+    if ctx.json:
+        print_json(merged, ctx.out)
+        return
+    rows = [
+        [
+            charge.charge_id,
+            charge.tenant_id,
+            _charge_trigger(charge.trigger),
+            _charge_status(charge.status),
+            format_dollars(charge.amount_micros),
+            charge.payment_intent_id or "-",
+            format_time(charge.create_time),
+            charge.failure_message,
+        ]
+        for charge in merged.charges
+    ]
+    headers = ["CHARGE", "TENANT", "TRIGGER", "STATUS", "AMOUNT", "PAYMENT INTENT", "CREATED"]
+    print_table([*headers, "NOTE"], rows, ctx.out, right={4})
+    _more(ctx, token)
+
+
+def resolve_charge(ctx: Context, args: argparse.Namespace) -> None:
+    request = admin_pb2.ResolveChargeRequest(
+        request_id=ctx.request_id,
+        charge_id=args.charge_id,
+        outcome=args.outcome,
+        payment_intent_id=args.payment_intent,
+        reason=args.reason,
+    )
+    response = ctx.call(ctx.admin.ResolveCharge, request)
+    if ctx.json:
+        print_json(response, ctx.out)
+        return
+    charge = response.charge
+    intent = f", PaymentIntent {charge.payment_intent_id}" if charge.payment_intent_id else ""
+    ctx.out.write(
+        f"Charge {charge.charge_id} of {charge.tenant_id} ({format_dollars(charge.amount_micros)}"
+        f"{intent}) is {_charge_status(charge.status)}.\n"
+    )
+
+
 # The dashboard: summary, usage, ledger
 
 
@@ -391,6 +451,14 @@ def _timestamp(moment: datetime | None) -> Timestamp | None:
 
 def _tenant_status(status: int) -> str:
     return enum_label(admin_pb2.TenantStatus.Name(status), "TENANT_STATUS_")  # type: ignore[arg-type]
+
+
+def _charge_status(status: int) -> str:
+    return enum_label(account_pb2.ChargeStatus.Name(status), "CHARGE_STATUS_")  # type: ignore[arg-type]
+
+
+def _charge_trigger(trigger: int) -> str:
+    return enum_label(account_pb2.ChargeTrigger.Name(trigger), "CHARGE_TRIGGER_")  # type: ignore[arg-type]
 
 
 def _billing_status(status: int) -> str:

@@ -56,16 +56,30 @@ class _ChargeStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChargeSt
     CHARGE_STATUS_UNSPECIFIED: _ChargeStatus.ValueType  # 0
     """Never returned."""
     CHARGE_STATUS_PENDING: _ChargeStatus.ValueType  # 1
-    """Decided and recorded; the call to Stripe has not answered yet."""
+    """Decided and recorded; the server is sending it to Stripe, or learning
+    from Stripe what became of it (after a lost answer, a timeout or an
+    outage it asks again with the same request, or looks the PaymentIntent
+    up). At most one charge per tenant is pending.
+    """
     CHARGE_STATUS_SUCCEEDED: _ChargeStatus.ValueType  # 2
     """Stripe charged the card; the balance was credited once."""
     CHARGE_STATUS_FAILED: _ChargeStatus.ValueType  # 3
-    """The card was declined; nothing was credited."""
+    """Stripe declined the card, or the charge never reached Stripe (e.g. the
+    card was removed before it was sent); nothing was taken or credited.
+    A charge that may have taken money is never FAILED.
+    """
     CHARGE_STATUS_ACTION_REQUIRED: _ChargeStatus.ValueType  # 4
     """The bank asks the card holder to authenticate; nothing credited yet."""
     CHARGE_STATUS_REFUNDED: _ChargeStatus.ValueType  # 5
     """The charge succeeded and was later refunded at Stripe (in part or in
     full); the refunded amount was taken back from the balance.
+    """
+    CHARGE_STATUS_UNRESOLVED: _ChargeStatus.ValueType  # 6
+    """The card may have been charged, and what Stripe did could not be learned
+    automatically (e.g. Stripe holds several PaymentIntents for the charge,
+    or one of another amount). Nothing is credited yet; it counts against
+    the monthly ceiling and does not block new charges. An operator resolves
+    it with AdminService.ResolveCharge; `failure_message` says why.
     """
 
 class ChargeStatus(_ChargeStatus, metaclass=_ChargeStatusEnumTypeWrapper):
@@ -74,16 +88,30 @@ class ChargeStatus(_ChargeStatus, metaclass=_ChargeStatusEnumTypeWrapper):
 CHARGE_STATUS_UNSPECIFIED: ChargeStatus.ValueType  # 0
 """Never returned."""
 CHARGE_STATUS_PENDING: ChargeStatus.ValueType  # 1
-"""Decided and recorded; the call to Stripe has not answered yet."""
+"""Decided and recorded; the server is sending it to Stripe, or learning
+from Stripe what became of it (after a lost answer, a timeout or an
+outage it asks again with the same request, or looks the PaymentIntent
+up). At most one charge per tenant is pending.
+"""
 CHARGE_STATUS_SUCCEEDED: ChargeStatus.ValueType  # 2
 """Stripe charged the card; the balance was credited once."""
 CHARGE_STATUS_FAILED: ChargeStatus.ValueType  # 3
-"""The card was declined; nothing was credited."""
+"""Stripe declined the card, or the charge never reached Stripe (e.g. the
+card was removed before it was sent); nothing was taken or credited.
+A charge that may have taken money is never FAILED.
+"""
 CHARGE_STATUS_ACTION_REQUIRED: ChargeStatus.ValueType  # 4
 """The bank asks the card holder to authenticate; nothing credited yet."""
 CHARGE_STATUS_REFUNDED: ChargeStatus.ValueType  # 5
 """The charge succeeded and was later refunded at Stripe (in part or in
 full); the refunded amount was taken back from the balance.
+"""
+CHARGE_STATUS_UNRESOLVED: ChargeStatus.ValueType  # 6
+"""The card may have been charged, and what Stripe did could not be learned
+automatically (e.g. Stripe holds several PaymentIntents for the charge,
+or one of another amount). Nothing is credited yet; it counts against
+the monthly ceiling and does not block new charges. An operator resolves
+it with AdminService.ResolveCharge; `failure_message` says why.
 """
 Global___ChargeStatus: _TypeAlias = ChargeStatus  # noqa: Y015
 
@@ -118,8 +146,8 @@ class Charge(_message.Message):
     answered.
     """
     failure_message: _builtins.str
-    """Output only. Why it failed or what the card holder must do; empty
-    otherwise.
+    """Output only. Why it failed, what the card holder must do, or why it is
+    unresolved; empty otherwise.
     """
     refunded_micros: _builtins.int
     """Output only. The amount refunded at Stripe so far, in micros."""
@@ -180,8 +208,9 @@ class BillingProfile(_message.Message):
     CreateSetupIntent.
     """
     automatic_top_ups_this_month_micros: _builtins.int
-    """Output only. What automatic top-ups charged successfully this calendar
-    month (UTC), in micros, counted from the ledger.
+    """Output only. What the automatic top-ups made this calendar month (UTC)
+    charged successfully, in micros (a charge counts in the month it was
+    made, even if it succeeded later).
     """
     @_builtins.property
     def payment_method(self) -> _types_pb2.PaymentMethod:

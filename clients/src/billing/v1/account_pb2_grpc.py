@@ -143,9 +143,13 @@ class AccountServiceServicer(object):
         """Charges the saved card now for an explicit amount and credits the
         balance when the charge succeeds. Waits for Stripe's answer within the
         call's deadline; if it has not come, the charge is returned PENDING and
-        completes in the background (read it with GetCharge). Errors:
-        INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (NO_PAYMENT_METHOD,
-        STRIPE_NOT_CONFIGURED), ALREADY_EXISTS (request_id reused).
+        completes in the background (read it with GetCharge): the server keeps
+        asking Stripe, with the same request, until it knows the outcome. The
+        charge is made on the card on file when the call is first received; a
+        card saved or removed afterwards never changes what is sent for it.
+        Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
+        (NO_PAYMENT_METHOD, STRIPE_NOT_CONFIGURED, CHARGE_IN_PROGRESS: another
+        charge of the tenant is pending), ALREADY_EXISTS (request_id reused).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

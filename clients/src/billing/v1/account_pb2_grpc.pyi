@@ -75,9 +75,13 @@ class AccountServiceStub:
     """Charges the saved card now for an explicit amount and credits the
     balance when the charge succeeds. Waits for Stripe's answer within the
     call's deadline; if it has not come, the charge is returned PENDING and
-    completes in the background (read it with GetCharge). Errors:
-    INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (NO_PAYMENT_METHOD,
-    STRIPE_NOT_CONFIGURED), ALREADY_EXISTS (request_id reused).
+    completes in the background (read it with GetCharge): the server keeps
+    asking Stripe, with the same request, until it knows the outcome. The
+    charge is made on the card on file when the call is first received; a
+    card saved or removed afterwards never changes what is sent for it.
+    Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
+    (NO_PAYMENT_METHOD, STRIPE_NOT_CONFIGURED, CHARGE_IN_PROGRESS: another
+    charge of the tenant is pending), ALREADY_EXISTS (request_id reused).
     """
     GetCharge: _grpc.UnaryUnaryMultiCallable[_account_pb2.GetChargeRequest, _account_pb2.GetChargeResponse]
     """Reads one card charge (a top-up). Errors: INVALID_ARGUMENT, NOT_FOUND
@@ -131,9 +135,13 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """Charges the saved card now for an explicit amount and credits the
     balance when the charge succeeds. Waits for Stripe's answer within the
     call's deadline; if it has not come, the charge is returned PENDING and
-    completes in the background (read it with GetCharge). Errors:
-    INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (NO_PAYMENT_METHOD,
-    STRIPE_NOT_CONFIGURED), ALREADY_EXISTS (request_id reused).
+    completes in the background (read it with GetCharge): the server keeps
+    asking Stripe, with the same request, until it knows the outcome. The
+    charge is made on the card on file when the call is first received; a
+    card saved or removed afterwards never changes what is sent for it.
+    Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
+    (NO_PAYMENT_METHOD, STRIPE_NOT_CONFIGURED, CHARGE_IN_PROGRESS: another
+    charge of the tenant is pending), ALREADY_EXISTS (request_id reused).
     """
     GetCharge: _aio.UnaryUnaryMultiCallable[_account_pb2.GetChargeRequest, _account_pb2.GetChargeResponse]  # type: ignore[assignment]
     """Reads one card charge (a top-up). Errors: INVALID_ARGUMENT, NOT_FOUND
@@ -220,9 +228,13 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         """Charges the saved card now for an explicit amount and credits the
         balance when the charge succeeds. Waits for Stripe's answer within the
         call's deadline; if it has not come, the charge is returned PENDING and
-        completes in the background (read it with GetCharge). Errors:
-        INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (NO_PAYMENT_METHOD,
-        STRIPE_NOT_CONFIGURED), ALREADY_EXISTS (request_id reused).
+        completes in the background (read it with GetCharge): the server keeps
+        asking Stripe, with the same request, until it knows the outcome. The
+        charge is made on the card on file when the call is first received; a
+        card saved or removed afterwards never changes what is sent for it.
+        Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
+        (NO_PAYMENT_METHOD, STRIPE_NOT_CONFIGURED, CHARGE_IN_PROGRESS: another
+        charge of the tenant is pending), ALREADY_EXISTS (request_id reused).
         """
 
     @_abc_1.abstractmethod

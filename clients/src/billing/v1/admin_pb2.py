@@ -22,43 +22,54 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from billing.v1 import account_pb2 as billing_dot_v1_dot_account__pb2
 from billing.v1 import types_pb2 as billing_dot_v1_dot_types__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62illing/v1/admin.proto\x12\nbilling.v1\x1a\x16\x62illing/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\x07\x42\x61lance\x12\x16\n\x0e\x62\x61lance_micros\x18\x01 \x01(\x03\x12\x13\n\x0bheld_micros\x18\x02 \x01(\x03\x12%\n\x1d\x65\x66\x66\x65\x63tive_credit_limit_micros\x18\x03 \x01(\x03\x12\x1f\n\x17\x61vailable_credit_micros\x18\x04 \x01(\x03\x12\x17\n\x0f\x65xposure_micros\x18\x05 \x01(\x03\"\xbd\x02\n\x06Tenant\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.billing.v1.TenantStatus\x12\x1b\n\x13\x63redit_limit_micros\x18\x03 \x01(\x03\x12\x1e\n\x16payment_method_on_file\x18\x04 \x01(\x08\x12$\n\x07\x62\x61lance\x18\x05 \x01(\x0b\x32\x13.billing.v1.Balance\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0e\x62illing_status\x18\x08 \x01(\x0e\x32\x19.billing.v1.BillingStatus\"\xc0\x01\n\x13\x43reateTenantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12 \n\x13\x63redit_limit_micros\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12(\n\x06status\x18\x04 \x01(\x0e\x32\x18.billing.v1.TenantStatus\x12\x1e\n\x16payment_method_on_file\x18\x05 \x01(\x08\x42\x16\n\x14_credit_limit_micros\":\n\x14\x43reateTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.billing.v1.Tenant\"\xe0\x01\n\x13UpdateTenantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12 \n\x13\x63redit_limit_micros\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12(\n\x06status\x18\x04 \x01(\x0e\x32\x18.billing.v1.TenantStatus\x12#\n\x16payment_method_on_file\x18\x05 \x01(\x08H\x01\x88\x01\x01\x42\x16\n\x14_credit_limit_microsB\x19\n\x17_payment_method_on_file\":\n\x14UpdateTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.billing.v1.Tenant\"%\n\x10GetTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"7\n\x11GetTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.billing.v1.Tenant\"b\n\x12GrantCreditRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"T\n\x13GrantCreditResponse\x12\x17\n\x0fledger_entry_id\x18\x01 \x01(\x03\x12$\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x13.billing.v1.Balance\"n\n\x12ListTenantsRequest\x12\x31\n\x0e\x62illing_status\x18\x01 \x01(\x0e\x32\x19.billing.v1.BillingStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x13ListTenantsResponse\x12#\n\x07tenants\x18\x01 \x03(\x0b\x32\x12.billing.v1.Tenant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*d\n\x0cTenantStatus\x12\x1d\n\x19TENANT_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14TENANT_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17TENANT_STATUS_SUSPENDED\x10\x02\x32\x9e\x03\n\x0c\x41\x64minService\x12Q\n\x0c\x43reateTenant\x12\x1f.billing.v1.CreateTenantRequest\x1a .billing.v1.CreateTenantResponse\x12Q\n\x0cUpdateTenant\x12\x1f.billing.v1.UpdateTenantRequest\x1a .billing.v1.UpdateTenantResponse\x12H\n\tGetTenant\x12\x1c.billing.v1.GetTenantRequest\x1a\x1d.billing.v1.GetTenantResponse\x12N\n\x0bGrantCredit\x12\x1e.billing.v1.GrantCreditRequest\x1a\x1f.billing.v1.GrantCreditResponse\x12N\n\x0bListTenants\x12\x1e.billing.v1.ListTenantsRequest\x1a\x1f.billing.v1.ListTenantsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62illing/v1/admin.proto\x12\nbilling.v1\x1a\x18\x62illing/v1/account.proto\x1a\x16\x62illing/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\x07\x42\x61lance\x12\x16\n\x0e\x62\x61lance_micros\x18\x01 \x01(\x03\x12\x13\n\x0bheld_micros\x18\x02 \x01(\x03\x12%\n\x1d\x65\x66\x66\x65\x63tive_credit_limit_micros\x18\x03 \x01(\x03\x12\x1f\n\x17\x61vailable_credit_micros\x18\x04 \x01(\x03\x12\x17\n\x0f\x65xposure_micros\x18\x05 \x01(\x03\"\xbd\x02\n\x06Tenant\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.billing.v1.TenantStatus\x12\x1b\n\x13\x63redit_limit_micros\x18\x03 \x01(\x03\x12\x1e\n\x16payment_method_on_file\x18\x04 \x01(\x08\x12$\n\x07\x62\x61lance\x18\x05 \x01(\x0b\x32\x13.billing.v1.Balance\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0e\x62illing_status\x18\x08 \x01(\x0e\x32\x19.billing.v1.BillingStatus\"\xc0\x01\n\x13\x43reateTenantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12 \n\x13\x63redit_limit_micros\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12(\n\x06status\x18\x04 \x01(\x0e\x32\x18.billing.v1.TenantStatus\x12\x1e\n\x16payment_method_on_file\x18\x05 \x01(\x08\x42\x16\n\x14_credit_limit_micros\":\n\x14\x43reateTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.billing.v1.Tenant\"\xe0\x01\n\x13UpdateTenantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12 \n\x13\x63redit_limit_micros\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12(\n\x06status\x18\x04 \x01(\x0e\x32\x18.billing.v1.TenantStatus\x12#\n\x16payment_method_on_file\x18\x05 \x01(\x08H\x01\x88\x01\x01\x42\x16\n\x14_credit_limit_microsB\x19\n\x17_payment_method_on_file\":\n\x14UpdateTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.billing.v1.Tenant\"%\n\x10GetTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"7\n\x11GetTenantResponse\x12\"\n\x06tenant\x18\x01 \x01(\x0b\x32\x12.billing.v1.Tenant\"b\n\x12GrantCreditRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"T\n\x13GrantCreditResponse\x12\x17\n\x0fledger_entry_id\x18\x01 \x01(\x03\x12$\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x13.billing.v1.Balance\"n\n\x12ListTenantsRequest\x12\x31\n\x0e\x62illing_status\x18\x01 \x01(\x0e\x32\x19.billing.v1.BillingStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x13ListTenantsResponse\x12#\n\x07tenants\x18\x01 \x03(\x0b\x32\x12.billing.v1.Tenant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"x\n\x12ListChargesRequest\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.billing.v1.ChargeStatus\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x13ListChargesResponse\x12#\n\x07\x63harges\x18\x01 \x03(\x0b\x32\x12.billing.v1.Charge\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x14ResolveChargeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tcharge_id\x18\x02 \x01(\t\x12-\n\x07outcome\x18\x03 \x01(\x0e\x32\x1c.billing.v1.ChargeResolution\x12\x19\n\x11payment_intent_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\";\n\x15ResolveChargeResponse\x12\"\n\x06\x63harge\x18\x01 \x01(\x0b\x32\x12.billing.v1.Charge*t\n\x10\x43hargeResolution\x12!\n\x1d\x43HARGE_RESOLUTION_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43HARGE_RESOLUTION_SUCCEEDED\x10\x01\x12\x1c\n\x18\x43HARGE_RESOLUTION_FAILED\x10\x02*d\n\x0cTenantStatus\x12\x1d\n\x19TENANT_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14TENANT_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17TENANT_STATUS_SUSPENDED\x10\x02\x32\xc4\x04\n\x0c\x41\x64minService\x12Q\n\x0c\x43reateTenant\x12\x1f.billing.v1.CreateTenantRequest\x1a .billing.v1.CreateTenantResponse\x12Q\n\x0cUpdateTenant\x12\x1f.billing.v1.UpdateTenantRequest\x1a .billing.v1.UpdateTenantResponse\x12H\n\tGetTenant\x12\x1c.billing.v1.GetTenantRequest\x1a\x1d.billing.v1.GetTenantResponse\x12N\n\x0bGrantCredit\x12\x1e.billing.v1.GrantCreditRequest\x1a\x1f.billing.v1.GrantCreditResponse\x12N\n\x0bListTenants\x12\x1e.billing.v1.ListTenantsRequest\x1a\x1f.billing.v1.ListTenantsResponse\x12N\n\x0bListCharges\x12\x1e.billing.v1.ListChargesRequest\x1a\x1f.billing.v1.ListChargesResponse\x12T\n\rResolveCharge\x12 .billing.v1.ResolveChargeRequest\x1a!.billing.v1.ResolveChargeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'billing.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENANTSTATUS']._serialized_start=1590
-  _globals['_TENANTSTATUS']._serialized_end=1690
-  _globals['_BALANCE']._serialized_start=96
-  _globals['_BALANCE']._serialized_end=247
-  _globals['_TENANT']._serialized_start=250
-  _globals['_TENANT']._serialized_end=567
-  _globals['_CREATETENANTREQUEST']._serialized_start=570
-  _globals['_CREATETENANTREQUEST']._serialized_end=762
-  _globals['_CREATETENANTRESPONSE']._serialized_start=764
-  _globals['_CREATETENANTRESPONSE']._serialized_end=822
-  _globals['_UPDATETENANTREQUEST']._serialized_start=825
-  _globals['_UPDATETENANTREQUEST']._serialized_end=1049
-  _globals['_UPDATETENANTRESPONSE']._serialized_start=1051
-  _globals['_UPDATETENANTRESPONSE']._serialized_end=1109
-  _globals['_GETTENANTREQUEST']._serialized_start=1111
-  _globals['_GETTENANTREQUEST']._serialized_end=1148
-  _globals['_GETTENANTRESPONSE']._serialized_start=1150
-  _globals['_GETTENANTRESPONSE']._serialized_end=1205
-  _globals['_GRANTCREDITREQUEST']._serialized_start=1207
-  _globals['_GRANTCREDITREQUEST']._serialized_end=1305
-  _globals['_GRANTCREDITRESPONSE']._serialized_start=1307
-  _globals['_GRANTCREDITRESPONSE']._serialized_end=1391
-  _globals['_LISTTENANTSREQUEST']._serialized_start=1393
-  _globals['_LISTTENANTSREQUEST']._serialized_end=1503
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=1505
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=1588
-  _globals['_ADMINSERVICE']._serialized_start=1693
-  _globals['_ADMINSERVICE']._serialized_end=2107
+  _globals['_CHARGERESOLUTION']._serialized_start=2038
+  _globals['_CHARGERESOLUTION']._serialized_end=2154
+  _globals['_TENANTSTATUS']._serialized_start=2156
+  _globals['_TENANTSTATUS']._serialized_end=2256
+  _globals['_BALANCE']._serialized_start=122
+  _globals['_BALANCE']._serialized_end=273
+  _globals['_TENANT']._serialized_start=276
+  _globals['_TENANT']._serialized_end=593
+  _globals['_CREATETENANTREQUEST']._serialized_start=596
+  _globals['_CREATETENANTREQUEST']._serialized_end=788
+  _globals['_CREATETENANTRESPONSE']._serialized_start=790
+  _globals['_CREATETENANTRESPONSE']._serialized_end=848
+  _globals['_UPDATETENANTREQUEST']._serialized_start=851
+  _globals['_UPDATETENANTREQUEST']._serialized_end=1075
+  _globals['_UPDATETENANTRESPONSE']._serialized_start=1077
+  _globals['_UPDATETENANTRESPONSE']._serialized_end=1135
+  _globals['_GETTENANTREQUEST']._serialized_start=1137
+  _globals['_GETTENANTREQUEST']._serialized_end=1174
+  _globals['_GETTENANTRESPONSE']._serialized_start=1176
+  _globals['_GETTENANTRESPONSE']._serialized_end=1231
+  _globals['_GRANTCREDITREQUEST']._serialized_start=1233
+  _globals['_GRANTCREDITREQUEST']._serialized_end=1331
+  _globals['_GRANTCREDITRESPONSE']._serialized_start=1333
+  _globals['_GRANTCREDITRESPONSE']._serialized_end=1417
+  _globals['_LISTTENANTSREQUEST']._serialized_start=1419
+  _globals['_LISTTENANTSREQUEST']._serialized_end=1529
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=1531
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=1614
+  _globals['_LISTCHARGESREQUEST']._serialized_start=1616
+  _globals['_LISTCHARGESREQUEST']._serialized_end=1736
+  _globals['_LISTCHARGESRESPONSE']._serialized_start=1738
+  _globals['_LISTCHARGESRESPONSE']._serialized_end=1821
+  _globals['_RESOLVECHARGEREQUEST']._serialized_start=1824
+  _globals['_RESOLVECHARGEREQUEST']._serialized_end=1975
+  _globals['_RESOLVECHARGERESPONSE']._serialized_start=1977
+  _globals['_RESOLVECHARGERESPONSE']._serialized_end=2036
+  _globals['_ADMINSERVICE']._serialized_start=2259
+  _globals['_ADMINSERVICE']._serialized_end=2839
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from billing.v1 import account_pb2 as _account_pb2
 from billing.v1 import types_pb2 as _types_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -20,6 +21,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ChargeResolution:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChargeResolutionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChargeResolution.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHARGE_RESOLUTION_UNSPECIFIED: _ChargeResolution.ValueType  # 0
+    """Not a resolution; refused."""
+    CHARGE_RESOLUTION_SUCCEEDED: _ChargeResolution.ValueType  # 1
+    """Stripe took the money: the balance is credited once."""
+    CHARGE_RESOLUTION_FAILED: _ChargeResolution.ValueType  # 2
+    """Stripe took nothing and will not: the charge fails without marking the
+    tenant's billing status.
+    """
+
+class ChargeResolution(_ChargeResolution, metaclass=_ChargeResolutionEnumTypeWrapper):
+    """The outcome an operator records for a charge."""
+
+CHARGE_RESOLUTION_UNSPECIFIED: ChargeResolution.ValueType  # 0
+"""Not a resolution; refused."""
+CHARGE_RESOLUTION_SUCCEEDED: ChargeResolution.ValueType  # 1
+"""Stripe took the money: the balance is credited once."""
+CHARGE_RESOLUTION_FAILED: ChargeResolution.ValueType  # 2
+"""Stripe took nothing and will not: the charge fails without marking the
+tenant's billing status.
+"""
+Global___ChargeResolution: _TypeAlias = ChargeResolution  # noqa: Y015
 
 class _TenantStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -468,3 +497,139 @@ class ListTenantsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTenantsResponse: _TypeAlias = ListTenantsResponse  # noqa: Y015
+
+@_typing.final
+class ListChargesRequest(_message.Message):
+    """Request of AdminService.ListCharges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    status: _account_pb2.ChargeStatus.ValueType
+    """Optional. Only charges in this status; UNSPECIFIED: every status."""
+    tenant_id: _builtins.str
+    """Optional. Only this tenant's charges, 1-128 characters; empty: every
+    tenant's.
+    """
+    page_size: _builtins.int
+    """Optional. The most charges to return, 1 to 1,000; 0 means 100."""
+    page_token: _builtins.str
+    """Optional. `next_page_token` of the previous page; empty for the first
+    page. The other fields must be the same as for the first page.
+    """
+    def __init__(
+        self,
+        *,
+        status: _account_pb2.ChargeStatus.ValueType = ...,
+        tenant_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "status", b"status", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListChargesRequest: _TypeAlias = ListChargesRequest  # noqa: Y015
+
+@_typing.final
+class ListChargesResponse(_message.Message):
+    """Response of AdminService.ListCharges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHARGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Output only. Pass it as `page_token` for the next page; empty on the last
+    page.
+    """
+    @_builtins.property
+    def charges(self) -> _containers.RepeatedCompositeFieldContainer[_account_pb2.Charge]:
+        """Output only. The charges of this page, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        charges: _abc.Iterable[_account_pb2.Charge] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charges", b"charges", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListChargesResponse: _TypeAlias = ListChargesResponse  # noqa: Y015
+
+@_typing.final
+class ResolveChargeRequest(_message.Message):
+    """Request of AdminService.ResolveCharge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CHARGE_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    PAYMENT_INTENT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required. Idempotency key (AIP-155), 1-128 characters."""
+    charge_id: _builtins.str
+    """Required. The charge, "chg_" followed by 32 lowercase hex digits."""
+    outcome: Global___ChargeResolution.ValueType
+    """Required. What Stripe did: SUCCEEDED or FAILED."""
+    payment_intent_id: _builtins.str
+    """Optional. The PaymentIntent, "pi_...", that took the money (SUCCEEDED)
+    or that was declined (FAILED). Empty: the charge's own PaymentIntents at
+    Stripe (found by the charge id in their metadata) decide; required for
+    SUCCEEDED when the charge has several.
+    """
+    reason: _builtins.str
+    """Required. Why, e.g. a ticket number, 1-500 characters; logged, and kept
+    as the failure message of a FAILED charge.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        charge_id: _builtins.str = ...,
+        outcome: Global___ChargeResolution.ValueType = ...,
+        payment_intent_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charge_id", b"charge_id", "outcome", b"outcome", "payment_intent_id", b"payment_intent_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveChargeRequest: _TypeAlias = ResolveChargeRequest  # noqa: Y015
+
+@_typing.final
+class ResolveChargeResponse(_message.Message):
+    """Response of AdminService.ResolveCharge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHARGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def charge(self) -> _account_pb2.Charge:
+        """Output only. The charge after the resolution."""
+
+    def __init__(
+        self,
+        *,
+        charge: _account_pb2.Charge | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["charge", b"charge"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charge", b"charge"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveChargeResponse: _TypeAlias = ResolveChargeResponse  # noqa: Y015

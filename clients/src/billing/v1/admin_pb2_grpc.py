@@ -27,9 +27,10 @@ if _version_not_supported:
 
 class AdminServiceStub(object):
     """Operator-only tenant set-up: create and update tenants (credit limit,
-    status, payment method flag), grant credit by hand, read a tenant's balance.
-    Every mutating call takes a `request_id` (AIP-155) and replays its first
-    answer on retry.
+    status, payment method flag), grant credit by hand, read a tenant's balance;
+    list card charges and resolve those whose outcome could not be learned from
+    Stripe. Every mutating call takes a `request_id` (AIP-155) and replays its
+    first answer on retry.
     """
 
     def __init__(self, channel):
@@ -63,13 +64,24 @@ class AdminServiceStub(object):
                 request_serializer=billing_dot_v1_dot_admin__pb2.ListTenantsRequest.SerializeToString,
                 response_deserializer=billing_dot_v1_dot_admin__pb2.ListTenantsResponse.FromString,
                 _registered_method=True)
+        self.ListCharges = channel.unary_unary(
+                '/billing.v1.AdminService/ListCharges',
+                request_serializer=billing_dot_v1_dot_admin__pb2.ListChargesRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_admin__pb2.ListChargesResponse.FromString,
+                _registered_method=True)
+        self.ResolveCharge = channel.unary_unary(
+                '/billing.v1.AdminService/ResolveCharge',
+                request_serializer=billing_dot_v1_dot_admin__pb2.ResolveChargeRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_admin__pb2.ResolveChargeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer(object):
     """Operator-only tenant set-up: create and update tenants (credit limit,
-    status, payment method flag), grant credit by hand, read a tenant's balance.
-    Every mutating call takes a `request_id` (AIP-155) and replays its first
-    answer on retry.
+    status, payment method flag), grant credit by hand, read a tenant's balance;
+    list card charges and resolve those whose outcome could not be learned from
+    Stripe. Every mutating call takes a `request_id` (AIP-155) and replays its
+    first answer on retry.
     """
 
     def CreateTenant(self, request, context):
@@ -114,6 +126,34 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCharges(self, request, context):
+        """Lists card charges oldest first, optionally only those in one status
+        (CHARGE_STATUS_UNRESOLVED: the charges waiting for an operator) or of
+        one tenant. Paginated (AIP-158). Errors: INVALID_ARGUMENT (bad page size,
+        page token or tenant id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveCharge(self, request, context):
+        """Records the outcome of a charge that has none (PENDING, UNRESOLVED), as
+        the operator found it at Stripe, after checking it against Stripe: a
+        success needs a succeeded PaymentIntent of the charge's amount (the one
+        named, or the only one of the charge), and credits the balance once; a
+        failure needs that none of the charge's PaymentIntents took the money or
+        may still take it. Errors: INVALID_ARGUMENT, NOT_FOUND
+        (CHARGE_NOT_FOUND), FAILED_PRECONDITION (CHARGE_ALREADY_FINAL: it has an
+        outcome already; CHARGE_OUTCOME_CONTRADICTS_STRIPE: Stripe says
+        otherwise; CHARGE_IN_PROGRESS: the server is asking Stripe about it
+        right now, retry shortly; STRIPE_NOT_CONFIGURED), UNAVAILABLE
+        (STRIPE_UNAVAILABLE: retry with the same request_id), ALREADY_EXISTS
+        (request_id reused).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +182,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=billing_dot_v1_dot_admin__pb2.ListTenantsRequest.FromString,
                     response_serializer=billing_dot_v1_dot_admin__pb2.ListTenantsResponse.SerializeToString,
             ),
+            'ListCharges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCharges,
+                    request_deserializer=billing_dot_v1_dot_admin__pb2.ListChargesRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_admin__pb2.ListChargesResponse.SerializeToString,
+            ),
+            'ResolveCharge': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveCharge,
+                    request_deserializer=billing_dot_v1_dot_admin__pb2.ResolveChargeRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_admin__pb2.ResolveChargeResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'billing.v1.AdminService', rpc_method_handlers)
@@ -152,9 +202,10 @@ def add_AdminServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AdminService(object):
     """Operator-only tenant set-up: create and update tenants (credit limit,
-    status, payment method flag), grant credit by hand, read a tenant's balance.
-    Every mutating call takes a `request_id` (AIP-155) and replays its first
-    answer on retry.
+    status, payment method flag), grant credit by hand, read a tenant's balance;
+    list card charges and resolve those whose outcome could not be learned from
+    Stripe. Every mutating call takes a `request_id` (AIP-155) and replays its
+    first answer on retry.
     """
 
     @staticmethod
@@ -282,6 +333,60 @@ class AdminService(object):
             '/billing.v1.AdminService/ListTenants',
             billing_dot_v1_dot_admin__pb2.ListTenantsRequest.SerializeToString,
             billing_dot_v1_dot_admin__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCharges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/billing.v1.AdminService/ListCharges',
+            billing_dot_v1_dot_admin__pb2.ListChargesRequest.SerializeToString,
+            billing_dot_v1_dot_admin__pb2.ListChargesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveCharge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/billing.v1.AdminService/ResolveCharge',
+            billing_dot_v1_dot_admin__pb2.ResolveChargeRequest.SerializeToString,
+            billing_dot_v1_dot_admin__pb2.ResolveChargeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,9 +28,10 @@ GRPC_VERSION: str
 
 class AdminServiceStub:
     """Operator-only tenant set-up: create and update tenants (credit limit,
-    status, payment method flag), grant credit by hand, read a tenant's balance.
-    Every mutating call takes a `request_id` (AIP-155) and replays its first
-    answer on retry.
+    status, payment method flag), grant credit by hand, read a tenant's balance;
+    list card charges and resolve those whose outcome could not be learned from
+    Stripe. Every mutating call takes a `request_id` (AIP-155) and replays its
+    first answer on retry.
     """
 
     @_typing.overload
@@ -58,13 +59,34 @@ class AdminServiceStub:
     status (e.g. every tenant whose last card charge failed). Paginated
     (AIP-158). Errors: INVALID_ARGUMENT (bad page size or page token).
     """
+    ListCharges: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListChargesRequest, _admin_pb2.ListChargesResponse]
+    """Lists card charges oldest first, optionally only those in one status
+    (CHARGE_STATUS_UNRESOLVED: the charges waiting for an operator) or of
+    one tenant. Paginated (AIP-158). Errors: INVALID_ARGUMENT (bad page size,
+    page token or tenant id).
+    """
+    ResolveCharge: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResolveChargeRequest, _admin_pb2.ResolveChargeResponse]
+    """Records the outcome of a charge that has none (PENDING, UNRESOLVED), as
+    the operator found it at Stripe, after checking it against Stripe: a
+    success needs a succeeded PaymentIntent of the charge's amount (the one
+    named, or the only one of the charge), and credits the balance once; a
+    failure needs that none of the charge's PaymentIntents took the money or
+    may still take it. Errors: INVALID_ARGUMENT, NOT_FOUND
+    (CHARGE_NOT_FOUND), FAILED_PRECONDITION (CHARGE_ALREADY_FINAL: it has an
+    outcome already; CHARGE_OUTCOME_CONTRADICTS_STRIPE: Stripe says
+    otherwise; CHARGE_IN_PROGRESS: the server is asking Stripe about it
+    right now, retry shortly; STRIPE_NOT_CONFIGURED), UNAVAILABLE
+    (STRIPE_UNAVAILABLE: retry with the same request_id), ALREADY_EXISTS
+    (request_id reused).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
     """Operator-only tenant set-up: create and update tenants (credit limit,
-    status, payment method flag), grant credit by hand, read a tenant's balance.
-    Every mutating call takes a `request_id` (AIP-155) and replays its first
-    answer on retry.
+    status, payment method flag), grant credit by hand, read a tenant's balance;
+    list card charges and resolve those whose outcome could not be learned from
+    Stripe. Every mutating call takes a `request_id` (AIP-155) and replays its
+    first answer on retry.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -89,12 +111,33 @@ class AdminServiceAsyncStub(AdminServiceStub):
     status (e.g. every tenant whose last card charge failed). Paginated
     (AIP-158). Errors: INVALID_ARGUMENT (bad page size or page token).
     """
+    ListCharges: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListChargesRequest, _admin_pb2.ListChargesResponse]  # type: ignore[assignment]
+    """Lists card charges oldest first, optionally only those in one status
+    (CHARGE_STATUS_UNRESOLVED: the charges waiting for an operator) or of
+    one tenant. Paginated (AIP-158). Errors: INVALID_ARGUMENT (bad page size,
+    page token or tenant id).
+    """
+    ResolveCharge: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResolveChargeRequest, _admin_pb2.ResolveChargeResponse]  # type: ignore[assignment]
+    """Records the outcome of a charge that has none (PENDING, UNRESOLVED), as
+    the operator found it at Stripe, after checking it against Stripe: a
+    success needs a succeeded PaymentIntent of the charge's amount (the one
+    named, or the only one of the charge), and credits the balance once; a
+    failure needs that none of the charge's PaymentIntents took the money or
+    may still take it. Errors: INVALID_ARGUMENT, NOT_FOUND
+    (CHARGE_NOT_FOUND), FAILED_PRECONDITION (CHARGE_ALREADY_FINAL: it has an
+    outcome already; CHARGE_OUTCOME_CONTRADICTS_STRIPE: Stripe says
+    otherwise; CHARGE_IN_PROGRESS: the server is asking Stripe about it
+    right now, retry shortly; STRIPE_NOT_CONFIGURED), UNAVAILABLE
+    (STRIPE_UNAVAILABLE: retry with the same request_id), ALREADY_EXISTS
+    (request_id reused).
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator-only tenant set-up: create and update tenants (credit limit,
-    status, payment method flag), grant credit by hand, read a tenant's balance.
-    Every mutating call takes a `request_id` (AIP-155) and replays its first
-    answer on retry.
+    status, payment method flag), grant credit by hand, read a tenant's balance;
+    list card charges and resolve those whose outcome could not be learned from
+    Stripe. Every mutating call takes a `request_id` (AIP-155) and replays its
+    first answer on retry.
     """
 
     @_abc_1.abstractmethod
@@ -146,6 +189,38 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists tenants in tenant_id order, optionally only those in one billing
         status (e.g. every tenant whose last card charge failed). Paginated
         (AIP-158). Errors: INVALID_ARGUMENT (bad page size or page token).
+        """
+
+    @_abc_1.abstractmethod
+    def ListCharges(
+        self,
+        request: _admin_pb2.ListChargesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListChargesResponse, _abc.Awaitable[_admin_pb2.ListChargesResponse]]:
+        """Lists card charges oldest first, optionally only those in one status
+        (CHARGE_STATUS_UNRESOLVED: the charges waiting for an operator) or of
+        one tenant. Paginated (AIP-158). Errors: INVALID_ARGUMENT (bad page size,
+        page token or tenant id).
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveCharge(
+        self,
+        request: _admin_pb2.ResolveChargeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ResolveChargeResponse, _abc.Awaitable[_admin_pb2.ResolveChargeResponse]]:
+        """Records the outcome of a charge that has none (PENDING, UNRESOLVED), as
+        the operator found it at Stripe, after checking it against Stripe: a
+        success needs a succeeded PaymentIntent of the charge's amount (the one
+        named, or the only one of the charge), and credits the balance once; a
+        failure needs that none of the charge's PaymentIntents took the money or
+        may still take it. Errors: INVALID_ARGUMENT, NOT_FOUND
+        (CHARGE_NOT_FOUND), FAILED_PRECONDITION (CHARGE_ALREADY_FINAL: it has an
+        outcome already; CHARGE_OUTCOME_CONTRADICTS_STRIPE: Stripe says
+        otherwise; CHARGE_IN_PROGRESS: the server is asking Stripe about it
+        right now, retry shortly; STRIPE_NOT_CONFIGURED), UNAVAILABLE
+        (STRIPE_UNAVAILABLE: retry with the same request_id), ALREADY_EXISTS
+        (request_id reused).
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

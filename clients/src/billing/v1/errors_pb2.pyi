@@ -100,7 +100,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND. GetCharge names a charge the tenant does not have."""
     CHARGE_IN_PROGRESS: _ErrorReason.ValueType  # 21
     """FAILED_PRECONDITION. TopUpNow while another charge of the tenant is still
-    in progress; retry once it has finished.
+    in progress; retry once it has finished. ResolveCharge while the server
+    is asking Stripe about the charge; retry in a minute.
     """
     BUDGET_NOT_FOUND: _ErrorReason.ValueType  # 22
     """NOT_FOUND. GetBudget or DeleteBudget names a budget the tenant does not
@@ -126,6 +127,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     DEADLINE_PASSED: _ErrorReason.ValueType  # 27
     """DEADLINE_EXCEEDED. The call's deadline had passed before the server
     started on it; nothing was done.
+    """
+    CHARGE_ALREADY_FINAL: _ErrorReason.ValueType  # 28
+    """FAILED_PRECONDITION. ResolveCharge of a charge that has an outcome
+    already (it is not PENDING or UNRESOLVED); nothing was changed.
+    """
+    CHARGE_OUTCOME_CONTRADICTS_STRIPE: _ErrorReason.ValueType  # 29
+    """FAILED_PRECONDITION. ResolveCharge with an outcome Stripe contradicts: a
+    success without a single succeeded PaymentIntent of the charge's amount
+    (or the one named), or a failure while a PaymentIntent of the charge took
+    the money or may still take it; nothing was changed.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -219,7 +230,8 @@ CHARGE_NOT_FOUND: ErrorReason.ValueType  # 20
 """NOT_FOUND. GetCharge names a charge the tenant does not have."""
 CHARGE_IN_PROGRESS: ErrorReason.ValueType  # 21
 """FAILED_PRECONDITION. TopUpNow while another charge of the tenant is still
-in progress; retry once it has finished.
+in progress; retry once it has finished. ResolveCharge while the server
+is asking Stripe about the charge; retry in a minute.
 """
 BUDGET_NOT_FOUND: ErrorReason.ValueType  # 22
 """NOT_FOUND. GetBudget or DeleteBudget names a budget the tenant does not
@@ -245,5 +257,15 @@ chat-service token calling AdminService). The ErrorInfo metadata
 DEADLINE_PASSED: ErrorReason.ValueType  # 27
 """DEADLINE_EXCEEDED. The call's deadline had passed before the server
 started on it; nothing was done.
+"""
+CHARGE_ALREADY_FINAL: ErrorReason.ValueType  # 28
+"""FAILED_PRECONDITION. ResolveCharge of a charge that has an outcome
+already (it is not PENDING or UNRESOLVED); nothing was changed.
+"""
+CHARGE_OUTCOME_CONTRADICTS_STRIPE: ErrorReason.ValueType  # 29
+"""FAILED_PRECONDITION. ResolveCharge with an outcome Stripe contradicts: a
+success without a single succeeded PaymentIntent of the charge's amount
+(or the one named), or a failure while a PaymentIntent of the charge took
+the money or may still take it; nothing was changed.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file billing/v1/account.proto.
  */
 export const file_billing_v1_account: GenFile = /*@__PURE__*/
-  fileDesc("ChhiaWxsaW5nL3YxL2FjY291bnQucHJvdG8SCmJpbGxpbmcudjEiygIKBkNoYXJnZRIRCgljaGFyZ2VfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEhUKDWFtb3VudF9taWNyb3MYAyABKAMSKgoHdHJpZ2dlchgEIAEoDjIZLmJpbGxpbmcudjEuQ2hhcmdlVHJpZ2dlchIoCgZzdGF0dXMYBSABKA4yGC5iaWxsaW5nLnYxLkNoYXJnZVN0YXR1cxIZChFwYXltZW50X2ludGVudF9pZBgGIAEoCRIXCg9mYWlsdXJlX21lc3NhZ2UYByABKAkSFwoPcmVmdW5kZWRfbWljcm9zGAggASgDEi8KC2NyZWF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi0gIKDkJpbGxpbmdQcm9maWxlEhEKCXRlbmFudF9pZBgBIAEoCRIxCg5wYXltZW50X21ldGhvZBgCIAEoCzIZLmJpbGxpbmcudjEuUGF5bWVudE1ldGhvZBIxCg5iaWxsaW5nX3N0YXR1cxgDIAEoDjIZLmJpbGxpbmcudjEuQmlsbGluZ1N0YXR1cxIeChZiaWxsaW5nX3N0YXR1c19tZXNzYWdlGAQgASgJEjIKC2F1dG9fdG9wX3VwGAUgASgLMh0uYmlsbGluZy52MS5BdXRvVG9wVXBTZXR0aW5ncxIqCg5wZW5kaW5nX2NoYXJnZRgGIAEoCzISLmJpbGxpbmcudjEuQ2hhcmdlEhoKEnN0cmlwZV9jdXN0b21lcl9pZBgHIAEoCRIrCiNhdXRvbWF0aWNfdG9wX3Vwc190aGlzX21vbnRoX21pY3JvcxgIIAEoAyItChhHZXRCaWxsaW5nUHJvZmlsZVJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIkgKGUdldEJpbGxpbmdQcm9maWxlUmVzcG9uc2USKwoHcHJvZmlsZRgBIAEoCzIaLmJpbGxpbmcudjEuQmlsbGluZ1Byb2ZpbGUiQQoYQ3JlYXRlU2V0dXBJbnRlbnRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJImcKGUNyZWF0ZVNldHVwSW50ZW50UmVzcG9uc2USFwoPc2V0dXBfaW50ZW50X2lkGAEgASgJEhUKDWNsaWVudF9zZWNyZXQYAiABKAkSGgoSc3RyaXBlX2N1c3RvbWVyX2lkGAMgASgJIl0KG0NvbmZpcm1QYXltZW50TWV0aG9kUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhEKCXRlbmFudF9pZBgCIAEoCRIXCg9zZXR1cF9pbnRlbnRfaWQYAyABKAkiSwocQ29uZmlybVBheW1lbnRNZXRob2RSZXNwb25zZRIrCgdwcm9maWxlGAEgASgLMhouYmlsbGluZy52MS5CaWxsaW5nUHJvZmlsZSJDChpSZW1vdmVQYXltZW50TWV0aG9kUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhEKCXRlbmFudF9pZBgCIAEoCSJKChtSZW1vdmVQYXltZW50TWV0aG9kUmVzcG9uc2USKwoHcHJvZmlsZRgBIAEoCzIaLmJpbGxpbmcudjEuQmlsbGluZ1Byb2ZpbGUi/wEKFlVwZGF0ZUF1dG9Ub3BVcFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIRCgl0ZW5hbnRfaWQYAiABKAkSFAoHZW5hYmxlZBgDIAEoCEgAiAEBEh0KEHRocmVzaG9sZF9taWNyb3MYBCABKANIAYgBARIaCg1hbW91bnRfbWljcm9zGAUgASgDSAKIAQESIQoUbW9udGhseV9saW1pdF9taWNyb3MYBiABKANIA4gBAUIKCghfZW5hYmxlZEITChFfdGhyZXNob2xkX21pY3Jvc0IQCg5fYW1vdW50X21pY3Jvc0IXChVfbW9udGhseV9saW1pdF9taWNyb3MiTQoXVXBkYXRlQXV0b1RvcFVwUmVzcG9uc2USMgoLYXV0b190b3BfdXAYASABKAsyHS5iaWxsaW5nLnYxLkF1dG9Ub3BVcFNldHRpbmdzIk8KD1RvcFVwTm93UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhEKCXRlbmFudF9pZBgCIAEoCRIVCg1hbW91bnRfbWljcm9zGAMgASgDIjYKEFRvcFVwTm93UmVzcG9uc2USIgoGY2hhcmdlGAEgASgLMhIuYmlsbGluZy52MS5DaGFyZ2UiOAoQR2V0Q2hhcmdlUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSEQoJY2hhcmdlX2lkGAIgASgJIjcKEUdldENoYXJnZVJlc3BvbnNlEiIKBmNoYXJnZRgBIAEoCzISLmJpbGxpbmcudjEuQ2hhcmdlKoYBCg1DaGFyZ2VUcmlnZ2VyEh4KGkNIQVJHRV9UUklHR0VSX1VOU1BFQ0lGSUVEEAASHAoYQ0hBUkdFX1RSSUdHRVJfQVVUT01BVElDEAESHAoYQ0hBUkdFX1RSSUdHRVJfT05fREVNQU5EEAISGQoVQ0hBUkdFX1RSSUdHRVJfTUFOVUFMEAMqvgEKDENoYXJnZVN0YXR1cxIdChlDSEFSR0VfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGQoVQ0hBUkdFX1NUQVRVU19QRU5ESU5HEAESGwoXQ0hBUkdFX1NUQVRVU19TVUNDRUVERUQQAhIYChRDSEFSR0VfU1RBVFVTX0ZBSUxFRBADEiEKHUNIQVJHRV9TVEFUVVNfQUNUSU9OX1JFUVVJUkVEEAQSGgoWQ0hBUkdFX1NUQVRVU19SRUZVTkRFRBAFMpQFCg5BY2NvdW50U2VydmljZRJgChFHZXRCaWxsaW5nUHJvZmlsZRIkLmJpbGxpbmcudjEuR2V0QmlsbGluZ1Byb2ZpbGVSZXF1ZXN0GiUuYmlsbGluZy52MS5HZXRCaWxsaW5nUHJvZmlsZVJlc3BvbnNlEmAKEUNyZWF0ZVNldHVwSW50ZW50EiQuYmlsbGluZy52MS5DcmVhdGVTZXR1cEludGVudFJlcXVlc3QaJS5iaWxsaW5nLnYxLkNyZWF0ZVNldHVwSW50ZW50UmVzcG9uc2USaQoUQ29uZmlybVBheW1lbnRNZXRob2QSJy5iaWxsaW5nLnYxLkNvbmZpcm1QYXltZW50TWV0aG9kUmVxdWVzdBooLmJpbGxpbmcudjEuQ29uZmlybVBheW1lbnRNZXRob2RSZXNwb25zZRJmChNSZW1vdmVQYXltZW50TWV0aG9kEiYuYmlsbGluZy52MS5SZW1vdmVQYXltZW50TWV0aG9kUmVxdWVzdBonLmJpbGxpbmcudjEuUmVtb3ZlUGF5bWVudE1ldGhvZFJlc3BvbnNlEloKD1VwZGF0ZUF1dG9Ub3BVcBIiLmJpbGxpbmcudjEuVXBkYXRlQXV0b1RvcFVwUmVxdWVzdBojLmJpbGxpbmcudjEuVXBkYXRlQXV0b1RvcFVwUmVzcG9uc2USRQoIVG9wVXBOb3cSGy5iaWxsaW5nLnYxLlRvcFVwTm93UmVxdWVzdBocLmJpbGxpbmcudjEuVG9wVXBOb3dSZXNwb25zZRJICglHZXRDaGFyZ2USHC5iaWxsaW5nLnYxLkdldENoYXJnZVJlcXVlc3QaHS5iaWxsaW5nLnYxLkdldENoYXJnZVJlc3BvbnNlYgZwcm90bzM", [file_billing_v1_types, file_google_protobuf_timestamp]);
+  fileDesc("ChhiaWxsaW5nL3YxL2FjY291bnQucHJvdG8SCmJpbGxpbmcudjEiygIKBkNoYXJnZRIRCgljaGFyZ2VfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEhUKDWFtb3VudF9taWNyb3MYAyABKAMSKgoHdHJpZ2dlchgEIAEoDjIZLmJpbGxpbmcudjEuQ2hhcmdlVHJpZ2dlchIoCgZzdGF0dXMYBSABKA4yGC5iaWxsaW5nLnYxLkNoYXJnZVN0YXR1cxIZChFwYXltZW50X2ludGVudF9pZBgGIAEoCRIXCg9mYWlsdXJlX21lc3NhZ2UYByABKAkSFwoPcmVmdW5kZWRfbWljcm9zGAggASgDEi8KC2NyZWF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi0gIKDkJpbGxpbmdQcm9maWxlEhEKCXRlbmFudF9pZBgBIAEoCRIxCg5wYXltZW50X21ldGhvZBgCIAEoCzIZLmJpbGxpbmcudjEuUGF5bWVudE1ldGhvZBIxCg5iaWxsaW5nX3N0YXR1cxgDIAEoDjIZLmJpbGxpbmcudjEuQmlsbGluZ1N0YXR1cxIeChZiaWxsaW5nX3N0YXR1c19tZXNzYWdlGAQgASgJEjIKC2F1dG9fdG9wX3VwGAUgASgLMh0uYmlsbGluZy52MS5BdXRvVG9wVXBTZXR0aW5ncxIqCg5wZW5kaW5nX2NoYXJnZRgGIAEoCzISLmJpbGxpbmcudjEuQ2hhcmdlEhoKEnN0cmlwZV9jdXN0b21lcl9pZBgHIAEoCRIrCiNhdXRvbWF0aWNfdG9wX3Vwc190aGlzX21vbnRoX21pY3JvcxgIIAEoAyItChhHZXRCaWxsaW5nUHJvZmlsZVJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIkgKGUdldEJpbGxpbmdQcm9maWxlUmVzcG9uc2USKwoHcHJvZmlsZRgBIAEoCzIaLmJpbGxpbmcudjEuQmlsbGluZ1Byb2ZpbGUiQQoYQ3JlYXRlU2V0dXBJbnRlbnRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJImcKGUNyZWF0ZVNldHVwSW50ZW50UmVzcG9uc2USFwoPc2V0dXBfaW50ZW50X2lkGAEgASgJEhUKDWNsaWVudF9zZWNyZXQYAiABKAkSGgoSc3RyaXBlX2N1c3RvbWVyX2lkGAMgASgJIl0KG0NvbmZpcm1QYXltZW50TWV0aG9kUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhEKCXRlbmFudF9pZBgCIAEoCRIXCg9zZXR1cF9pbnRlbnRfaWQYAyABKAkiSwocQ29uZmlybVBheW1lbnRNZXRob2RSZXNwb25zZRIrCgdwcm9maWxlGAEgASgLMhouYmlsbGluZy52MS5CaWxsaW5nUHJvZmlsZSJDChpSZW1vdmVQYXltZW50TWV0aG9kUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhEKCXRlbmFudF9pZBgCIAEoCSJKChtSZW1vdmVQYXltZW50TWV0aG9kUmVzcG9uc2USKwoHcHJvZmlsZRgBIAEoCzIaLmJpbGxpbmcudjEuQmlsbGluZ1Byb2ZpbGUi/wEKFlVwZGF0ZUF1dG9Ub3BVcFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIRCgl0ZW5hbnRfaWQYAiABKAkSFAoHZW5hYmxlZBgDIAEoCEgAiAEBEh0KEHRocmVzaG9sZF9taWNyb3MYBCABKANIAYgBARIaCg1hbW91bnRfbWljcm9zGAUgASgDSAKIAQESIQoUbW9udGhseV9saW1pdF9taWNyb3MYBiABKANIA4gBAUIKCghfZW5hYmxlZEITChFfdGhyZXNob2xkX21pY3Jvc0IQCg5fYW1vdW50X21pY3Jvc0IXChVfbW9udGhseV9saW1pdF9taWNyb3MiTQoXVXBkYXRlQXV0b1RvcFVwUmVzcG9uc2USMgoLYXV0b190b3BfdXAYASABKAsyHS5iaWxsaW5nLnYxLkF1dG9Ub3BVcFNldHRpbmdzIk8KD1RvcFVwTm93UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhEKCXRlbmFudF9pZBgCIAEoCRIVCg1hbW91bnRfbWljcm9zGAMgASgDIjYKEFRvcFVwTm93UmVzcG9uc2USIgoGY2hhcmdlGAEgASgLMhIuYmlsbGluZy52MS5DaGFyZ2UiOAoQR2V0Q2hhcmdlUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSEQoJY2hhcmdlX2lkGAIgASgJIjcKEUdldENoYXJnZVJlc3BvbnNlEiIKBmNoYXJnZRgBIAEoCzISLmJpbGxpbmcudjEuQ2hhcmdlKoYBCg1DaGFyZ2VUcmlnZ2VyEh4KGkNIQVJHRV9UUklHR0VSX1VOU1BFQ0lGSUVEEAASHAoYQ0hBUkdFX1RSSUdHRVJfQVVUT01BVElDEAESHAoYQ0hBUkdFX1RSSUdHRVJfT05fREVNQU5EEAISGQoVQ0hBUkdFX1RSSUdHRVJfTUFOVUFMEAMq3AEKDENoYXJnZVN0YXR1cxIdChlDSEFSR0VfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGQoVQ0hBUkdFX1NUQVRVU19QRU5ESU5HEAESGwoXQ0hBUkdFX1NUQVRVU19TVUNDRUVERUQQAhIYChRDSEFSR0VfU1RBVFVTX0ZBSUxFRBADEiEKHUNIQVJHRV9TVEFUVVNfQUNUSU9OX1JFUVVJUkVEEAQSGgoWQ0hBUkdFX1NUQVRVU19SRUZVTkRFRBAFEhwKGENIQVJHRV9TVEFUVVNfVU5SRVNPTFZFRBAGMpQFCg5BY2NvdW50U2VydmljZRJgChFHZXRCaWxsaW5nUHJvZmlsZRIkLmJpbGxpbmcudjEuR2V0QmlsbGluZ1Byb2ZpbGVSZXF1ZXN0GiUuYmlsbGluZy52MS5HZXRCaWxsaW5nUHJvZmlsZVJlc3BvbnNlEmAKEUNyZWF0ZVNldHVwSW50ZW50EiQuYmlsbGluZy52MS5DcmVhdGVTZXR1cEludGVudFJlcXVlc3QaJS5iaWxsaW5nLnYxLkNyZWF0ZVNldHVwSW50ZW50UmVzcG9uc2USaQoUQ29uZmlybVBheW1lbnRNZXRob2QSJy5iaWxsaW5nLnYxLkNvbmZpcm1QYXltZW50TWV0aG9kUmVxdWVzdBooLmJpbGxpbmcudjEuQ29uZmlybVBheW1lbnRNZXRob2RSZXNwb25zZRJmChNSZW1vdmVQYXltZW50TWV0aG9kEiYuYmlsbGluZy52MS5SZW1vdmVQYXltZW50TWV0aG9kUmVxdWVzdBonLmJpbGxpbmcudjEuUmVtb3ZlUGF5bWVudE1ldGhvZFJlc3BvbnNlEloKD1VwZGF0ZUF1dG9Ub3BVcBIiLmJpbGxpbmcudjEuVXBkYXRlQXV0b1RvcFVwUmVxdWVzdBojLmJpbGxpbmcudjEuVXBkYXRlQXV0b1RvcFVwUmVzcG9uc2USRQoIVG9wVXBOb3cSGy5iaWxsaW5nLnYxLlRvcFVwTm93UmVxdWVzdBocLmJpbGxpbmcudjEuVG9wVXBOb3dSZXNwb25zZRJICglHZXRDaGFyZ2USHC5iaWxsaW5nLnYxLkdldENoYXJnZVJlcXVlc3QaHS5iaWxsaW5nLnYxLkdldENoYXJnZVJlc3BvbnNlYgZwcm90bzM", [file_billing_v1_types, file_google_protobuf_timestamp]);
 
 /**
  * One off-session card charge that tops up a tenant's balance.
@@ -66,8 +66,8 @@ export type Charge = Message<"billing.v1.Charge"> & {
   paymentIntentId: string;
 
   /**
-   * Output only. Why it failed or what the card holder must do; empty
-   * otherwise.
+   * Output only. Why it failed, what the card holder must do, or why it is
+   * unresolved; empty otherwise.
    *
    * @generated from field: string failure_message = 7;
    */
@@ -161,8 +161,9 @@ export type BillingProfile = Message<"billing.v1.BillingProfile"> & {
   stripeCustomerId: string;
 
   /**
-   * Output only. What automatic top-ups charged successfully this calendar
-   * month (UTC), in micros, counted from the ledger.
+   * Output only. What the automatic top-ups made this calendar month (UTC)
+   * charged successfully, in micros (a charge counts in the month it was
+   * made, even if it succeeded later).
    *
    * @generated from field: int64 automatic_top_ups_this_month_micros = 8;
    */
@@ -629,7 +630,10 @@ export enum ChargeStatus {
   UNSPECIFIED = 0,
 
   /**
-   * Decided and recorded; the call to Stripe has not answered yet.
+   * Decided and recorded; the server is sending it to Stripe, or learning
+   * from Stripe what became of it (after a lost answer, a timeout or an
+   * outage it asks again with the same request, or looks the PaymentIntent
+   * up). At most one charge per tenant is pending.
    *
    * @generated from enum value: CHARGE_STATUS_PENDING = 1;
    */
@@ -643,7 +647,9 @@ export enum ChargeStatus {
   SUCCEEDED = 2,
 
   /**
-   * The card was declined; nothing was credited.
+   * Stripe declined the card, or the charge never reached Stripe (e.g. the
+   * card was removed before it was sent); nothing was taken or credited.
+   * A charge that may have taken money is never FAILED.
    *
    * @generated from enum value: CHARGE_STATUS_FAILED = 3;
    */
@@ -663,6 +669,17 @@ export enum ChargeStatus {
    * @generated from enum value: CHARGE_STATUS_REFUNDED = 5;
    */
   REFUNDED = 5,
+
+  /**
+   * The card may have been charged, and what Stripe did could not be learned
+   * automatically (e.g. Stripe holds several PaymentIntents for the charge,
+   * or one of another amount). Nothing is credited yet; it counts against
+   * the monthly ceiling and does not block new charges. An operator resolves
+   * it with AdminService.ResolveCharge; `failure_message` says why.
+   *
+   * @generated from enum value: CHARGE_STATUS_UNRESOLVED = 6;
+   */
+  UNRESOLVED = 6,
 }
 
 /**
@@ -753,9 +770,13 @@ export const AccountService: GenService<{
    * Charges the saved card now for an explicit amount and credits the
    * balance when the charge succeeds. Waits for Stripe's answer within the
    * call's deadline; if it has not come, the charge is returned PENDING and
-   * completes in the background (read it with GetCharge). Errors:
-   * INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (NO_PAYMENT_METHOD,
-   * STRIPE_NOT_CONFIGURED), ALREADY_EXISTS (request_id reused).
+   * completes in the background (read it with GetCharge): the server keeps
+   * asking Stripe, with the same request, until it knows the outcome. The
+   * charge is made on the card on file when the call is first received; a
+   * card saved or removed afterwards never changes what is sent for it.
+   * Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
+   * (NO_PAYMENT_METHOD, STRIPE_NOT_CONFIGURED, CHARGE_IN_PROGRESS: another
+   * charge of the tenant is pending), ALREADY_EXISTS (request_id reused).
    *
    * @generated from rpc billing.v1.AccountService.TopUpNow
    */

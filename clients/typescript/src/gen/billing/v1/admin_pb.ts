@@ -4,6 +4,8 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Charge, ChargeStatus } from "./account_pb.js";
+import { file_billing_v1_account } from "./account_pb.js";
 import type { BillingStatus } from "./types_pb.js";
 import { file_billing_v1_types } from "./types_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
@@ -14,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file billing/v1/admin.proto.
  */
 export const file_billing_v1_admin: GenFile = /*@__PURE__*/
-  fileDesc("ChZiaWxsaW5nL3YxL2FkbWluLnByb3RvEgpiaWxsaW5nLnYxIpcBCgdCYWxhbmNlEhYKDmJhbGFuY2VfbWljcm9zGAEgASgDEhMKC2hlbGRfbWljcm9zGAIgASgDEiUKHWVmZmVjdGl2ZV9jcmVkaXRfbGltaXRfbWljcm9zGAMgASgDEh8KF2F2YWlsYWJsZV9jcmVkaXRfbWljcm9zGAQgASgDEhcKD2V4cG9zdXJlX21pY3JvcxgFIAEoAyK9AgoGVGVuYW50EhEKCXRlbmFudF9pZBgBIAEoCRIoCgZzdGF0dXMYAiABKA4yGC5iaWxsaW5nLnYxLlRlbmFudFN0YXR1cxIbChNjcmVkaXRfbGltaXRfbWljcm9zGAMgASgDEh4KFnBheW1lbnRfbWV0aG9kX29uX2ZpbGUYBCABKAgSJAoHYmFsYW5jZRgFIAEoCzITLmJpbGxpbmcudjEuQmFsYW5jZRIvCgtjcmVhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDmJpbGxpbmdfc3RhdHVzGAggASgOMhkuYmlsbGluZy52MS5CaWxsaW5nU3RhdHVzIsABChNDcmVhdGVUZW5hbnRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEiAKE2NyZWRpdF9saW1pdF9taWNyb3MYAyABKANIAIgBARIoCgZzdGF0dXMYBCABKA4yGC5iaWxsaW5nLnYxLlRlbmFudFN0YXR1cxIeChZwYXltZW50X21ldGhvZF9vbl9maWxlGAUgASgIQhYKFF9jcmVkaXRfbGltaXRfbWljcm9zIjoKFENyZWF0ZVRlbmFudFJlc3BvbnNlEiIKBnRlbmFudBgBIAEoCzISLmJpbGxpbmcudjEuVGVuYW50IuABChNVcGRhdGVUZW5hbnRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEiAKE2NyZWRpdF9saW1pdF9taWNyb3MYAyABKANIAIgBARIoCgZzdGF0dXMYBCABKA4yGC5iaWxsaW5nLnYxLlRlbmFudFN0YXR1cxIjChZwYXltZW50X21ldGhvZF9vbl9maWxlGAUgASgISAGIAQFCFgoUX2NyZWRpdF9saW1pdF9taWNyb3NCGQoXX3BheW1lbnRfbWV0aG9kX29uX2ZpbGUiOgoUVXBkYXRlVGVuYW50UmVzcG9uc2USIgoGdGVuYW50GAEgASgLMhIuYmlsbGluZy52MS5UZW5hbnQiJQoQR2V0VGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiNwoRR2V0VGVuYW50UmVzcG9uc2USIgoGdGVuYW50GAEgASgLMhIuYmlsbGluZy52MS5UZW5hbnQiYgoSR3JhbnRDcmVkaXRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEhUKDWFtb3VudF9taWNyb3MYAyABKAMSDgoGcmVhc29uGAQgASgJIlQKE0dyYW50Q3JlZGl0UmVzcG9uc2USFwoPbGVkZ2VyX2VudHJ5X2lkGAEgASgDEiQKB2JhbGFuY2UYAiABKAsyEy5iaWxsaW5nLnYxLkJhbGFuY2UibgoSTGlzdFRlbmFudHNSZXF1ZXN0EjEKDmJpbGxpbmdfc3RhdHVzGAEgASgOMhkuYmlsbGluZy52MS5CaWxsaW5nU3RhdHVzEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlMKE0xpc3RUZW5hbnRzUmVzcG9uc2USIwoHdGVuYW50cxgBIAMoCzISLmJpbGxpbmcudjEuVGVuYW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSpkCgxUZW5hbnRTdGF0dXMSHQoZVEVOQU5UX1NUQVRVU19VTlNQRUNJRklFRBAAEhgKFFRFTkFOVF9TVEFUVVNfQUNUSVZFEAESGwoXVEVOQU5UX1NUQVRVU19TVVNQRU5ERUQQAjKeAwoMQWRtaW5TZXJ2aWNlElEKDENyZWF0ZVRlbmFudBIfLmJpbGxpbmcudjEuQ3JlYXRlVGVuYW50UmVxdWVzdBogLmJpbGxpbmcudjEuQ3JlYXRlVGVuYW50UmVzcG9uc2USUQoMVXBkYXRlVGVuYW50Eh8uYmlsbGluZy52MS5VcGRhdGVUZW5hbnRSZXF1ZXN0GiAuYmlsbGluZy52MS5VcGRhdGVUZW5hbnRSZXNwb25zZRJICglHZXRUZW5hbnQSHC5iaWxsaW5nLnYxLkdldFRlbmFudFJlcXVlc3QaHS5iaWxsaW5nLnYxLkdldFRlbmFudFJlc3BvbnNlEk4KC0dyYW50Q3JlZGl0Eh4uYmlsbGluZy52MS5HcmFudENyZWRpdFJlcXVlc3QaHy5iaWxsaW5nLnYxLkdyYW50Q3JlZGl0UmVzcG9uc2USTgoLTGlzdFRlbmFudHMSHi5iaWxsaW5nLnYxLkxpc3RUZW5hbnRzUmVxdWVzdBofLmJpbGxpbmcudjEuTGlzdFRlbmFudHNSZXNwb25zZWIGcHJvdG8z", [file_billing_v1_types, file_google_protobuf_timestamp]);
+  fileDesc("ChZiaWxsaW5nL3YxL2FkbWluLnByb3RvEgpiaWxsaW5nLnYxIpcBCgdCYWxhbmNlEhYKDmJhbGFuY2VfbWljcm9zGAEgASgDEhMKC2hlbGRfbWljcm9zGAIgASgDEiUKHWVmZmVjdGl2ZV9jcmVkaXRfbGltaXRfbWljcm9zGAMgASgDEh8KF2F2YWlsYWJsZV9jcmVkaXRfbWljcm9zGAQgASgDEhcKD2V4cG9zdXJlX21pY3JvcxgFIAEoAyK9AgoGVGVuYW50EhEKCXRlbmFudF9pZBgBIAEoCRIoCgZzdGF0dXMYAiABKA4yGC5iaWxsaW5nLnYxLlRlbmFudFN0YXR1cxIbChNjcmVkaXRfbGltaXRfbWljcm9zGAMgASgDEh4KFnBheW1lbnRfbWV0aG9kX29uX2ZpbGUYBCABKAgSJAoHYmFsYW5jZRgFIAEoCzITLmJpbGxpbmcudjEuQmFsYW5jZRIvCgtjcmVhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDmJpbGxpbmdfc3RhdHVzGAggASgOMhkuYmlsbGluZy52MS5CaWxsaW5nU3RhdHVzIsABChNDcmVhdGVUZW5hbnRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEiAKE2NyZWRpdF9saW1pdF9taWNyb3MYAyABKANIAIgBARIoCgZzdGF0dXMYBCABKA4yGC5iaWxsaW5nLnYxLlRlbmFudFN0YXR1cxIeChZwYXltZW50X21ldGhvZF9vbl9maWxlGAUgASgIQhYKFF9jcmVkaXRfbGltaXRfbWljcm9zIjoKFENyZWF0ZVRlbmFudFJlc3BvbnNlEiIKBnRlbmFudBgBIAEoCzISLmJpbGxpbmcudjEuVGVuYW50IuABChNVcGRhdGVUZW5hbnRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEiAKE2NyZWRpdF9saW1pdF9taWNyb3MYAyABKANIAIgBARIoCgZzdGF0dXMYBCABKA4yGC5iaWxsaW5nLnYxLlRlbmFudFN0YXR1cxIjChZwYXltZW50X21ldGhvZF9vbl9maWxlGAUgASgISAGIAQFCFgoUX2NyZWRpdF9saW1pdF9taWNyb3NCGQoXX3BheW1lbnRfbWV0aG9kX29uX2ZpbGUiOgoUVXBkYXRlVGVuYW50UmVzcG9uc2USIgoGdGVuYW50GAEgASgLMhIuYmlsbGluZy52MS5UZW5hbnQiJQoQR2V0VGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiNwoRR2V0VGVuYW50UmVzcG9uc2USIgoGdGVuYW50GAEgASgLMhIuYmlsbGluZy52MS5UZW5hbnQiYgoSR3JhbnRDcmVkaXRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEhUKDWFtb3VudF9taWNyb3MYAyABKAMSDgoGcmVhc29uGAQgASgJIlQKE0dyYW50Q3JlZGl0UmVzcG9uc2USFwoPbGVkZ2VyX2VudHJ5X2lkGAEgASgDEiQKB2JhbGFuY2UYAiABKAsyEy5iaWxsaW5nLnYxLkJhbGFuY2UibgoSTGlzdFRlbmFudHNSZXF1ZXN0EjEKDmJpbGxpbmdfc3RhdHVzGAEgASgOMhkuYmlsbGluZy52MS5CaWxsaW5nU3RhdHVzEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlMKE0xpc3RUZW5hbnRzUmVzcG9uc2USIwoHdGVuYW50cxgBIAMoCzISLmJpbGxpbmcudjEuVGVuYW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJ4ChJMaXN0Q2hhcmdlc1JlcXVlc3QSKAoGc3RhdHVzGAEgASgOMhguYmlsbGluZy52MS5DaGFyZ2VTdGF0dXMSEQoJdGVuYW50X2lkGAIgASgJEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlMKE0xpc3RDaGFyZ2VzUmVzcG9uc2USIwoHY2hhcmdlcxgBIAMoCzISLmJpbGxpbmcudjEuQ2hhcmdlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKXAQoUUmVzb2x2ZUNoYXJnZVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIRCgljaGFyZ2VfaWQYAiABKAkSLQoHb3V0Y29tZRgDIAEoDjIcLmJpbGxpbmcudjEuQ2hhcmdlUmVzb2x1dGlvbhIZChFwYXltZW50X2ludGVudF9pZBgEIAEoCRIOCgZyZWFzb24YBSABKAkiOwoVUmVzb2x2ZUNoYXJnZVJlc3BvbnNlEiIKBmNoYXJnZRgBIAEoCzISLmJpbGxpbmcudjEuQ2hhcmdlKnQKEENoYXJnZVJlc29sdXRpb24SIQodQ0hBUkdFX1JFU09MVVRJT05fVU5TUEVDSUZJRUQQABIfChtDSEFSR0VfUkVTT0xVVElPTl9TVUNDRUVERUQQARIcChhDSEFSR0VfUkVTT0xVVElPTl9GQUlMRUQQAipkCgxUZW5hbnRTdGF0dXMSHQoZVEVOQU5UX1NUQVRVU19VTlNQRUNJRklFRBAAEhgKFFRFTkFOVF9TVEFUVVNfQUNUSVZFEAESGwoXVEVOQU5UX1NUQVRVU19TVVNQRU5ERUQQAjLEBAoMQWRtaW5TZXJ2aWNlElEKDENyZWF0ZVRlbmFudBIfLmJpbGxpbmcudjEuQ3JlYXRlVGVuYW50UmVxdWVzdBogLmJpbGxpbmcudjEuQ3JlYXRlVGVuYW50UmVzcG9uc2USUQoMVXBkYXRlVGVuYW50Eh8uYmlsbGluZy52MS5VcGRhdGVUZW5hbnRSZXF1ZXN0GiAuYmlsbGluZy52MS5VcGRhdGVUZW5hbnRSZXNwb25zZRJICglHZXRUZW5hbnQSHC5iaWxsaW5nLnYxLkdldFRlbmFudFJlcXVlc3QaHS5iaWxsaW5nLnYxLkdldFRlbmFudFJlc3BvbnNlEk4KC0dyYW50Q3JlZGl0Eh4uYmlsbGluZy52MS5HcmFudENyZWRpdFJlcXVlc3QaHy5iaWxsaW5nLnYxLkdyYW50Q3JlZGl0UmVzcG9uc2USTgoLTGlzdFRlbmFudHMSHi5iaWxsaW5nLnYxLkxpc3RUZW5hbnRzUmVxdWVzdBofLmJpbGxpbmcudjEuTGlzdFRlbmFudHNSZXNwb25zZRJOCgtMaXN0Q2hhcmdlcxIeLmJpbGxpbmcudjEuTGlzdENoYXJnZXNSZXF1ZXN0Gh8uYmlsbGluZy52MS5MaXN0Q2hhcmdlc1Jlc3BvbnNlElQKDVJlc29sdmVDaGFyZ2USIC5iaWxsaW5nLnYxLlJlc29sdmVDaGFyZ2VSZXF1ZXN0GiEuYmlsbGluZy52MS5SZXNvbHZlQ2hhcmdlUmVzcG9uc2ViBnByb3RvMw", [file_billing_v1_account, file_billing_v1_types, file_google_protobuf_timestamp]);
 
 /**
  * A tenant's money, as of one read.
@@ -466,6 +468,188 @@ export const ListTenantsResponseSchema: GenMessage<ListTenantsResponse> = /*@__P
   messageDesc(file_billing_v1_admin, 11);
 
 /**
+ * Request of AdminService.ListCharges.
+ *
+ * @generated from message billing.v1.ListChargesRequest
+ */
+export type ListChargesRequest = Message<"billing.v1.ListChargesRequest"> & {
+  /**
+   * Optional. Only charges in this status; UNSPECIFIED: every status.
+   *
+   * @generated from field: billing.v1.ChargeStatus status = 1;
+   */
+  status: ChargeStatus;
+
+  /**
+   * Optional. Only this tenant's charges, 1-128 characters; empty: every
+   * tenant's.
+   *
+   * @generated from field: string tenant_id = 2;
+   */
+  tenantId: string;
+
+  /**
+   * Optional. The most charges to return, 1 to 1,000; 0 means 100.
+   *
+   * @generated from field: int32 page_size = 3;
+   */
+  pageSize: number;
+
+  /**
+   * Optional. `next_page_token` of the previous page; empty for the first
+   * page. The other fields must be the same as for the first page.
+   *
+   * @generated from field: string page_token = 4;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message billing.v1.ListChargesRequest.
+ * Use `create(ListChargesRequestSchema)` to create a new message.
+ */
+export const ListChargesRequestSchema: GenMessage<ListChargesRequest> = /*@__PURE__*/
+  messageDesc(file_billing_v1_admin, 12);
+
+/**
+ * Response of AdminService.ListCharges.
+ *
+ * @generated from message billing.v1.ListChargesResponse
+ */
+export type ListChargesResponse = Message<"billing.v1.ListChargesResponse"> & {
+  /**
+   * Output only. The charges of this page, oldest first.
+   *
+   * @generated from field: repeated billing.v1.Charge charges = 1;
+   */
+  charges: Charge[];
+
+  /**
+   * Output only. Pass it as `page_token` for the next page; empty on the last
+   * page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message billing.v1.ListChargesResponse.
+ * Use `create(ListChargesResponseSchema)` to create a new message.
+ */
+export const ListChargesResponseSchema: GenMessage<ListChargesResponse> = /*@__PURE__*/
+  messageDesc(file_billing_v1_admin, 13);
+
+/**
+ * Request of AdminService.ResolveCharge.
+ *
+ * @generated from message billing.v1.ResolveChargeRequest
+ */
+export type ResolveChargeRequest = Message<"billing.v1.ResolveChargeRequest"> & {
+  /**
+   * Required. Idempotency key (AIP-155), 1-128 characters.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * Required. The charge, "chg_" followed by 32 lowercase hex digits.
+   *
+   * @generated from field: string charge_id = 2;
+   */
+  chargeId: string;
+
+  /**
+   * Required. What Stripe did: SUCCEEDED or FAILED.
+   *
+   * @generated from field: billing.v1.ChargeResolution outcome = 3;
+   */
+  outcome: ChargeResolution;
+
+  /**
+   * Optional. The PaymentIntent, "pi_...", that took the money (SUCCEEDED)
+   * or that was declined (FAILED). Empty: the charge's own PaymentIntents at
+   * Stripe (found by the charge id in their metadata) decide; required for
+   * SUCCEEDED when the charge has several.
+   *
+   * @generated from field: string payment_intent_id = 4;
+   */
+  paymentIntentId: string;
+
+  /**
+   * Required. Why, e.g. a ticket number, 1-500 characters; logged, and kept
+   * as the failure message of a FAILED charge.
+   *
+   * @generated from field: string reason = 5;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message billing.v1.ResolveChargeRequest.
+ * Use `create(ResolveChargeRequestSchema)` to create a new message.
+ */
+export const ResolveChargeRequestSchema: GenMessage<ResolveChargeRequest> = /*@__PURE__*/
+  messageDesc(file_billing_v1_admin, 14);
+
+/**
+ * Response of AdminService.ResolveCharge.
+ *
+ * @generated from message billing.v1.ResolveChargeResponse
+ */
+export type ResolveChargeResponse = Message<"billing.v1.ResolveChargeResponse"> & {
+  /**
+   * Output only. The charge after the resolution.
+   *
+   * @generated from field: billing.v1.Charge charge = 1;
+   */
+  charge?: Charge | undefined;
+};
+
+/**
+ * Describes the message billing.v1.ResolveChargeResponse.
+ * Use `create(ResolveChargeResponseSchema)` to create a new message.
+ */
+export const ResolveChargeResponseSchema: GenMessage<ResolveChargeResponse> = /*@__PURE__*/
+  messageDesc(file_billing_v1_admin, 15);
+
+/**
+ * The outcome an operator records for a charge.
+ *
+ * @generated from enum billing.v1.ChargeResolution
+ */
+export enum ChargeResolution {
+  /**
+   * Not a resolution; refused.
+   *
+   * @generated from enum value: CHARGE_RESOLUTION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Stripe took the money: the balance is credited once.
+   *
+   * @generated from enum value: CHARGE_RESOLUTION_SUCCEEDED = 1;
+   */
+  SUCCEEDED = 1,
+
+  /**
+   * Stripe took nothing and will not: the charge fails without marking the
+   * tenant's billing status.
+   *
+   * @generated from enum value: CHARGE_RESOLUTION_FAILED = 2;
+   */
+  FAILED = 2,
+}
+
+/**
+ * Describes the enum billing.v1.ChargeResolution.
+ */
+export const ChargeResolutionSchema: GenEnum<ChargeResolution> = /*@__PURE__*/
+  enumDesc(file_billing_v1_admin, 0);
+
+/**
  * Whether a tenant may use the service at all.
  *
  * @generated from enum billing.v1.TenantStatus
@@ -498,13 +682,14 @@ export enum TenantStatus {
  * Describes the enum billing.v1.TenantStatus.
  */
 export const TenantStatusSchema: GenEnum<TenantStatus> = /*@__PURE__*/
-  enumDesc(file_billing_v1_admin, 0);
+  enumDesc(file_billing_v1_admin, 1);
 
 /**
  * Operator-only tenant set-up: create and update tenants (credit limit,
- * status, payment method flag), grant credit by hand, read a tenant's balance.
- * Every mutating call takes a `request_id` (AIP-155) and replays its first
- * answer on retry.
+ * status, payment method flag), grant credit by hand, read a tenant's balance;
+ * list card charges and resolve those whose outcome could not be learned from
+ * Stripe. Every mutating call takes a `request_id` (AIP-155) and replays its
+ * first answer on retry.
  *
  * @generated from service billing.v1.AdminService
  */
@@ -565,6 +750,40 @@ export const AdminService: GenService<{
     methodKind: "unary";
     input: typeof ListTenantsRequestSchema;
     output: typeof ListTenantsResponseSchema;
+  },
+  /**
+   * Lists card charges oldest first, optionally only those in one status
+   * (CHARGE_STATUS_UNRESOLVED: the charges waiting for an operator) or of
+   * one tenant. Paginated (AIP-158). Errors: INVALID_ARGUMENT (bad page size,
+   * page token or tenant id).
+   *
+   * @generated from rpc billing.v1.AdminService.ListCharges
+   */
+  listCharges: {
+    methodKind: "unary";
+    input: typeof ListChargesRequestSchema;
+    output: typeof ListChargesResponseSchema;
+  },
+  /**
+   * Records the outcome of a charge that has none (PENDING, UNRESOLVED), as
+   * the operator found it at Stripe, after checking it against Stripe: a
+   * success needs a succeeded PaymentIntent of the charge's amount (the one
+   * named, or the only one of the charge), and credits the balance once; a
+   * failure needs that none of the charge's PaymentIntents took the money or
+   * may still take it. Errors: INVALID_ARGUMENT, NOT_FOUND
+   * (CHARGE_NOT_FOUND), FAILED_PRECONDITION (CHARGE_ALREADY_FINAL: it has an
+   * outcome already; CHARGE_OUTCOME_CONTRADICTS_STRIPE: Stripe says
+   * otherwise; CHARGE_IN_PROGRESS: the server is asking Stripe about it
+   * right now, retry shortly; STRIPE_NOT_CONFIGURED), UNAVAILABLE
+   * (STRIPE_UNAVAILABLE: retry with the same request_id), ALREADY_EXISTS
+   * (request_id reused).
+   *
+   * @generated from rpc billing.v1.AdminService.ResolveCharge
+   */
+  resolveCharge: {
+    methodKind: "unary";
+    input: typeof ResolveChargeRequestSchema;
+    output: typeof ResolveChargeResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_billing_v1_admin, 0);
