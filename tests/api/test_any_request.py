@@ -7,6 +7,8 @@ Stripe at localstripe, and checks each answer:
 
 - its status code is OK or one the method's documentation names; never UNKNOWN, INTERNAL or
   DATA_LOSS;
+- a request holding an undefined enum number, an UNSPECIFIED among a repeated enum's values or
+  a Duration or Timestamp out of its type's range is INVALID_ARGUMENT, never silently taken;
 - its message names no exception class and holds no traceback, SQL or file path;
 - an error carries an ErrorInfo, and INVALID_ARGUMENT a BadRequest naming a field of the
   request (or the request itself, for bytes that are not one), first in the message;
@@ -54,6 +56,7 @@ from tests.support.request_strategies import (
     Hints,
     describe,
     edited_tokens,
+    invalid_values,
     request_strings,
     requests,
 )
@@ -352,7 +355,11 @@ def check_answer(target: Target, rpc: Rpc, raw: bytes, answer: Answer) -> None:
     where = f"{rpc} answered {answer.code.name} {answer.message!r} to\n{request}"
     assert answer.code not in NEVER, where
     allowed = documented_codes()[rpc.path] | {grpc.StatusCode.OK}
-    assert answer.code in allowed, f"{where}\n(not among the documented {sorted(allowed)})"
+    documented = sorted(code.name for code in allowed)
+    assert answer.code in allowed, f"{where}\n(not among the documented {documented})"
+    if invalid := invalid_values(rpc.request, raw):
+        # Never silently ignored nor defaulted: refused (by these fields, or an earlier one).
+        assert answer.code is grpc.StatusCode.INVALID_ARGUMENT, f"{where}\n({invalid} invalid)"
     if answer.code is grpc.StatusCode.OK:
         return
     assert len(answer.message) <= MESSAGE_LENGTH_MAX, where

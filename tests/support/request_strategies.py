@@ -166,7 +166,15 @@ def edited_tokens(token: str) -> list[str]:
 def _ints(descriptor: FieldDescriptor) -> st.SearchStrategy[int]:
     low, high = _INT_RANGES[descriptor.type]
     specials = [value for value in _SPECIAL_INTS if low <= value <= high]
-    return st.sampled_from(specials) | st.integers(low, high) | st.integers(-1000, 1000)
+    # hypothesis draws small integers far more often than large ones: the type's extremes
+    # get a branch of their own.
+    extremes = [low, low + 1, high - 1, high, *(v for v in (-1, 0) if low <= v)]
+    return st.one_of(
+        st.sampled_from(extremes),
+        st.sampled_from(specials),
+        st.integers(low, high),
+        st.integers(-1000, 1000),
+    )
 
 
 def _enums(enum: EnumDescriptor) -> st.SearchStrategy[int]:
@@ -333,6 +341,57 @@ def _collect_strings(message: Message, found: list[str]) -> None:
                 found.append(item)
             elif field_descriptor.type == FieldDescriptor.TYPE_MESSAGE:
                 _collect_strings(item, found)
+
+
+_DURATION = "google.protobuf.Duration"
+_TIMESTAMP = "google.protobuf.Timestamp"
+_DURATION_SECONDS_MAX = 315_576_000_000
+_TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
+
+
+def invalid_values(descriptor: Descriptor, raw: bytes) -> list[str]:
+    """Paths of the values a request may not carry whatever else it says: an enum number the
+    enum does not define, an UNSPECIFIED (0) among a repeated enum's values, a Duration or
+    Timestamp outside its type's documented range."""
+    try:
+        message = GetMessageClass(descriptor).FromString(raw)
+    except Exception:
+        return []
+    found: list[str] = []
+    _collect_invalid(message, "", found)
+    return found
+
+
+def _collect_invalid(message: Message, prefix: str, found: list[str]) -> None:
+    name = message.DESCRIPTOR.full_name
+    if name == _DURATION:
+        seconds, nanos = message.seconds, message.nanos  # type: ignore[attr-defined]
+        if (
+            abs(seconds) > _DURATION_SECONDS_MAX
+            or abs(nanos) > 999_999_999
+            or (seconds > 0 > nanos)
+            or (seconds < 0 < nanos)
+        ):
+            found.append(prefix.rstrip("."))
+        return
+    if name == _TIMESTAMP:
+        seconds, nanos = message.seconds, message.nanos  # type: ignore[attr-defined]
+        low, high = _TIMESTAMP_SECONDS
+        if not (low <= seconds <= high and 0 <= nanos <= 999_999_999):
+            found.append(prefix.rstrip("."))
+        return
+    for field_descriptor, value in message.ListFields():
+        path = prefix + field_descriptor.name
+        values = value if _is_repeated(field_descriptor) else [value]
+        if field_descriptor.enum_type is not None:
+            known = {item.number for item in field_descriptor.enum_type.values}
+            if any(item not in known for item in values) or (
+                _is_repeated(field_descriptor) and 0 in values
+            ):
+                found.append(path)
+        elif field_descriptor.message_type is not None:
+            for item in values:
+                _collect_invalid(item, path + ".", found)
 
 
 def describe(descriptor: Descriptor, raw: bytes) -> str:
