@@ -6,7 +6,12 @@ One grpc.aio.ServerInterceptor wraps each unary handler; in order, per call:
 2. refuses an unauthenticated caller (UNAUTHENTICATED) or one whose role may not call the service
    (PERMISSION_DENIED), both with an AIP-193 ErrorInfo; health and reflection are open;
 3. refuses a call whose deadline has already passed (DEADLINE_EXCEEDED) before any work;
-4. runs the servicer, then counts the call and its business outcome and logs one line.
+4. refuses a request that is not valid protobuf (INVALID_ARGUMENT naming the request message);
+5. runs the servicer, then counts the call and its business outcome and logs one line.
+
+grpc deserializes a request before any handler runs and answers a deserializer's exception
+with UNKNOWN and the exception's class; the guard's deserializer turns undecodable bytes into an
+`UndecodableRequest` instead, which step 4 refuses once the caller is known to be allowed.
 """
 
 from __future__ import annotations
@@ -18,15 +23,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import grpc
+from google.protobuf import descriptor_pool
 from google.protobuf.message import Message
 from google.rpc import code_pb2
 
-from billing_service.api.errors import error_info_status
+from billing_service.api.errors import error_info_status, rich_status
+from billing_service.domain.errors import InvalidArgument
 from billing_service.logs import CallContext, bind_tenant, call_context
 from billing_service.metrics import Metrics
 from billing_service.security import OPEN_SERVICES, Authenticator, AuthFailure
 
-__all__ = ["DEADLINE_PASSED", "CallGuard"]
+__all__ = ["DEADLINE_PASSED", "CallGuard", "UndecodableRequest"]
 
 _log = logging.getLogger(__name__)
 _access_log = logging.getLogger("billing_service.access")
@@ -41,6 +48,52 @@ _STATUS_CODES = {
     grpc.StatusCode.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
 }
+
+
+class UndecodableRequest:
+    """What request bytes that are not a valid message of the method's request type (truncated,
+    a string field that is not UTF-8, ...) deserialize to."""
+
+    __slots__ = ("message_name",)
+
+    def __init__(self, message_name: str) -> None:
+        self.message_name = message_name
+
+    def refusal(self) -> grpc.Status:
+        return rich_status(
+            InvalidArgument(
+                self.message_name,
+                "is not a valid protobuf message of this type (truncated, or a string field "
+                "that is not UTF-8); nothing was done",
+            )
+        )
+
+
+Deserializer = Callable[[bytes], Any]
+
+
+def _tolerant(deserializer: Deserializer | None, message_name: str) -> Deserializer | None:
+    if deserializer is None:
+        return None
+    read = deserializer
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return read(raw)
+        except Exception:
+            return UndecodableRequest(message_name)
+
+    return deserialize
+
+
+def _request_name(full_method: str) -> str:
+    """The request message's full name ("billing.v1.CommitRequest"); "request" if unknown."""
+    name = full_method.strip("/").replace("/", ".")
+    try:
+        method = descriptor_pool.Default().FindMethodByName(name)
+    except KeyError:
+        return "request"
+    return str(method.input_type.full_name)
 
 
 if TYPE_CHECKING:
@@ -81,8 +134,9 @@ class CallGuard(_ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         service, _, method = full_method.lstrip("/").partition("/")
         protected = service not in OPEN_SERVICES and self._authenticator.enabled
-        if handler.unary_stream is not None and protected:
-            return self._guarded_stream(handler, service)
+        request_deserializer = _tolerant(handler.request_deserializer, _request_name(full_method))
+        if handler.unary_stream is not None:
+            return self._guarded_stream(handler, service, protected, request_deserializer)
         if handler.unary_unary is None:
             # Other streaming shapes would pass unchecked, so a protected one fails closed.
             if protected:
@@ -95,12 +149,16 @@ class CallGuard(_ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
     def _guarded_stream(
-        self, handler: grpc.RpcMethodHandler[Any, Any], service: str
+        self,
+        handler: grpc.RpcMethodHandler[Any, Any],
+        service: str,
+        protected: bool,
+        request_deserializer: Deserializer | None,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         """A server-streaming method, authorized like a unary one before its first message.
 
@@ -109,13 +167,16 @@ class CallGuard(_ServerInterceptor):
         inner: Callable[[Any, Context], AsyncIterator[Any]] = handler.unary_stream  # type: ignore[assignment]
 
         async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
-            await self._authorize(service, context)
+            if protected:
+                await self._authorize(service, context)
+            if isinstance(request, UndecodableRequest):
+                await _refuse(context, request)
             async for response in inner(request, context):
                 yield response
 
         return grpc.unary_stream_rpc_method_handler(
             guarded,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -174,6 +235,8 @@ class CallGuard(_ServerInterceptor):
                     DEADLINE_PASSED,
                     "the call's deadline passed before it was handled; nothing was done",
                 )
+            if isinstance(request, UndecodableRequest):
+                await _refuse(recording, request)
             response = await inner(request, recording)
             if isinstance(response, Message):
                 _bind_tenant_of(response)
@@ -235,6 +298,11 @@ async def _abort(
     metadata: dict[str, str] | None = None,
 ) -> None:
     status = error_info_status(code, reason, message, metadata)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+async def _refuse(context: Context, request: UndecodableRequest) -> None:
+    status = request.refusal()
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
