@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import MAXYEAR, UTC, date, datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
 from billing_service.domain.budgets import BudgetUsage
@@ -333,6 +333,8 @@ def summary_period(start: datetime | None, end: datetime | None, now: datetime) 
     else:
         _check_midnight("start_time", start)
     if end is None:
+        if (start.year, start.month) == (MAXYEAR, 12):
+            raise InvalidArgument("start_time", "must be before 9999-12-01 without an end_time")
         end = _next_month(start)
     else:
         _check_midnight("end_time", end)
