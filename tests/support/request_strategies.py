@@ -196,7 +196,9 @@ def _strings(descriptor: FieldDescriptor, hints: Hints, rpc_path: str) -> st.Sea
         options.append(st.builds(lambda: str(uuid.uuid4())))
     if hinted:
         hinted_strategy = st.sampled_from(hinted)
-        options = [hinted_strategy, hinted_strategy, *options]
+        # A value that exists, with what a database may not store appended.
+        spoiled = st.tuples(hinted_strategy, st.sampled_from(["\x00", "\x00x", " ", "é"]))
+        options = [hinted_strategy, hinted_strategy, spoiled.map("".join), *options]
     return st.one_of(options)
 
 
