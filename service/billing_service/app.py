@@ -40,6 +40,7 @@ from billing_service.budget_core import BudgetCore
 from billing_service.config import Settings, load_price_table
 from billing_service.core import BillingCore, Clock, utc_now
 from billing_service.domain.errors import Unavailable
+from billing_service.domain.page_tokens import PageTokens
 from billing_service.domain.payments import AutoTopUp
 from billing_service.metrics import Metrics, MetricsServer
 from billing_service.payments.account import AccountCore, Payments
@@ -56,6 +57,7 @@ from billing_service.storage.database import create_engine
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.migrations import migrate
 from billing_service.storage.payments_store import PaymentsStore
+from billing_service.storage.signing_keys import PAGE_TOKENS, stored_key
 from billing_service.storage.usage_store import UsageStore
 from billing_service.tracing import Tracing, start_tracing
 from billing_service.usage import UsageDashboard
@@ -129,7 +131,8 @@ class Application:
             metrics = Metrics()
             metrics.watch_pool(engine)
             core = BillingCore(LedgerStore(engine), prices, settings.core_settings(), clock)
-            account, worker = payments_for(settings, engine, core, clock)
+            page_tokens = page_tokens_for(settings, engine)
+            account, worker = payments_for(settings, engine, core, clock, page_tokens)
             guard = CallGuard(authenticator, metrics, access_log=settings.access_log)
             chain = [*interceptors, *([tracing.interceptor] if tracing else []), guard]
             server = grpc.aio.server(interceptors=chain, options=server_options(settings))
@@ -141,10 +144,11 @@ class Application:
                 clock,
                 billing_profiles=BillingProfileMessages(account),
                 budgets=BudgetStore(engine),
+                page_tokens=page_tokens,
             )
             usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(dashboard), server)
             budget_pb2_grpc.add_BudgetServiceServicer_to_server(
-                BudgetServicer(BudgetCore(BudgetStore(engine), clock)), server
+                BudgetServicer(BudgetCore(BudgetStore(engine), clock, page_tokens)), server
             )
             health_servicer = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -280,8 +284,26 @@ async def _sweep_expired_holds(
                 await stopping.wait()
 
 
+def page_tokens_for(settings: Settings, engine: AsyncEngine) -> PageTokens:
+    """Page tokens signed with the configured key, or else with the key the migrations stored
+    in the database: every replica of one database accepts every other's tokens without any
+    configuration. Read on the first list call, so the server starts before its database."""
+    configured = settings.page_token_key()
+    if configured is not None:
+        return PageTokens(configured)
+
+    async def stored() -> bytes:
+        return await stored_key(engine, PAGE_TOKENS)
+
+    return PageTokens(stored)
+
+
 def payments_for(
-    settings: Settings, engine: AsyncEngine, core: BillingCore, clock: Clock
+    settings: Settings,
+    engine: AsyncEngine,
+    core: BillingCore,
+    clock: Clock,
+    page_tokens: PageTokens,
 ) -> tuple[AccountCore, ChargeWorker | None]:
     """The account use cases; with a Stripe key also the charge worker and on-demand top-ups."""
     defaults = AutoTopUp(
@@ -293,7 +315,7 @@ def payments_for(
     store = PaymentsStore(engine, defaults)
     key = settings.stripe_key()
     if not key:
-        return AccountCore(store, None, clock), None
+        return AccountCore(store, None, clock, page_tokens), None
     gateway = StripeGateway(
         key,
         api_base=settings.stripe_api_base,
@@ -309,7 +331,7 @@ def payments_for(
     )
     if settings.on_demand_top_up:
         core.top_up = OnDemandTopUp(store, worker, clock)
-    return AccountCore(store, Payments(gateway, worker), clock), worker
+    return AccountCore(store, Payments(gateway, worker), clock, page_tokens), worker
 
 
 def _start_payment_tasks(
