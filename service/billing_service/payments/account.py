@@ -258,6 +258,7 @@ class AccountCore:
             check_top_up_amount("amount_micros", amount_micros)
         if monthly_limit_micros is not None:
             check_monthly_limit("monthly_limit_micros", monthly_limit_micros)
+        self._stripe()
         ceiling = (
             {} if monthly_limit_micros is None else {"monthly_limit_micros": monthly_limit_micros}
         )
@@ -351,6 +352,7 @@ class AccountCore:
         check_id("charge_id", charge_id)
         if not charge_id.startswith("chg_") or len(charge_id) != _CHARGE_ID_LENGTH:
             raise InvalidArgument("charge_id", "must be 'chg_' followed by 32 lowercase hex digits")
+        self._stripe()
         await self._profile(tenant_id)
         charge = await self._store.get_charge(charge_id)
         if charge is None or charge.tenant_id != tenant_id:
