@@ -141,6 +141,15 @@ class Settings(BaseSettings):
         0, ge=0, le=65535, description="HTTP port of the Stripe webhook endpoint (0: off)."
     )
     webhook_host: str = Field("127.0.0.1", description="Address the webhook port binds.")
+    webhook_read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A delivery's headers must arrive within this time of connecting, and its "
+        "body within this time after them; a slower client is disconnected.",
+    )
+    webhook_max_connections: int = Field(
+        100, ge=1, le=10_000, description="Most open webhook connections; more are answered 503."
+    )
     stripe_webhook_secret: SecretStr | None = Field(
         None, description="The webhook endpoint's signing secret (whsec_...)."
     )
