@@ -409,3 +409,25 @@ async def test_free_text_a_database_cannot_store_is_invalid_argument(client: Cli
         ),
         "reason",
     )
+
+
+async def test_an_unexpected_failure_is_internal_and_leaks_nothing(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect no test found yet still answers without its exception's text, SQL or paths."""
+
+    async def broken(tenant_id: str) -> None:
+        raise RuntimeError('SELECT secret FROM tenants -- File "/srv/app/core.py", line 1')
+
+    monkeypatch.setattr(client.app.core, "get_tenant", broken)
+    message = await refused(
+        client,
+        client.admin.GetTenant(admin_pb2.GetTenantRequest(tenant_id="acme")),
+        "",
+        code=grpc.StatusCode.INTERNAL,
+    )
+    assert "SELECT" not in message
+    assert "RuntimeError" not in message
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await client.admin.GetTenant(admin_pb2.GetTenantRequest(tenant_id="acme"))
+    assert rich_error(raised.value).reason == "INTERNAL_ERROR"
