@@ -7,7 +7,9 @@ One grpc.aio.ServerInterceptor wraps each unary handler; in order, per call:
    (PERMISSION_DENIED), both with an AIP-193 ErrorInfo; health and reflection are open;
 3. refuses a call whose deadline has already passed (DEADLINE_EXCEEDED) before any work;
 4. refuses a request that is not valid protobuf (INVALID_ARGUMENT naming the request message);
-5. runs the servicer, then counts the call and its business outcome and logs one line.
+5. runs the servicer, then counts the call and its business outcome and logs one line. An
+   exception the servicer did not map is a defect: it is logged with its traceback and answered
+   INTERNAL (reason INTERNAL_ERROR) without its text, which may hold SQL or file paths.
 
 grpc deserializes a request before any handler runs and answers a deserializer's exception
 with UNKNOWN and the exception's class; the guard's deserializer turns undecodable bytes into an
@@ -28,7 +30,7 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2
 
 from billing_service.api.errors import error_info_status, rich_status
-from billing_service.domain.errors import InvalidArgument
+from billing_service.domain.errors import ErrorReason, InvalidArgument
 from billing_service.logs import CallContext, bind_tenant, call_context
 from billing_service.metrics import Metrics
 from billing_service.security import OPEN_SERVICES, Authenticator, AuthFailure
@@ -171,8 +173,14 @@ class CallGuard(_ServerInterceptor):
                 await self._authorize(service, context)
             if isinstance(request, UndecodableRequest):
                 await _refuse(context, request)
-            async for response in inner(request, context):
-                yield response
+            try:
+                async for response in inner(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                _log.exception("%s failed unexpectedly", service)
+                await _internal_error(context)
 
         return grpc.unary_stream_rpc_method_handler(
             guarded,
@@ -237,7 +245,13 @@ class CallGuard(_ServerInterceptor):
                 )
             if isinstance(request, UndecodableRequest):
                 await _refuse(recording, request)
-            response = await inner(request, recording)
+            try:
+                response = await inner(request, recording)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                _log.exception("failed unexpectedly")
+                await _internal_error(recording)
             if isinstance(response, Message):
                 _bind_tenant_of(response)
                 self._metrics.observe_answer(method, request, response)
@@ -299,6 +313,16 @@ async def _abort(
 ) -> None:
     status = error_info_status(code, reason, message, metadata)
     await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+async def _internal_error(context: Context) -> None:
+    await _abort(
+        context,
+        code_pb2.INTERNAL,
+        ErrorReason.INTERNAL_ERROR,
+        "internal error: the call failed in a way this service did not foresee, and it was "
+        "logged; retrying with the same request_id is safe",
+    )
 
 
 async def _refuse(context: Context, request: UndecodableRequest) -> None:

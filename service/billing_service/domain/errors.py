@@ -31,6 +31,8 @@ class ErrorReason(StrEnum):
     CHARGE_NOT_FOUND = "CHARGE_NOT_FOUND"
     CHARGE_IN_PROGRESS = "CHARGE_IN_PROGRESS"
     BUDGET_NOT_FOUND = "BUDGET_NOT_FOUND"
+    # A defect: the call failed in a way the service did not foresee (it is logged).
+    INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 class BillingError(Exception):
