@@ -539,7 +539,9 @@ class Decision(_message.Message):
     """Output only. The tenant's available credit in micros (balance + credit
     limit - open holds) as of the transaction that decided, after the hold if
     one was granted. May be negative if an operator lowered the limit below
-    what is already spent.
+    what is already spent. A denial for lack of credit reports the
+    availability it was decided on, always below `required_micros`, and its
+    message states the same amounts.
     """
     model_billing: Global___ModelBilling.ValueType
     """Output only. How the model is billed; UNSPECIFIED when it is not offered."""
