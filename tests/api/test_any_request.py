@@ -412,10 +412,20 @@ _settings = settings(
 )
 
 
+def skip_unless_served(target: Target, rpc: Rpc) -> None:
+    """A method of the contract this server does not serve yet is reported as skipped (and
+    covered as soon as it is served)."""
+    answer = target.run(_send(target, rpc, b""))
+    if answer.code is grpc.StatusCode.UNIMPLEMENTED:
+        pytest.skip(f"{rpc} is in the contract but not served yet: {answer.message}")
+
+
 @pytest.mark.parametrize("rpc", RPCS, ids=str)
 def test_any_request_gets_a_documented_answer_and_a_failure_changes_nothing(
     target: Target, rpc: Rpc
 ) -> None:
+    skip_unless_served(target, rpc)
+
     @_settings
     @given(raw=requests(rpc.request, target.hints, rpc.path))
     def check(raw: bytes) -> None:
