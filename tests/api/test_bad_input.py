@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -412,14 +413,16 @@ async def test_free_text_a_database_cannot_store_is_invalid_argument(client: Cli
 
 
 async def test_an_unexpected_failure_is_internal_and_leaks_nothing(
-    client: Client, monkeypatch: pytest.MonkeyPatch
+    client: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A defect no test found yet still answers without its exception's text, SQL or paths."""
 
     async def broken(tenant_id: str) -> None:
-        raise RuntimeError('SELECT secret FROM tenants -- File "/srv/app/core.py", line 1')
+        quoted = "x" * 100_000  # an exception's text may quote a whole request
+        raise RuntimeError(f'SELECT {quoted} FROM tenants -- File "/srv/app/core.py", line 1')
 
     monkeypatch.setattr(client.app.core, "get_tenant", broken)
+    caplog.set_level(logging.ERROR, logger="billing_service.api.interceptors")
     message = await refused(
         client,
         client.admin.GetTenant(admin_pb2.GetTenantRequest(tenant_id="acme")),
@@ -431,3 +434,7 @@ async def test_an_unexpected_failure_is_internal_and_leaks_nothing(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await client.admin.GetTenant(admin_pb2.GetTenantRequest(tenant_id="acme"))
     assert rich_error(raised.value).reason == "INTERNAL_ERROR"
+    logged = [record.getMessage() for record in caplog.records]
+    assert logged
+    assert all("RuntimeError: SELECT" in line for line in logged)
+    assert all(len(line) < 5000 for line in logged), "the log line quotes the whole request"

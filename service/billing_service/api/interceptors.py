@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -178,8 +179,8 @@ class CallGuard(_ServerInterceptor):
                     yield response
             except grpc.aio.AbortError:
                 raise
-            except Exception:
-                _log.exception("%s failed unexpectedly", service)
+            except Exception as error:
+                _log.error("%s failed unexpectedly: %s", service, _defect(error))
                 await _internal_error(context)
 
         return grpc.unary_stream_rpc_method_handler(
@@ -249,8 +250,8 @@ class CallGuard(_ServerInterceptor):
                 response = await inner(request, recording)
             except grpc.aio.AbortError:
                 raise
-            except Exception:
-                _log.exception("failed unexpectedly")
+            except Exception as error:
+                _log.error("failed unexpectedly: %s", _defect(error))
                 await _internal_error(recording)
             if isinstance(response, Message):
                 _bind_tenant_of(response)
@@ -313,6 +314,19 @@ async def _abort(
 ) -> None:
     status = error_info_status(code, reason, message, metadata)
     await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+# An exception's text may quote a request (SQL parameters): the log keeps this much of it.
+_DEFECT_TEXT_MAX = 500
+
+
+def _defect(error: BaseException) -> str:
+    """The exception's type, its text cut to a bound, and where it was raised."""
+    text = str(error)
+    if len(text) > _DEFECT_TEXT_MAX:
+        text = text[:_DEFECT_TEXT_MAX] + "..."
+    where = "".join(traceback.format_tb(error.__traceback__))
+    return f"{type(error).__name__}: {text}\n{where}"
 
 
 async def _internal_error(context: Context) -> None:
