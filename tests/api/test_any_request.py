@@ -160,6 +160,15 @@ async def _call(target: Target, path: str, request: Any, response_class: Any) ->
     return await method(request, metadata=AUTH, timeout=CALL_TIMEOUT_S)
 
 
+async def _set_budget(target: Target, request_id: str, budget: types_pb2.Budget) -> None:
+    await _call(
+        target,
+        "/billing.v1.BudgetService/SetBudget",
+        budget_pb2.SetBudgetRequest(request_id=request_id, budget=budget),
+        budget_pb2.SetBudgetResponse,
+    )
+
+
 async def _seed(target: Target) -> None:
     """Tenants, a budget, open and committed reservations, usage and ledger entries, so that
     generated requests can name things that exist."""
@@ -185,20 +194,16 @@ async def _seed(target: Target) -> None:
         ),
         admin_pb2.GrantCreditResponse,
     )
-    await _call(
+    await _set_budget(
         target,
-        "/billing.v1.BudgetService/SetBudget",
-        budget_pb2.SetBudgetRequest(
-            request_id="budget-ann",
-            budget=types_pb2.Budget(
-                tenant_id="acme",
-                scope=types_pb2.BUDGET_SCOPE_USER,
-                scope_id="ann",
-                limit_micros=3_000_000,
-                period=types_pb2.BUDGET_PERIOD_MONTH,
-            ),
+        "budget-ann",
+        types_pb2.Budget(
+            tenant_id="acme",
+            scope=types_pb2.BUDGET_SCOPE_USER,
+            scope_id="ann",
+            limit_micros=3_000_000,
+            period=types_pb2.BUDGET_PERIOD_MONTH,
         ),
-        budget_pb2.SetBudgetResponse,
     )
     reservations = []
     for number in range(4):
@@ -264,23 +269,18 @@ async def _seed_page_tokens(target: Target) -> None:
         ),
     ]
     for path, request, response_class in pages:
-        token = ""
         if path.endswith("ListBudgets"):
             # One budget is one page; a second one makes a token.
-            await _call(
+            await _set_budget(
                 target,
-                "/billing.v1.BudgetService/SetBudget",
-                budget_pb2.SetBudgetRequest(
-                    request_id="budget-key",
-                    budget=types_pb2.Budget(
-                        tenant_id="acme",
-                        scope=types_pb2.BUDGET_SCOPE_API_KEY,
-                        scope_id="key-1",
-                        limit_micros=1_000_000,
-                        period=types_pb2.BUDGET_PERIOD_DAY,
-                    ),
+                "budget-key",
+                types_pb2.Budget(
+                    tenant_id="acme",
+                    scope=types_pb2.BUDGET_SCOPE_API_KEY,
+                    scope_id="key-1",
+                    limit_micros=1_000_000,
+                    period=types_pb2.BUDGET_PERIOD_DAY,
                 ),
-                budget_pb2.SetBudgetResponse,
             )
         page = await _call(target, path, request, response_class)
         token = page.next_page_token
