@@ -17,6 +17,8 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from billing.v1 import (
+    account_pb2,
+    account_pb2_grpc,
     admin_pb2,
     admin_pb2_grpc,
     billing_pb2,
@@ -438,3 +440,13 @@ async def test_an_unexpected_failure_is_internal_and_leaks_nothing(
     assert logged
     assert all("RuntimeError: SELECT" in line for line in logged)
     assert all(len(line) < 5000 for line in logged), "the log line quotes the whole request"
+
+
+async def test_a_charge_id_is_chg_and_32_lowercase_hex_digits(client: Client) -> None:
+    account = account_pb2_grpc.AccountServiceStub(client.channel)
+    for charge_id in ("chg_" + "/" * 32, "chg_" + "A" * 32, "chg_" + "0" * 31 + "g"):
+        await refused(
+            client,
+            account.GetCharge(account_pb2.GetChargeRequest(tenant_id="acme", charge_id=charge_id)),
+            "charge_id",
+        )
