@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,7 +49,7 @@ from billing_service.storage.payments_store import PaymentsStore
 
 Clock = Callable[[], datetime]
 
-_CHARGE_ID_LENGTH = 36
+_CHARGE_ID = re.compile(r"chg_[0-9a-f]{32}")
 _PAGE_SIZE_DEFAULT = 100
 _PAGE_SIZE_MAX = 1000
 
@@ -350,7 +351,7 @@ class AccountCore:
     async def get_charge(self, tenant_id: str, charge_id: str) -> Charge:
         check_id("tenant_id", tenant_id)
         check_id("charge_id", charge_id)
-        if not charge_id.startswith("chg_") or len(charge_id) != _CHARGE_ID_LENGTH:
+        if not _CHARGE_ID.fullmatch(charge_id):
             raise InvalidArgument("charge_id", "must be 'chg_' followed by 32 lowercase hex digits")
         self._stripe()
         await self._profile(tenant_id)
