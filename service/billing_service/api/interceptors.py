@@ -19,6 +19,7 @@ with UNKNOWN and the exception's class; the guard's deserializer turns undecodab
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import traceback
@@ -167,7 +168,7 @@ class CallGuard(_ServerInterceptor):
 
         Streams are not counted in the RPC metrics nor in the access log.
         """
-        inner: Callable[[Any, Context], AsyncIterator[Any]] = handler.unary_stream  # type: ignore[assignment]
+        inner: Callable[[Any, Context], Any] = handler.unary_stream  # type: ignore[assignment]
 
         async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
             if protected:
@@ -175,7 +176,12 @@ class CallGuard(_ServerInterceptor):
             if isinstance(request, UndecodableRequest):
                 await _refuse(context, request)
             try:
-                async for response in inner(request, context):
+                responses = inner(request, context)
+                if inspect.isawaitable(responses):
+                    # A handler that writes its messages with context.write (health's Watch).
+                    await responses
+                    return
+                async for response in responses:
                     yield response
             except grpc.aio.AbortError:
                 raise
