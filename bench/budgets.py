@@ -34,6 +34,7 @@ from billing_service.core import BillingCore, CoreSettings
 from billing_service.domain.budgets import BudgetPeriod, BudgetScope, SetBudget
 from billing_service.domain.commands import CreateTenant, Reserve
 from billing_service.domain.model import Hold, HoldStatus
+from billing_service.domain.page_tokens import PageTokens
 from billing_service.domain.pricing import ModelBilling, ModelPrice, PriceTable
 from billing_service.storage.budget_store import BudgetStore
 from billing_service.storage.database import create_engine
@@ -163,7 +164,9 @@ async def _measure(url: str, calls: int, rounds: int, ref: str) -> dict[str, Any
     engine = create_engine(url, pool_size=20)
     try:
         core = BillingCore(LedgerStore(engine), PRICES, CoreSettings())
-        await _setup(core, BudgetCore(BudgetStore(engine), lambda: datetime.now(UTC)))
+        await _setup(
+            core, BudgetCore(BudgetStore(engine), lambda: datetime.now(UTC), PageTokens.random())
+        )
         await _round(core, "plain", 200, 1, "warm-plain")
         await _round(core, "budgeted", 200, 1, "warm-budgeted")
         result: dict[str, Any] = {}

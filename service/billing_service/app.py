@@ -40,6 +40,7 @@ from billing_service.budget_core import BudgetCore
 from billing_service.config import Settings, load_price_table
 from billing_service.core import BillingCore, Clock, utc_now
 from billing_service.domain.errors import Unavailable
+from billing_service.domain.page_tokens import PageTokens
 from billing_service.domain.payments import AutoTopUp
 from billing_service.metrics import Metrics, MetricsServer
 from billing_service.payments.account import AccountCore, Payments
@@ -57,6 +58,7 @@ from billing_service.storage.database import create_engine
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.migrations import migrate
 from billing_service.storage.payments_store import PaymentsStore
+from billing_service.storage.signing_keys import PAGE_TOKENS, stored_key
 from billing_service.storage.usage_store import UsageStore
 from billing_service.tracing import Tracing, start_tracing
 from billing_service.usage import UsageDashboard
@@ -130,13 +132,18 @@ class Application:
             metrics = Metrics()
             metrics.watch_pool(engine)
             core = BillingCore(LedgerStore(engine), prices, settings.core_settings(), clock)
-            account, worker = payments_for(settings, engine, core, clock, metrics)
+            page_tokens = page_tokens_for(settings, engine)
+            account, worker = payments_for(settings, engine, core, clock, page_tokens, metrics)
             guard = CallGuard(authenticator, metrics, access_log=settings.access_log)
             chain = [*interceptors, *([tracing.interceptor] if tracing else []), guard]
             server = grpc.aio.server(interceptors=chain, options=server_options(settings))
             billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingServicer(core), server)
             resolution = ChargeResolution(
-                account.store, None if worker is None else account.gateway, clock, metrics
+                account.store,
+                None if worker is None else account.gateway,
+                clock,
+                page_tokens,
+                metrics,
             )
             admin_pb2_grpc.add_AdminServiceServicer_to_server(
                 AdminServicer(core, account, resolution), server
@@ -147,10 +154,11 @@ class Application:
                 clock,
                 billing_profiles=BillingProfileMessages(account),
                 budgets=BudgetStore(engine),
+                page_tokens=page_tokens,
             )
             usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(dashboard), server)
             budget_pb2_grpc.add_BudgetServiceServicer_to_server(
-                BudgetServicer(BudgetCore(BudgetStore(engine), clock)), server
+                BudgetServicer(BudgetCore(BudgetStore(engine), clock, page_tokens)), server
             )
             health_servicer = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -286,11 +294,26 @@ async def _sweep_expired_holds(
                 await stopping.wait()
 
 
+def page_tokens_for(settings: Settings, engine: AsyncEngine) -> PageTokens:
+    """Page tokens signed with the configured key, or else with the key the migrations stored
+    in the database: every replica of one database accepts every other's tokens without any
+    configuration. Read on the first list call, so the server starts before its database."""
+    configured = settings.page_token_key()
+    if configured is not None:
+        return PageTokens(configured)
+
+    async def stored() -> bytes:
+        return await stored_key(engine, PAGE_TOKENS)
+
+    return PageTokens(stored)
+
+
 def payments_for(
     settings: Settings,
     engine: AsyncEngine,
     core: BillingCore,
     clock: Clock,
+    page_tokens: PageTokens,
     outcomes: ChargeOutcomes | None = None,
 ) -> tuple[AccountCore, ChargeWorker | None]:
     """The account use cases; with a Stripe key also the charge worker and on-demand top-ups."""
@@ -303,7 +326,7 @@ def payments_for(
     store = PaymentsStore(engine, defaults, settings.stripe_currency)
     key = settings.stripe_key()
     if not key:
-        return AccountCore(store, None, clock), None
+        return AccountCore(store, None, clock, page_tokens), None
     gateway = StripeGateway(
         key,
         api_base=settings.stripe_api_base,
@@ -322,7 +345,7 @@ def payments_for(
     )
     if settings.on_demand_top_up:
         core.top_up = OnDemandTopUp(store, worker, clock)
-    return AccountCore(store, Payments(gateway, worker), clock), worker
+    return AccountCore(store, Payments(gateway, worker), clock, page_tokens), worker
 
 
 def _start_payment_tasks(

@@ -19,10 +19,10 @@ from billing_service.domain.budgets import (
 from billing_service.domain.commands import check_id, check_range, fingerprint
 from billing_service.domain.errors import ErrorReason, NotFound, request_id_reused
 from billing_service.domain.page_tokens import (
+    PageTokens,
     bad_page_token,
     filters_fingerprint,
-    make_page_token,
-    read_page_token,
+    position_text,
 )
 
 PAGE_SIZE_DEFAULT = 100
@@ -61,9 +61,12 @@ class BudgetPort(Protocol):
 
 
 class BudgetCore:
-    def __init__(self, store: BudgetPort, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, store: BudgetPort, clock: Callable[[], datetime], page_tokens: PageTokens
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._page_tokens = page_tokens
 
     async def set_budget(self, command: SetBudget) -> BudgetUsage:
         budget = validate_set_budget(command)
@@ -106,7 +109,7 @@ class BudgetCore:
     ) -> tuple[list[BudgetUsage], str]:
         check_id("tenant_id", tenant_id)
         check_range("page_size", page_size, 0, PAGE_SIZE_MAX)
-        after = _resume_after(page_token, tenant_id, scope)
+        after = await self._resume_after(page_token, tenant_id, scope)
         await self._require_tenant(tenant_id)
         limit = page_size or PAGE_SIZE_DEFAULT
         found = await self._store.list_budgets(tenant_id, scope, after, limit + 1, self._clock())
@@ -115,8 +118,20 @@ class BudgetCore:
         if len(found) > limit:
             last = page[-1].budget
             position = [last.scope.value, last.scope_id]
-            token = make_page_token(_scope_filters(tenant_id, scope), position)
+            token = await self._page_tokens.make(_scope_filters(tenant_id, scope), position)
         return page, token
+
+    async def _resume_after(
+        self, token: str, tenant_id: str, scope: BudgetScope | None
+    ) -> tuple[BudgetScope, str] | None:
+        position = await self._page_tokens.read(token, _scope_filters(tenant_id, scope), 2)
+        if position is None:
+            return None
+        try:
+            after_scope = BudgetScope(position_text(position[0]))
+        except ValueError:
+            raise bad_page_token() from None
+        return after_scope, position_text(position[1])
 
     async def _require_tenant(self, tenant_id: str) -> None:
         if not await self._store.tenant_exists(tenant_id):
@@ -125,15 +140,6 @@ class BudgetCore:
 
 def _scope_filters(tenant_id: str, scope: BudgetScope | None) -> str:
     return filters_fingerprint(tenant_id=tenant_id, scope=None if scope is None else scope.value)
-
-
-def _resume_after(token: str, tenant_id: str, scope: BudgetScope | None) -> tuple[str, str] | None:
-    position = read_page_token(token, _scope_filters(tenant_id, scope))
-    if position is None:
-        return None
-    if len(position) != 2 or not all(isinstance(part, str) for part in position):
-        raise bad_page_token()
-    return position[0], position[1]
 
 
 def _checked(

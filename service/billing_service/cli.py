@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             prices = load_price_table(settings.price_table)
             load_authenticator(settings)
             server_credentials(settings)
+            settings.page_token_key()
             if settings.webhook_port:
                 from billing_service.payments.webhooks import load_webhook_secret
 

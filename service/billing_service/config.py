@@ -32,6 +32,7 @@ from billing_service.domain.payments import MICROS_PER_CENT, TOP_UP_MICROS_MIN
 from billing_service.domain.pricing import PriceTable, PriceTableError, parse_price_table
 
 _SUPPORTED_DRIVERS = frozenset({"sqlite+aiosqlite", "postgresql+asyncpg"})
+PAGE_TOKEN_SECRET_MIN = 32
 
 
 class ConfigError(Exception):
@@ -94,6 +95,16 @@ class Settings(BaseSettings):
         "", description="role=identity entries: a client certificate's CN or SAN -> role."
     )
 
+    # Page tokens (AIP-158) are signed so that only tokens this service made are accepted.
+    page_token_secret: SecretStr | None = Field(
+        None,
+        description="Key that signs page tokens, at least 32 characters, the same on every "
+        "replica. Unset: a random key the migrations stored in the database.",
+    )
+    page_token_secret_file: Path | None = Field(
+        None, description="A file holding the page-token key, instead of the variable."
+    )
+
     # Transport limits.
     health_listen_address: str = Field(
         "", description="host:port of a plaintext listener serving only grpc.health.v1."
@@ -130,6 +141,15 @@ class Settings(BaseSettings):
         0, ge=0, le=65535, description="HTTP port of the Stripe webhook endpoint (0: off)."
     )
     webhook_host: str = Field("127.0.0.1", description="Address the webhook port binds.")
+    webhook_read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A delivery's headers must arrive within this time of connecting, and its "
+        "body within this time after them; a slower client is disconnected.",
+    )
+    webhook_max_connections: int = Field(
+        100, ge=1, le=10_000, description="Most open webhook connections; more are answered 503."
+    )
     stripe_webhook_secret: SecretStr | None = Field(
         None, description="The webhook endpoint's signing secret (whsec_...)."
     )
@@ -207,13 +227,14 @@ class Settings(BaseSettings):
         "tls_client_ca_file",
         "stripe_webhook_secret_file",
         "stripe_api_key_file",
+        "page_token_secret_file",
         mode="before",
     )
     @classmethod
     def _empty_path_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
 
-    @field_validator("stripe_webhook_secret", mode="before")
+    @field_validator("stripe_webhook_secret", "page_token_secret", mode="before")
     @classmethod
     def _empty_secret_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -270,6 +291,38 @@ class Settings(BaseSettings):
                 "BILLING_STRIPE_WEBHOOK_SECRET_FILE (the endpoint's signing secret)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _one_page_token_secret(self) -> Settings:
+        if self.page_token_secret is not None and self.page_token_secret_file is not None:
+            raise ValueError(
+                "set BILLING_PAGE_TOKEN_SECRET or BILLING_PAGE_TOKEN_SECRET_FILE, not both"
+            )
+        if (
+            self.page_token_secret is not None
+            and len(self.page_token_secret.get_secret_value().strip()) < PAGE_TOKEN_SECRET_MIN
+        ):
+            raise ValueError(
+                f"BILLING_PAGE_TOKEN_SECRET must be at least {PAGE_TOKEN_SECRET_MIN} characters"
+            )
+        return self
+
+    def page_token_key(self) -> bytes | None:
+        """The configured page-token key; None: the one stored in the database."""
+        if self.page_token_secret is not None:
+            return self.page_token_secret.get_secret_value().strip().encode()
+        if self.page_token_secret_file is None:
+            return None
+        where = f"BILLING_PAGE_TOKEN_SECRET_FILE {self.page_token_secret_file}"
+        try:
+            secret = self.page_token_secret_file.read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"{where}: cannot read it: {error.strerror}") from None
+        if len(secret) < PAGE_TOKEN_SECRET_MIN:
+            raise ConfigError(
+                f"{where}: the key must be at least {PAGE_TOKEN_SECRET_MIN} characters"
+            )
+        return secret.encode()
 
     def stripe_key(self) -> str | None:
         """The Stripe secret key, from the environment or the mounted file; None: no Stripe."""

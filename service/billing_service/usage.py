@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import MAXYEAR, UTC, date, datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
 from billing_service.domain.budgets import BudgetUsage
@@ -20,10 +20,11 @@ from billing_service.domain.commands import check_id
 from billing_service.domain.errors import ErrorReason, InvalidArgument, NotFound
 from billing_service.domain.model import Account, UsageRecord
 from billing_service.domain.page_tokens import (
-    bad_page_token,
+    PageTokens,
     filters_fingerprint,
-    make_page_token,
-    read_page_token,
+    position_count,
+    position_text,
+    position_time,
 )
 
 Clock = Callable[[], datetime]
@@ -216,8 +217,11 @@ class UsageDashboard(Generic[ProfileT]):
         clock: Clock = utc_now,
         billing_profiles: BillingProfiles[ProfileT] | None = None,
         budgets: TenantBudgets | None = None,
+        *,
+        page_tokens: PageTokens,
     ) -> None:
         self._store = store
+        self._page_tokens = page_tokens
         self._clock = clock
         self._billing_profiles = billing_profiles
         self._budgets = budgets
@@ -247,14 +251,18 @@ class UsageDashboard(Generic[ProfileT]):
         _check_usage_filter(where)
         size = _page_size(page_size)
         fingerprint = _fingerprint("usage", where)
-        after = _record_position(read_page_token(page_token, fingerprint))
+        position = await self._page_tokens.read(page_token, fingerprint, 2)
+        after = None
+        if position is not None:
+            after = RecordPosition(position_time(position[0]), position_text(position[1]))
         await self._account(where.tenant_id)
         found = await self._store.usage_records(where, after, size + 1, newest_first=True)
         items = found[:size]
         token = ""
         if len(found) > size:
             last = items[-1]
-            token = make_page_token(fingerprint, [last.committed_at.isoformat(), last.hold_id])
+            position_written = [last.committed_at.isoformat(), last.hold_id]
+            token = await self._page_tokens.make(fingerprint, position_written)
         return Page(items, token)
 
     async def ledger_entries(
@@ -266,16 +274,14 @@ class UsageDashboard(Generic[ProfileT]):
             raise InvalidArgument("kinds", f"unknown kind {sorted(unknown)[0]}")
         size = _page_size(page_size)
         fingerprint = _fingerprint("ledger", where)
-        position = read_page_token(page_token, fingerprint)
-        before = None
-        if position is not None:
-            if len(position) != 1 or not isinstance(position[0], int):
-                raise bad_page_token()
-            before = position[0]
+        position = await self._page_tokens.read(page_token, fingerprint, 1)
+        before = None if position is None else position_count(position[0])
         await self._account(where.tenant_id)
         found = await self._store.ledger_entries(where, before, size + 1)
         items = found[:size]
-        token = make_page_token(fingerprint, [items[-1].entry_id]) if len(found) > size else ""
+        token = ""
+        if len(found) > size:
+            token = await self._page_tokens.make(fingerprint, [items[-1].entry_id])
         return Page(items, token)
 
     async def export_csv(
@@ -333,6 +339,8 @@ def summary_period(start: datetime | None, end: datetime | None, now: datetime) 
     else:
         _check_midnight("start_time", start)
     if end is None:
+        if (start.year, start.month) == (MAXYEAR, 12):
+            raise InvalidArgument("start_time", "must be before 9999-12-01 without an end_time")
         end = _next_month(start)
     else:
         _check_midnight("end_time", end)
@@ -382,29 +390,12 @@ def _page_size(page_size: int) -> int:
     return min(page_size, PAGE_SIZE_MAX)
 
 
-# Page tokens: base64url(JSON {"f": filters' fingerprint, "p": last position}). Not secret: a
-# forged position only moves within the caller's own tenant and filters.
-
-
 def _fingerprint(kind: str, where: UsageFilter | LedgerFilter) -> str:
     fields: dict[str, Any] = {"kind": kind}
     for name in where.__slots__:
         value = getattr(where, name)
         fields[name] = value.isoformat() if isinstance(value, datetime) else value
     return filters_fingerprint(**fields)
-
-
-def _record_position(position: list[Any] | None) -> RecordPosition | None:
-    if position is None:
-        return None
-    try:
-        committed_at, hold_id = position
-        moment = datetime.fromisoformat(committed_at)
-    except (TypeError, ValueError):
-        raise bad_page_token() from None
-    if moment.tzinfo is None or not isinstance(hold_id, str):
-        raise bad_page_token()
-    return RecordPosition(moment, hold_id)
 
 
 # CSV

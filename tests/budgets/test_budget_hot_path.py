@@ -15,6 +15,7 @@ from billing_service.core import BillingCore
 from billing_service.domain.budgets import BudgetPeriod, BudgetScope, SetBudget
 from billing_service.domain.commands import CreateTenant, Reserve
 from billing_service.domain.model import DenialReason
+from billing_service.domain.page_tokens import PageTokens
 from billing_service.storage.budget_store import BudgetStore
 from billing_service.storage.tables import budget_periods
 from tests.ledger.books import money
@@ -45,7 +46,7 @@ async def test_a_budget_filled_after_the_snapshot_aborts_the_statement_and_denie
     core: BillingCore, engine: AsyncEngine, clock: FakeClock
 ) -> None:
     await core.create_tenant(CreateTenant("c", "acme", 10_000_000, payment_method_on_file=True))
-    budgets = BudgetCore(BudgetStore(engine), clock)
+    budgets = BudgetCore(BudgetStore(engine), clock, PageTokens.random())
     await budgets.set_budget(
         SetBudget("b", "acme", BudgetScope.USER, "alice", 1_000_000, BudgetPeriod.DAY)
     )

@@ -20,6 +20,7 @@ from billing_service.domain.commands import (
     Reserve,
 )
 from billing_service.domain.model import DenialReason
+from billing_service.domain.page_tokens import PageTokens
 from billing_service.domain.pricing import TokenUsage
 from billing_service.storage.budget_store import BudgetStore
 from tests.ledger.books import assert_books_balance, money
@@ -35,7 +36,7 @@ async def budgets(core: BillingCore, engine: AsyncEngine, clock: FakeClock) -> B
     await core.create_tenant(
         CreateTenant("create", TENANT, 10_000_000, payment_method_on_file=True)
     )
-    return BudgetCore(BudgetStore(engine), clock)
+    return BudgetCore(BudgetStore(engine), clock, PageTokens.random())
 
 
 async def set_budget(

@@ -23,6 +23,7 @@ from billing_service.domain.errors import ErrorReason, FailedPrecondition, Inval
 from billing_service.domain.ledger import EntryKind
 from billing_service.domain.model import HoldStatus
 from billing_service.domain.outcomes import CommitOutcome, ReleaseOutcome
+from billing_service.domain.page_tokens import PageTokens
 from billing_service.storage.budget_store import BudgetStore
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.tables import budget_periods, ledger_entries
@@ -104,7 +105,7 @@ async def test_release_of_an_included_hold_moves_no_money(
 
 
 async def set_user_budget(engine: AsyncEngine, clock: FakeClock) -> None:
-    budgets = BudgetCore(BudgetStore(engine), clock)
+    budgets = BudgetCore(BudgetStore(engine), clock, PageTokens.random())
     await budgets.set_budget(
         SetBudget("b1", "acme", BudgetScope.USER, "alice", 1_000_000, BudgetPeriod.MONTH)
     )

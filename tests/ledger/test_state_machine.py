@@ -74,6 +74,7 @@ from billing_service.domain.outcomes import (
     RefundOutcome,
     ReleaseOutcome,
 )
+from billing_service.domain.page_tokens import PageTokens
 from billing_service.domain.policy import Decision, budget_denial, decide, denial, within_budgets
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
 from billing_service.storage.audit import audit_ledger
@@ -216,7 +217,7 @@ class LedgerMachine(RuleBasedStateMachine):
             CoreSettings(default_credit_limit_micros=DEFAULT_LIMIT),
             self.clock,
         )
-        self.budget_core = BudgetCore(BudgetStore(self.engine), self.clock)
+        self.budget_core = BudgetCore(BudgetStore(self.engine), self.clock, PageTokens.random())
         self.tenants: dict[str, TenantModel] = {}
         self.budgets: dict[BudgetKey, tuple[int, BudgetPeriod]] = {}
         # Spent and held per budget period (the tables' budget_periods).

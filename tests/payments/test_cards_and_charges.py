@@ -262,6 +262,40 @@ async def test_low_credit_starts_an_automatic_top_up(payments: Payments) -> None
     assert len(await payments.charges(tenant_id)) == 1  # above the threshold again: no more
 
 
+async def test_auto_top_up_settings_are_validated_and_replayed(payments: Payments) -> None:
+    tenant_id = await payments.create_tenant()
+    request = account_pb2.UpdateAutoTopUpRequest(
+        request_id=new_id("auto"), tenant_id=tenant_id, threshold_micros=0, amount_micros=990_000
+    )
+    first = await payments.account.UpdateAutoTopUp(request)
+    again = await payments.account.UpdateAutoTopUp(request)
+    assert first == again
+    assert (first.auto_top_up.threshold_micros, first.auto_top_up.amount_micros) == (0, 990_000)
+
+    for bad, field in (
+        ({"amount_micros": 990_001}, "amount_micros"),
+        ({"amount_micros": 490_000}, "amount_micros"),
+        ({"threshold_micros": -1}, "threshold_micros"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await payments.account.UpdateAutoTopUp(
+                account_pb2.UpdateAutoTopUpRequest(
+                    request_id=new_id("auto"),
+                    tenant_id=tenant_id,
+                    **bad,  # type: ignore[arg-type]
+                )
+            )
+        error = rich_error(raised.value)
+        assert (error.code, error.fields) == (grpc.StatusCode.INVALID_ARGUMENT, [field])
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await payments.account.UpdateAutoTopUp(
+            account_pb2.UpdateAutoTopUpRequest(
+                request_id=request.request_id, tenant_id=tenant_id, enabled=False
+            )
+        )
+    assert rich_error(raised.value).reason == "REQUEST_ID_REUSED"
+
+
 async def test_automatic_top_up_off_or_declined_card_charges_nothing_more(
     payments: Payments,
 ) -> None:

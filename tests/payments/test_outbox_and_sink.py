@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing_service.domain.commands import CreateTenant, UpdateTenant
 from billing_service.domain.ledger import EntryKind
+from billing_service.domain.page_tokens import PageTokens
 from billing_service.domain.payments import (
     AutoTopUp,
     BillingStatus,
@@ -302,7 +303,7 @@ async def test_automatic_top_up_rule(world: World) -> None:
 
 
 def _sink(world: World) -> PaymentsEventSink:
-    account = AccountCore(world.store, None, world.clock)
+    account = AccountCore(world.store, None, world.clock, PageTokens.random())
     return PaymentsEventSink(world.store, account, None, world.clock)
 
 

@@ -30,7 +30,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         self, request: budget_pb2.GetBudgetRequest, context: _Context
     ) -> budget_pb2.GetBudgetResponse:
         usage = await self._core.get_budget(
-            request.tenant_id, convert.BUDGET_SCOPES_IN.get(request.scope), request.scope_id
+            request.tenant_id, convert.budget_scope("scope", request.scope), request.scope_id
         )
         return budget_pb2.GetBudgetResponse(budget=convert.budget_usage(usage))
 
@@ -40,7 +40,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     ) -> budget_pb2.ListBudgetsResponse:
         page, token = await self._core.list_budgets(
             request.tenant_id,
-            convert.BUDGET_SCOPES_IN.get(request.scope),
+            convert.budget_scope("scope", request.scope),
             request.page_size,
             request.page_token,
         )

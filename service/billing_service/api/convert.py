@@ -1,4 +1,5 @@
-"""Messages <-> domain values. Pure translation: no validation, no rule."""
+"""Messages <-> domain values. Pure translation: no rule; only what protobuf lets through but
+no request may carry (undefined enum numbers, out-of-range durations) is refused, by api.fields."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from billing.v1 import admin_pb2, billing_pb2, budget_pb2, types_pb2
+from billing_service.api.fields import optional_duration, optional_enum
 from billing_service.domain import budgets, commands
 from billing_service.domain.ledger import EntryKind
 from billing_service.domain.model import (
@@ -41,7 +43,7 @@ _BUDGET_SCOPES = {
     budgets.BudgetScope.USER: types_pb2.BUDGET_SCOPE_USER,
     budgets.BudgetScope.API_KEY: types_pb2.BUDGET_SCOPE_API_KEY,
 }
-BUDGET_SCOPES_IN = {value: key for key, value in _BUDGET_SCOPES.items()}
+_BUDGET_SCOPES_IN = {value: key for key, value in _BUDGET_SCOPES.items()}
 _BUDGET_PERIODS = {
     budgets.BudgetPeriod.DAY: types_pb2.BUDGET_PERIOD_DAY,
     budgets.BudgetPeriod.WEEK: types_pb2.BUDGET_PERIOD_WEEK,
@@ -55,7 +57,7 @@ BILLING_STATUSES = {
     BillingStatus.ACTION_REQUIRED: types_pb2.BILLING_STATUS_ACTION_REQUIRED,
     BillingStatus.DISPUTED: types_pb2.BILLING_STATUS_DISPUTED,
 }
-BILLING_STATUSES_IN = {value: key for key, value in BILLING_STATUSES.items()}
+_BILLING_STATUSES_IN = {value: key for key, value in BILLING_STATUSES.items()}
 _BILLINGS = {
     None: types_pb2.MODEL_BILLING_UNSPECIFIED,
     ModelBilling.INCLUDED: types_pb2.MODEL_BILLING_INCLUDED,
@@ -109,7 +111,7 @@ def reserve(request: billing_pb2.ReserveCreditRequest) -> commands.Reserve:
         model=request.model,
         estimate=_estimate(request.estimate) if size == "estimate" else None,
         amount_micros=request.amount_micros if size == "amount_micros" else None,
-        ttl=request.ttl.ToTimedelta() if request.HasField("ttl") else None,
+        ttl=optional_duration(request, "ttl"),
         api_key_id=request.api_key_id,
     )
 
@@ -144,7 +146,7 @@ def create_tenant(request: admin_pb2.CreateTenantRequest) -> commands.CreateTena
         credit_limit_micros=(
             request.credit_limit_micros if request.HasField("credit_limit_micros") else None
         ),
-        status=_TENANT_STATUSES_IN.get(request.status, TenantStatus.ACTIVE),
+        status=_tenant_status(request.status) or TenantStatus.ACTIVE,
         payment_method_on_file=request.payment_method_on_file,
     )
 
@@ -156,7 +158,7 @@ def update_tenant(request: admin_pb2.UpdateTenantRequest) -> commands.UpdateTena
         credit_limit_micros=(
             request.credit_limit_micros if request.HasField("credit_limit_micros") else None
         ),
-        status=_TENANT_STATUSES_IN.get(request.status),
+        status=_tenant_status(request.status),
         payment_method_on_file=(
             request.payment_method_on_file if request.HasField("payment_method_on_file") else None
         ),
@@ -167,6 +169,22 @@ def grant_credit(request: admin_pb2.GrantCreditRequest) -> commands.GrantCredit:
     return commands.GrantCredit(
         request.request_id, request.tenant_id, request.amount_micros, request.reason
     )
+
+
+def _tenant_status(number: int) -> TenantStatus | None:
+    return optional_enum("status", number, admin_pb2.TenantStatus.DESCRIPTOR, _TENANT_STATUSES_IN)
+
+
+def billing_status_filter(number: int) -> BillingStatus | None:
+    """ListTenants' filter: UNSPECIFIED lists every tenant."""
+    return optional_enum(
+        "billing_status", number, types_pb2.BillingStatus.DESCRIPTOR, _BILLING_STATUSES_IN
+    )
+
+
+def budget_scope(field: str, number: int) -> budgets.BudgetScope | None:
+    """A budget scope; UNSPECIFIED reads as none (required where a budget is named)."""
+    return optional_enum(field, number, types_pb2.BudgetScope.DESCRIPTOR, _BUDGET_SCOPES_IN)
 
 
 def _estimate(estimate: billing_pb2.QueryEstimate) -> commands.QueryEstimate:
@@ -196,16 +214,21 @@ def set_budget(request: budget_pb2.SetBudgetRequest) -> budgets.SetBudget:
     return budgets.SetBudget(
         request_id=request.request_id,
         tenant_id=budget.tenant_id,
-        scope=BUDGET_SCOPES_IN.get(budget.scope),
+        scope=budget_scope("budget.scope", budget.scope),
         scope_id=budget.scope_id,
         limit_micros=budget.limit_micros,
-        period=_BUDGET_PERIODS_IN.get(budget.period),
+        period=optional_enum(
+            "budget.period", budget.period, types_pb2.BudgetPeriod.DESCRIPTOR, _BUDGET_PERIODS_IN
+        ),
     )
 
 
 def delete_budget(request: budget_pb2.DeleteBudgetRequest) -> budgets.DeleteBudget:
     return budgets.DeleteBudget(
-        request.request_id, request.tenant_id, BUDGET_SCOPES_IN.get(request.scope), request.scope_id
+        request.request_id,
+        request.tenant_id,
+        budget_scope("scope", request.scope),
+        request.scope_id,
     )
 
 

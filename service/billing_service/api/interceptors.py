@@ -6,28 +6,38 @@ One grpc.aio.ServerInterceptor wraps each unary handler; in order, per call:
 2. refuses an unauthenticated caller (UNAUTHENTICATED) or one whose role may not call the service
    (PERMISSION_DENIED), both with an AIP-193 ErrorInfo; health and reflection are open;
 3. refuses a call whose deadline has already passed (DEADLINE_EXCEEDED) before any work;
-4. runs the servicer, then counts the call and its business outcome and logs one line.
+4. refuses a request that is not valid protobuf (INVALID_ARGUMENT naming the request message);
+5. runs the servicer, then counts the call and its business outcome and logs one line. An
+   exception the servicer did not map is a defect: it is logged with its traceback and answered
+   INTERNAL (reason INTERNAL_ERROR) without its text, which may hold SQL or file paths.
+
+grpc deserializes a request before any handler runs and answers a deserializer's exception
+with UNKNOWN and the exception's class; the guard's deserializer turns undecodable bytes into an
+`UndecodableRequest` instead, which step 4 refuses once the caller is known to be allowed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import grpc
+from google.protobuf import descriptor_pool
 from google.protobuf.message import Message
 from google.rpc import code_pb2
 
-from billing_service.api.errors import error_info_status
-from billing_service.domain.errors import ErrorReason
+from billing_service.api.errors import error_info_status, rich_status
+from billing_service.domain.errors import ErrorReason, InvalidArgument
 from billing_service.logs import CallContext, bind_tenant, call_context
 from billing_service.metrics import Metrics
 from billing_service.security import OPEN_SERVICES, Authenticator, AuthFailure
 
-__all__ = ["CallGuard"]
+__all__ = ["CallGuard", "UndecodableRequest"]
 
 _log = logging.getLogger(__name__)
 _access_log = logging.getLogger("billing_service.access")
@@ -39,6 +49,52 @@ _STATUS_CODES = {
     grpc.StatusCode.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
 }
+
+
+class UndecodableRequest:
+    """What request bytes that are not a valid message of the method's request type (truncated,
+    a string field that is not UTF-8, ...) deserialize to."""
+
+    __slots__ = ("message_name",)
+
+    def __init__(self, message_name: str) -> None:
+        self.message_name = message_name
+
+    def refusal(self) -> grpc.Status:
+        return rich_status(
+            InvalidArgument(
+                self.message_name,
+                "is not a valid protobuf message of this type (truncated, or a string field "
+                "that is not UTF-8); nothing was done",
+            )
+        )
+
+
+Deserializer = Callable[[bytes], Any]
+
+
+def _tolerant(deserializer: Deserializer | None, message_name: str) -> Deserializer | None:
+    if deserializer is None:
+        return None
+    read = deserializer
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return read(raw)
+        except Exception:
+            return UndecodableRequest(message_name)
+
+    return deserialize
+
+
+def _request_name(full_method: str) -> str:
+    """The request message's full name ("billing.v1.CommitRequest"); "request" if unknown."""
+    name = full_method.strip("/").replace("/", ".")
+    try:
+        method = descriptor_pool.Default().FindMethodByName(name)
+    except KeyError:
+        return "request"
+    return str(method.input_type.full_name)
 
 
 if TYPE_CHECKING:
@@ -79,8 +135,9 @@ class CallGuard(_ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         service, _, method = full_method.lstrip("/").partition("/")
         protected = service not in OPEN_SERVICES and self._authenticator.enabled
-        if handler.unary_stream is not None and protected:
-            return self._guarded_stream(handler, service)
+        request_deserializer = _tolerant(handler.request_deserializer, _request_name(full_method))
+        if handler.unary_stream is not None:
+            return self._guarded_stream(handler, service, protected, request_deserializer)
         if handler.unary_unary is None:
             # Other streaming shapes would pass unchecked, so a protected one fails closed.
             if protected:
@@ -93,27 +150,45 @@ class CallGuard(_ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
     def _guarded_stream(
-        self, handler: grpc.RpcMethodHandler[Any, Any], service: str
+        self,
+        handler: grpc.RpcMethodHandler[Any, Any],
+        service: str,
+        protected: bool,
+        request_deserializer: Deserializer | None,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         """A server-streaming method, authorized like a unary one before its first message.
 
         Streams are not counted in the RPC metrics nor in the access log.
         """
-        inner: Callable[[Any, Context], AsyncIterator[Any]] = handler.unary_stream  # type: ignore[assignment]
+        inner: Callable[[Any, Context], Any] = handler.unary_stream  # type: ignore[assignment]
 
         async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
-            await self._authorize(service, context)
-            async for response in inner(request, context):
-                yield response
+            if protected:
+                await self._authorize(service, context)
+            if isinstance(request, UndecodableRequest):
+                await _refuse(context, request)
+            try:
+                responses = inner(request, context)
+                if inspect.isawaitable(responses):
+                    # A handler that writes its messages with context.write (health's Watch).
+                    await responses
+                    return
+                async for response in responses:
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                _log.error("%s failed unexpectedly: %s", service, _defect(error))
+                await _internal_error(context)
 
         return grpc.unary_stream_rpc_method_handler(
             guarded,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -172,7 +247,15 @@ class CallGuard(_ServerInterceptor):
                     ErrorReason.DEADLINE_PASSED,
                     "the call's deadline passed before it was handled; nothing was done",
                 )
-            response = await inner(request, recording)
+            if isinstance(request, UndecodableRequest):
+                await _refuse(recording, request)
+            try:
+                response = await inner(request, recording)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                _log.error("failed unexpectedly: %s", _defect(error))
+                await _internal_error(recording)
             if isinstance(response, Message):
                 _bind_tenant_of(response)
                 self._metrics.observe_answer(method, request, response)
@@ -233,6 +316,34 @@ async def _abort(
     metadata: dict[str, str] | None = None,
 ) -> None:
     status = error_info_status(code, reason, message, metadata)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+# An exception's text may quote a request (SQL parameters): the log keeps this much of it.
+_DEFECT_TEXT_MAX = 500
+
+
+def _defect(error: BaseException) -> str:
+    """The exception's type, its text cut to a bound, and where it was raised."""
+    text = str(error)
+    if len(text) > _DEFECT_TEXT_MAX:
+        text = text[:_DEFECT_TEXT_MAX] + "..."
+    where = "".join(traceback.format_tb(error.__traceback__))
+    return f"{type(error).__name__}: {text}\n{where}"
+
+
+async def _internal_error(context: Context) -> None:
+    await _abort(
+        context,
+        code_pb2.INTERNAL,
+        ErrorReason.INTERNAL_ERROR,
+        "internal error: the call failed in a way this service did not foresee, and it was "
+        "logged; retrying with the same request_id is safe",
+    )
+
+
+async def _refuse(context: Context, request: UndecodableRequest) -> None:
+    status = request.refusal()
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 

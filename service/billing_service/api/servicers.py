@@ -151,7 +151,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if self._account is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListTenants is not wired")
         assert self._account is not None
-        status = convert.BILLING_STATUSES_IN.get(request.billing_status)
+        status = convert.billing_status_filter(request.billing_status)
         accounts, next_token = await self._account.list_tenants(
             status, request.page_size, request.page_token
         )

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
-from google.protobuf.message import Message
-
 from billing.v1 import account_pb2, types_pb2, usage_pb2
 from billing_service.api.convert import budget_usage, tenant, timestamp, usage_record
-from billing_service.domain.errors import InvalidArgument
+from billing_service.api.fields import optional_time, repeated_enum
 from billing_service.domain.model import UsageRecord
 from billing_service.usage import (
     LedgerEntryView,
@@ -32,19 +28,6 @@ _KINDS = {
 _KINDS_OUT = {name: kind for kind, name in _KINDS.items()}
 
 
-def optional_time(message: Message, field: str) -> datetime | None:
-    """A Timestamp field as a UTC datetime; None when unset."""
-    if not message.HasField(field):
-        return None
-    if getattr(message, field).nanos % 1000:
-        # Stored times have microseconds: a finer instant would be silently moved.
-        raise InvalidArgument(field, "must not have a fraction of a microsecond")
-    try:
-        return getattr(message, field).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
-    except (ValueError, OverflowError):
-        raise InvalidArgument(field, "is not a valid timestamp") from None
-
-
 # Requests
 
 
@@ -59,8 +42,9 @@ def usage_filter(request: usage_pb2.ListUsageRecordsRequest) -> UsageFilter:
 
 
 def ledger_filter(request: usage_pb2.ListLedgerEntriesRequest) -> LedgerFilter:
-    # An unknown enum value becomes an unknown kind, which the dashboard rejects by name.
-    kinds = sorted({_KINDS.get(kind, f"#{kind}") for kind in request.kinds if kind})
+    kinds = sorted(
+        set(repeated_enum("kinds", request.kinds, usage_pb2.LedgerEntryKind.DESCRIPTOR, _KINDS))
+    )
     return LedgerFilter(
         tenant_id=request.tenant_id,
         start=optional_time(request, "start_time"),

@@ -9,7 +9,7 @@ import grpc
 from billing.v1 import account_pb2, usage_pb2, usage_pb2_grpc
 from billing_service.api import usage_convert
 from billing_service.api.errors import maps_errors, rich_status
-from billing_service.api.usage_convert import optional_time
+from billing_service.api.fields import optional_time
 from billing_service.domain.errors import BillingError
 from billing_service.usage import UsageDashboard
 

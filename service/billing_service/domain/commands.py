@@ -186,6 +186,9 @@ def check_reason(field: str, value: str, *, required: bool) -> None:
         raise InvalidArgument(field, "is required")
     if len(value) > REASON_LENGTH_MAX:
         raise InvalidArgument(field, f"must be at most {REASON_LENGTH_MAX} characters")
+    if "\x00" in value:
+        # PostgreSQL text cannot hold NUL; SQLite could, but both databases answer alike.
+        raise InvalidArgument(field, "must not contain NUL characters")
 
 
 def check_estimate(estimate: QueryEstimate) -> None:

@@ -42,6 +42,8 @@ class ErrorReason(StrEnum):
     CLIENT_CERTIFICATE_UNKNOWN = "CLIENT_CERTIFICATE_UNKNOWN"
     CALLER_NOT_PERMITTED = "CALLER_NOT_PERMITTED"
     DEADLINE_PASSED = "DEADLINE_PASSED"
+    # A defect: the call failed in a way the service did not foresee (it is logged).
+    INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 class BillingError(Exception):

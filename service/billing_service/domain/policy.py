@@ -112,10 +112,12 @@ def denial_message(
 def explain_refusal(
     account: Account, model: str, price: ModelPrice, required_micros: int
 ) -> Decision:
-    """Why the database refused a hold, read from the account right after the refusal.
+    """Why the database refused a hold, from the account read under its row lock right after
+    the refusal (room found in that read is taken instead, so a credit denial reports an
+    availability below what the query needs).
 
-    The atomic statement is the authority. If this later snapshot shows room (another call
-    released credit in between), the refusal still stands and is reported as lack of credit.
+    The atomic statement is the authority: should it refuse a hold this policy allows, the
+    refusal still stands and is reported as lack of credit.
     """
     decision = decide(account, model, price, required_micros)
     if not decision.allowed:

@@ -24,12 +24,7 @@ from billing_service.domain.errors import (
     request_id_reused,
 )
 from billing_service.domain.model import Account
-from billing_service.domain.page_tokens import (
-    bad_page_token,
-    filters_fingerprint,
-    make_page_token,
-    read_page_token,
-)
+from billing_service.domain.page_tokens import PageTokens, filters_fingerprint, position_text
 from billing_service.domain.payments import (
     AutoTopUp,
     BillingProfile,
@@ -94,10 +89,17 @@ class Payments:
 
 
 class AccountCore:
-    def __init__(self, store: PaymentsStore, payments: Payments | None, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: PaymentsStore,
+        payments: Payments | None,
+        clock: Clock,
+        page_tokens: PageTokens,
+    ) -> None:
         self._store = store
         self._payments = payments
         self._clock = clock
+        self._page_tokens = page_tokens
 
     @property
     def store(self) -> PaymentsStore:
@@ -261,6 +263,7 @@ class AccountCore:
             check_top_up_amount("amount_micros", amount_micros)
         if monthly_limit_micros is not None:
             check_monthly_limit("monthly_limit_micros", monthly_limit_micros)
+        self._stripe()
         ceiling = (
             {} if monthly_limit_micros is None else {"monthly_limit_micros": monthly_limit_micros}
         )
@@ -354,6 +357,7 @@ class AccountCore:
         check_id("tenant_id", tenant_id)
         check_id("charge_id", charge_id)
         check_charge_id("charge_id", charge_id)
+        self._stripe()
         await self._profile(tenant_id)
         charge = await self._store.get_charge(charge_id)
         if charge is None or charge.tenant_id != tenant_id:
@@ -371,13 +375,14 @@ class AccountCore:
             raise InvalidArgument("page_size", f"must be 0 to {_PAGE_SIZE_MAX}")
         size = page_size or _PAGE_SIZE_DEFAULT
         status = "" if billing_status is None else str(billing_status)
-        after = _resume_after(page_token, status)
+        filters = filters_fingerprint(billing_status=status)
+        position = await self._page_tokens.read(page_token, filters, 1)
+        after = "" if position is None else position_text(position[0])
         accounts = await self._store.list_accounts(billing_status, after, size + 1)
         page = accounts[:size]
         next_token = ""
         if len(accounts) > size:
-            filters = filters_fingerprint(billing_status=status)
-            next_token = make_page_token(filters, [page[-1].tenant_id])
+            next_token = await self._page_tokens.make(filters, [page[-1].tenant_id])
         return page, next_token
 
     async def _profile(self, tenant_id: str) -> BillingProfile:
@@ -402,15 +407,6 @@ class AccountCore:
         )
         if stored.request_fingerprint != fingerprint:
             raise request_id_reused(request_id)
-
-
-def _resume_after(token: str, status: str) -> str:
-    position = read_page_token(token, filters_fingerprint(billing_status=status))
-    if position is None:
-        return ""
-    if len(position) != 1 or not isinstance(position[0], str):
-        raise bad_page_token()
-    return position[0]
 
 
 def _tenant_not_found(tenant_id: str) -> NotFound:

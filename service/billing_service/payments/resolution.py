@@ -27,10 +27,10 @@ from billing_service.domain.errors import (
     request_id_reused,
 )
 from billing_service.domain.page_tokens import (
-    bad_page_token,
+    PageTokens,
     filters_fingerprint,
-    make_page_token,
-    read_page_token,
+    position_text,
+    position_time,
 )
 from billing_service.domain.payments import (
     OPEN_STATUSES,
@@ -65,11 +65,13 @@ class ChargeResolution:
         store: PaymentsStore,
         gateway: PaymentGateway | None,
         clock: Clock,
+        page_tokens: PageTokens,
         outcomes: ChargeOutcomes | None = None,
     ) -> None:
         self._store = store
         self._gateway = gateway
         self._clock = clock
+        self._page_tokens = page_tokens
         self._outcomes = outcomes
 
     async def list_charges(
@@ -85,13 +87,18 @@ class ChargeResolution:
         filters = filters_fingerprint(
             status="" if status is None else str(status), tenant=tenant_id
         )
-        after = _resume_after(read_page_token(page_token, filters))
+        position = await self._page_tokens.read(page_token, filters, 2)
+        after = (
+            None if position is None else (position_time(position[0]), position_text(position[1]))
+        )
         found = await self._store.list_charges(status, tenant_id or None, after, size + 1)
         page = found[:size]
         next_token = ""
         if len(found) > size:
             last = page[-1]
-            next_token = make_page_token(filters, [last.created_at.isoformat(), last.charge_id])
+            next_token = await self._page_tokens.make(
+                filters, [last.created_at.isoformat(), last.charge_id]
+            )
         return page, next_token
 
     async def resolve_charge(
@@ -261,21 +268,6 @@ def _fingerprint(charge_id: str, outcome: ChargeStatus, payment_intent_id: str, 
         sort_keys=True,
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _resume_after(position: list[object] | None) -> tuple[datetime, str] | None:
-    if position is None:
-        return None
-    if len(position) != 2 or not all(isinstance(part, str) for part in position):
-        raise bad_page_token()
-    created, charge_id = str(position[0]), str(position[1])
-    try:
-        at = datetime.fromisoformat(created)
-    except ValueError:
-        raise bad_page_token() from None
-    if at.tzinfo is None or len(charge_id) > 64:
-        raise bad_page_token()
-    return at, charge_id
 
 
 def _already_final(charge: Charge) -> FailedPrecondition:

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import stripe
 from aiohttp import web
+from aiohttp.typedefs import Handler as AioHandler
+from aiohttp.typedefs import Middleware
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing_service.config import ConfigError, Settings
@@ -348,34 +350,96 @@ def _answer(status: int, outcome: str) -> web.Response:
 
 
 class WebhookServer:
-    """The endpoint served on its own HTTP port; `stop()` lets in-flight deliveries finish."""
+    """The endpoint served on its own HTTP port; `stop()` lets in-flight deliveries finish.
 
-    def __init__(self, runner: web.AppRunner, port: int) -> None:
+    The port is open to the internet, so every connection is bounded: its request headers must
+    arrive within `read_timeout_s` of connecting (aiohttp's keep-alive timer, which runs from
+    the connection's start until a whole request has arrived), its body within `read_timeout_s`
+    after them (read before the handler runs), and at most `max_connections` are open at once;
+    one more is answered 503 and closed, and Stripe delivers it again later.
+    """
+
+    def __init__(self, runner: web.AppRunner, listener: asyncio.Server, port: int) -> None:
         self._runner = runner
+        self._listener = listener
         self.port = port
 
     @classmethod
     async def start(
-        cls, endpoint: StripeWebhookEndpoint, host: str, port: int, shutdown_grace_s: float
+        cls,
+        endpoint: StripeWebhookEndpoint,
+        host: str,
+        port: int,
+        shutdown_grace_s: float,
+        *,
+        read_timeout_s: float = 10.0,
+        max_connections: int = 100,
     ) -> WebhookServer:
-        app = web.Application(client_max_size=_MAX_BODY_BYTES)
+        app = web.Application(
+            client_max_size=_MAX_BODY_BYTES, middlewares=[_body_read_within(read_timeout_s)]
+        )
         app.router.add_post(WEBHOOK_PATH, endpoint.handle)
         runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_grace_s
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=shutdown_grace_s,
+            keepalive_timeout=read_timeout_s,
+            # A body left unread (a refused delivery) is not waited for after the answer.
+            lingering_time=0,
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        server = runner.server
+        assert server is not None
+
+        def connection() -> asyncio.BaseProtocol:
+            if len(server.connections) >= max_connections:
+                return _Refused()
+            return server()
+
         try:
-            await site.start()
+            listener = await asyncio.get_running_loop().create_server(connection, host, port)
         except OSError as error:
             await runner.cleanup()
             where = f"BILLING_WEBHOOK_PORT: cannot listen on {host}:{port}"
             raise ConfigError(f"{where}: {error.strerror}") from None
-        return cls(runner, port)
+        return cls(runner, listener, port)
 
     async def stop(self) -> None:
         _log.info("closing the Stripe webhook endpoint; deliveries in flight may finish")
+        self._listener.close()
         await self._runner.cleanup()
+
+
+def _body_read_within(timeout_s: float) -> Middleware:
+    """Middleware: the whole body is read (and kept for the handler) within `timeout_s`."""
+
+    @web.middleware
+    async def read_body(request: web.Request, handler: AioHandler) -> web.StreamResponse:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await request.read()
+        except TimeoutError:
+            _log.warning(
+                "stripe webhook: a body did not arrive within %ss; disconnected", timeout_s
+            )
+            answer = _answer(408, "the body did not arrive in time")
+            answer.force_close()
+            return answer
+        return await handler(request)
+
+    return read_body
+
+
+class _Refused(asyncio.Protocol):
+    """A connection beyond the limit: answered 503 at once and closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        transport.close()
 
 
 def load_webhook_secret(settings: Settings) -> str:
@@ -421,7 +485,12 @@ async def start_webhook_server(
         metrics=metrics,
     )
     server = await WebhookServer.start(
-        endpoint, settings.webhook_host, settings.webhook_port, settings.shutdown_grace_s
+        endpoint,
+        settings.webhook_host,
+        settings.webhook_port,
+        settings.shutdown_grace_s,
+        read_timeout_s=settings.webhook_read_timeout_s,
+        max_connections=settings.webhook_max_connections,
     )
     _log.info(
         "serving Stripe webhooks on http://%s:%d%s",

@@ -68,7 +68,7 @@ from billing_service.domain.outcomes import (
     TenantOutcome,
 )
 from billing_service.domain.payments import BillingStatus
-from billing_service.domain.policy import explain_refusal
+from billing_service.domain.policy import decide, explain_refusal
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
 from billing_service.storage import budget_store, postgres_hot_path
 from billing_service.storage.credit_sql import available_credit_sql
@@ -460,6 +460,15 @@ async def _place_hold(
     for _ in range(2):
         if hold.metered:
             account = await _take_hold(conn, hold.tenant_id, hold.amount_micros)
+            snapshot = None
+            if account is None:
+                # No room when the UPDATE ran; by the next statement another call may have
+                # freed some (READ COMMITTED). The denial is decided on the row read under its
+                # lock, which stays as read until commit: room found there is taken, and a
+                # denial reports exactly the availability it was decided on.
+                snapshot = await _get_account(conn, hold.tenant_id, lock=True)
+                if snapshot is not None and _fits(snapshot, hold):
+                    account = await _take_hold(conn, hold.tenant_id, hold.amount_micros)
             if account is not None:
                 usages = await budget_store.locked_usages(
                     conn, hold.tenant_id, hold.user_id, hold.api_key_id, hold.created_at
@@ -483,7 +492,6 @@ async def _place_hold(
                     held_delta=hold.amount_micros,
                 )
                 return stored
-            snapshot = await _get_account(conn, hold.tenant_id)
         else:
             # An included model moves no money: only the tenant's status matters.
             snapshot = await _get_account(conn, hold.tenant_id)
@@ -785,11 +793,19 @@ async def _expire(conn: AsyncConnection, hold_id: str, now: datetime) -> int:
 # Statements shared by the bodies above.
 
 
-async def _get_account(conn: AsyncConnection, tenant_id: str) -> Account | None:
-    row = (
-        await conn.execute(select(*_ACCOUNT_COLUMNS).where(tenants.c.tenant_id == tenant_id))
-    ).one_or_none()
+async def _get_account(
+    conn: AsyncConnection, tenant_id: str, *, lock: bool = False
+) -> Account | None:
+    query = select(*_ACCOUNT_COLUMNS).where(tenants.c.tenant_id == tenant_id)
+    if lock:
+        query = query.with_for_update()
+    row = (await conn.execute(query)).one_or_none()
     return None if row is None else _account_from_row(row)
+
+
+def _fits(account: Account, hold: Hold) -> bool:
+    """Whether the policy allows `hold` on `account` (the rule _TAKE_HOLD applies in SQL)."""
+    return decide(account, hold.model, hold.price, hold.amount_micros).allowed
 
 
 async def _get_hold(conn: AsyncConnection, hold_id: str) -> Hold | None:

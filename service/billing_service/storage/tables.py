@@ -343,3 +343,12 @@ budget_requests = Table(
     Column("result", Text, nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
 )
+# Keys every replica shares, made once by the migrations (e.g. the page-token key): a secret
+# that needs no configuration yet is the same on every replica of one database.
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("purpose", String(64), primary_key=True),
+    Column("key_hex", String(128), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)

@@ -132,8 +132,8 @@ class AccountServiceServicer(object):
 
     def UpdateAutoTopUp(self, request, context):
         """Changes the automatic top-up settings; fields left unset keep their
-        value. Errors: INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS (request_id
-        reused).
+        value. Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
+        (STRIPE_NOT_CONFIGURED), ALREADY_EXISTS (request_id reused).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,7 +157,8 @@ class AccountServiceServicer(object):
 
     def GetCharge(self, request, context):
         """Reads one card charge (a top-up). Errors: INVALID_ARGUMENT, NOT_FOUND
-        (reason TENANT_NOT_FOUND or CHARGE_NOT_FOUND).
+        (reason TENANT_NOT_FOUND or CHARGE_NOT_FOUND), FAILED_PRECONDITION
+        (STRIPE_NOT_CONFIGURED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -68,8 +68,8 @@ class AccountServiceStub:
     """
     UpdateAutoTopUp: _grpc.UnaryUnaryMultiCallable[_account_pb2.UpdateAutoTopUpRequest, _account_pb2.UpdateAutoTopUpResponse]
     """Changes the automatic top-up settings; fields left unset keep their
-    value. Errors: INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS (request_id
-    reused).
+    value. Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
+    (STRIPE_NOT_CONFIGURED), ALREADY_EXISTS (request_id reused).
     """
     TopUpNow: _grpc.UnaryUnaryMultiCallable[_account_pb2.TopUpNowRequest, _account_pb2.TopUpNowResponse]
     """Charges the saved card now for an explicit amount and credits the
@@ -85,7 +85,8 @@ class AccountServiceStub:
     """
     GetCharge: _grpc.UnaryUnaryMultiCallable[_account_pb2.GetChargeRequest, _account_pb2.GetChargeResponse]
     """Reads one card charge (a top-up). Errors: INVALID_ARGUMENT, NOT_FOUND
-    (reason TENANT_NOT_FOUND or CHARGE_NOT_FOUND).
+    (reason TENANT_NOT_FOUND or CHARGE_NOT_FOUND), FAILED_PRECONDITION
+    (STRIPE_NOT_CONFIGURED).
     """
 
 @_typing.type_check_only
@@ -128,8 +129,8 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """
     UpdateAutoTopUp: _aio.UnaryUnaryMultiCallable[_account_pb2.UpdateAutoTopUpRequest, _account_pb2.UpdateAutoTopUpResponse]  # type: ignore[assignment]
     """Changes the automatic top-up settings; fields left unset keep their
-    value. Errors: INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS (request_id
-    reused).
+    value. Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
+    (STRIPE_NOT_CONFIGURED), ALREADY_EXISTS (request_id reused).
     """
     TopUpNow: _aio.UnaryUnaryMultiCallable[_account_pb2.TopUpNowRequest, _account_pb2.TopUpNowResponse]  # type: ignore[assignment]
     """Charges the saved card now for an explicit amount and credits the
@@ -145,7 +146,8 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """
     GetCharge: _aio.UnaryUnaryMultiCallable[_account_pb2.GetChargeRequest, _account_pb2.GetChargeResponse]  # type: ignore[assignment]
     """Reads one card charge (a top-up). Errors: INVALID_ARGUMENT, NOT_FOUND
-    (reason TENANT_NOT_FOUND or CHARGE_NOT_FOUND).
+    (reason TENANT_NOT_FOUND or CHARGE_NOT_FOUND), FAILED_PRECONDITION
+    (STRIPE_NOT_CONFIGURED).
     """
 
 class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -215,8 +217,8 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_pb2.UpdateAutoTopUpResponse, _abc.Awaitable[_account_pb2.UpdateAutoTopUpResponse]]:
         """Changes the automatic top-up settings; fields left unset keep their
-        value. Errors: INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS (request_id
-        reused).
+        value. Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
+        (STRIPE_NOT_CONFIGURED), ALREADY_EXISTS (request_id reused).
         """
 
     @_abc_1.abstractmethod
@@ -244,7 +246,8 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_pb2.GetChargeResponse, _abc.Awaitable[_account_pb2.GetChargeResponse]]:
         """Reads one card charge (a top-up). Errors: INVALID_ARGUMENT, NOT_FOUND
-        (reason TENANT_NOT_FOUND or CHARGE_NOT_FOUND).
+        (reason TENANT_NOT_FOUND or CHARGE_NOT_FOUND), FAILED_PRECONDITION
+        (STRIPE_NOT_CONFIGURED).
         """
 
 def add_AccountServiceServicer_to_server(servicer: AccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -27,7 +27,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     FIELD_INVALID: _ErrorReason.ValueType  # 1
     """INVALID_ARGUMENT. A request field is missing, malformed or out of range;
     nothing was changed. The ErrorInfo metadata "field" and the BadRequest
-    name the field (e.g. "tenant_id", "usage.output_tokens").
+    name the field (e.g. "tenant_id", "usage.output_tokens"), or the request
+    message (e.g. "billing.v1.CommitRequest") for bytes that are not one.
     """
     TENANT_NOT_FOUND: _ErrorReason.ValueType  # 2
     """NOT_FOUND. The named tenant does not exist; from CheckAccess and
@@ -138,6 +139,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     (or the one named), or a failure while a PaymentIntent of the charge took
     the money or may still take it; nothing was changed.
     """
+    INTERNAL_ERROR: _ErrorReason.ValueType  # 30
+    """INTERNAL. A defect: the call failed in a way the server did not foresee.
+    It is logged there; the message never carries its details. Retrying
+    with the same request_id is safe.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reason of a failed call (AIP-193). Every error the service sends
@@ -157,7 +163,8 @@ ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
 FIELD_INVALID: ErrorReason.ValueType  # 1
 """INVALID_ARGUMENT. A request field is missing, malformed or out of range;
 nothing was changed. The ErrorInfo metadata "field" and the BadRequest
-name the field (e.g. "tenant_id", "usage.output_tokens").
+name the field (e.g. "tenant_id", "usage.output_tokens"), or the request
+message (e.g. "billing.v1.CommitRequest") for bytes that are not one.
 """
 TENANT_NOT_FOUND: ErrorReason.ValueType  # 2
 """NOT_FOUND. The named tenant does not exist; from CheckAccess and
@@ -267,5 +274,10 @@ CHARGE_OUTCOME_CONTRADICTS_STRIPE: ErrorReason.ValueType  # 29
 success without a single succeeded PaymentIntent of the charge's amount
 (or the one named), or a failure while a PaymentIntent of the charge took
 the money or may still take it; nothing was changed.
+"""
+INTERNAL_ERROR: ErrorReason.ValueType  # 30
+"""INTERNAL. A defect: the call failed in a way the server did not foresee.
+It is logged there; the message never carries its details. Retrying
+with the same request_id is safe.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

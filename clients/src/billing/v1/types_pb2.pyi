@@ -81,6 +81,12 @@ class DenialReason(_DenialReason, metaclass=_DenialReasonEnumTypeWrapper):
       whose `domain` is "ai-billing" and whose `reason` is a stable UPPER_SNAKE
       string listed in the README; INVALID_ARGUMENT also carries a
       `google.rpc.BadRequest` naming the field.
+    * A request is refused with INVALID_ARGUMENT naming the field, never read
+      as a default, when it carries an enum number its enum does not define, or
+      a Duration or Timestamp outside the range its type defines. Bytes that are
+      not a valid message of the request type (e.g. truncated, or a string that
+      is not UTF-8) are INVALID_ARGUMENT naming the request message (e.g.
+      "billing.v1.CommitRequest").
 
     Why a query may not run. Returned in a Decision; never as an error.
     """
@@ -533,7 +539,9 @@ class Decision(_message.Message):
     """Output only. The tenant's available credit in micros (balance + credit
     limit - open holds) as of the transaction that decided, after the hold if
     one was granted. May be negative if an operator lowered the limit below
-    what is already spent.
+    what is already spent. A denial for lack of credit reports the
+    availability it was decided on, always below `required_micros`, and its
+    message states the same amounts.
     """
     model_billing: Global___ModelBilling.ValueType
     """Output only. How the model is billed; UNSPECIFIED when it is not offered."""

@@ -30,7 +30,9 @@ class _LedgerEntryKind:
 class _LedgerEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LedgerEntryKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     LEDGER_ENTRY_KIND_UNSPECIFIED: _LedgerEntryKind.ValueType  # 0
-    """Never returned; in a filter it means "every kind"."""
+    """Never returned, and refused in a filter (INVALID_ARGUMENT): an empty
+    `kinds` means every kind.
+    """
     LEDGER_ENTRY_KIND_GRANT: _LedgerEntryKind.ValueType  # 1
     """Credit granted by an operator."""
     LEDGER_ENTRY_KIND_HOLD: _LedgerEntryKind.ValueType  # 2
@@ -54,7 +56,9 @@ class LedgerEntryKind(_LedgerEntryKind, metaclass=_LedgerEntryKindEnumTypeWrappe
     """What a ledger entry records."""
 
 LEDGER_ENTRY_KIND_UNSPECIFIED: LedgerEntryKind.ValueType  # 0
-"""Never returned; in a filter it means "every kind"."""
+"""Never returned, and refused in a filter (INVALID_ARGUMENT): an empty
+`kinds` means every kind.
+"""
 LEDGER_ENTRY_KIND_GRANT: LedgerEntryKind.ValueType  # 1
 """Credit granted by an operator."""
 LEDGER_ENTRY_KIND_HOLD: LedgerEntryKind.ValueType  # 2
@@ -475,7 +479,9 @@ class ListLedgerEntriesRequest(_message.Message):
 
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___LedgerEntryKind.ValueType]:
-        """Optional. Only these kinds. Empty: every kind."""
+        """Optional. Only these kinds. Empty: every kind. UNSPECIFIED or an
+        undefined number among them is INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,

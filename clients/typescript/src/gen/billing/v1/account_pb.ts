@@ -756,8 +756,8 @@ export const AccountService: GenService<{
   },
   /**
    * Changes the automatic top-up settings; fields left unset keep their
-   * value. Errors: INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS (request_id
-   * reused).
+   * value. Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
+   * (STRIPE_NOT_CONFIGURED), ALREADY_EXISTS (request_id reused).
    *
    * @generated from rpc billing.v1.AccountService.UpdateAutoTopUp
    */
@@ -787,7 +787,8 @@ export const AccountService: GenService<{
   },
   /**
    * Reads one card charge (a top-up). Errors: INVALID_ARGUMENT, NOT_FOUND
-   * (reason TENANT_NOT_FOUND or CHARGE_NOT_FOUND).
+   * (reason TENANT_NOT_FOUND or CHARGE_NOT_FOUND), FAILED_PRECONDITION
+   * (STRIPE_NOT_CONFIGURED).
    *
    * @generated from rpc billing.v1.AccountService.GetCharge
    */

@@ -250,7 +250,9 @@ export type Decision = Message<"billing.v1.Decision"> & {
    * Output only. The tenant's available credit in micros (balance + credit
    * limit - open holds) as of the transaction that decided, after the hold if
    * one was granted. May be negative if an operator lowered the limit below
-   * what is already spent.
+   * what is already spent. A denial for lack of credit reports the
+   * availability it was decided on, always below `required_micros`, and its
+   * message states the same amounts.
    *
    * @generated from field: int64 available_credit_micros = 4;
    */

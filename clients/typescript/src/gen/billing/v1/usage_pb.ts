@@ -462,7 +462,8 @@ export type ListLedgerEntriesRequest = Message<"billing.v1.ListLedgerEntriesRequ
   endTime?: Timestamp | undefined;
 
   /**
-   * Optional. Only these kinds. Empty: every kind.
+   * Optional. Only these kinds. Empty: every kind. UNSPECIFIED or an
+   * undefined number among them is INVALID_ARGUMENT.
    *
    * @generated from field: repeated billing.v1.LedgerEntryKind kinds = 4;
    */
@@ -584,7 +585,8 @@ export const ExportUsageCsvResponseSchema: GenMessage<ExportUsageCsvResponse> = 
  */
 export enum LedgerEntryKind {
   /**
-   * Never returned; in a filter it means "every kind".
+   * Never returned, and refused in a filter (INVALID_ARGUMENT): an empty
+   * `kinds` means every kind.
    *
    * @generated from enum value: LEDGER_ENTRY_KIND_UNSPECIFIED = 0;
    */
