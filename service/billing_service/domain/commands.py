@@ -133,13 +133,19 @@ class TtlBounds:
     maximum: timedelta = timedelta(hours=1)
 
 
+def is_valid_id(value: str) -> bool:
+    """Whether check_id accepts `value`."""
+    return _ID_PATTERN.fullmatch(value) is not None
+
+
 def check_id(field: str, value: str) -> None:
+    if is_valid_id(value):
+        return
     if not value:
         raise InvalidArgument(field, "is required")
     if len(value) > ID_LENGTH_MAX:
         raise InvalidArgument(field, f"must be at most {ID_LENGTH_MAX} characters")
-    if not _ID_PATTERN.fullmatch(value):
-        raise InvalidArgument(field, "must be printable ASCII without spaces")
+    raise InvalidArgument(field, "must be printable ASCII without spaces")
 
 
 def check_reservation_id(value: str) -> None:
