@@ -160,8 +160,19 @@ def check_range(field: str, value: int, low: int, high: int) -> None:
         raise InvalidArgument(field, f"must be between {low} and {high}, got {value}")
 
 
+def check_money(field: str, value: int, low: int, high: int) -> None:
+    """check_range for an amount of micros; the bounds and the value also go to the error's
+    metadata, so a client can say them in the units its user typed."""
+    if not low <= value <= high:
+        raise InvalidArgument(
+            field,
+            f"must be between {low} and {high}, got {value}",
+            {"min_micros": str(low), "max_micros": str(high), "value_micros": str(value)},
+        )
+
+
 def check_amount(field: str, value: int) -> None:
-    check_range(field, value, 1, AMOUNT_MICROS_MAX)
+    check_money(field, value, 1, AMOUNT_MICROS_MAX)
 
 
 def check_reason(field: str, value: str, *, required: bool) -> None:
@@ -226,7 +237,7 @@ def validate_commit(command: Commit) -> None:
 def validate_refund(command: Refund) -> None:
     check_id("request_id", command.request_id)
     check_reservation_id(command.reservation_id)
-    check_range("amount_micros", command.amount_micros, 0, AMOUNT_MICROS_MAX)
+    check_money("amount_micros", command.amount_micros, 0, AMOUNT_MICROS_MAX)
     check_reason("reason", command.reason, required=False)
 
 
@@ -234,14 +245,14 @@ def validate_create_tenant(command: CreateTenant) -> None:
     check_id("request_id", command.request_id)
     check_id("tenant_id", command.tenant_id)
     if command.credit_limit_micros is not None:
-        check_range("credit_limit_micros", command.credit_limit_micros, 0, AMOUNT_MICROS_MAX)
+        check_money("credit_limit_micros", command.credit_limit_micros, 0, AMOUNT_MICROS_MAX)
 
 
 def validate_update_tenant(command: UpdateTenant) -> None:
     check_id("request_id", command.request_id)
     check_id("tenant_id", command.tenant_id)
     if command.credit_limit_micros is not None:
-        check_range("credit_limit_micros", command.credit_limit_micros, 0, AMOUNT_MICROS_MAX)
+        check_money("credit_limit_micros", command.credit_limit_micros, 0, AMOUNT_MICROS_MAX)
 
 
 def validate_grant(command: GrantCredit) -> None:

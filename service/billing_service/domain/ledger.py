@@ -92,6 +92,7 @@ def refund_amount(hold: Hold, charged_micros: int, requested_micros: int) -> int
             ErrorReason.REFUND_EXCEEDS_CHARGE,
             f"reservation {hold.hold_id} has {refundable} micros left to refund, "
             f"{amount} were asked",
+            {"refundable_micros": str(max(0, refundable)), "requested_micros": str(amount)},
         )
     return amount
 
