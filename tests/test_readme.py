@@ -6,6 +6,7 @@ block opened with ```console tested); to update one, run this test and copy what
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from billing.v1 import account_pb2, admin_pb2, billing_pb2, budget_pb2, usage_pb2
 from tests.support.ports import free_port
 from tests.support.readme_sessions import Masks, sessions, untested_sessions
 from tests.support.server_process import ServerProcess
@@ -26,6 +28,23 @@ README = REPO / "README.md"
 BILLING_ADDRESS = "localhost:50051"
 EXAMPLE_ADDRESS = "localhost:8000"
 _EXAMPLE_START_S = 180.0
+
+
+_CONTRACT_ROW = re.compile(r"^\| `(\w+Service)` [^|]*\| (.*) \|$", re.MULTILINE)
+
+
+def test_the_contract_table_names_every_service_and_method() -> None:
+    proto_files = [account_pb2, admin_pb2, billing_pb2, budget_pb2, usage_pb2]
+    services = {
+        service.name: [method.name for method in service.methods]
+        for module in proto_files
+        for service in module.DESCRIPTOR.services_by_name.values()
+    }
+    table = {
+        service: re.findall(r"`(\w+)`", methods)
+        for service, methods in _CONTRACT_ROW.findall(README.read_text())
+    }
+    assert table == services
 
 
 def test_every_shell_session_in_the_readme_is_tested() -> None:
