@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from billing.client import BillingClient, BillingUnavailable, Denied, HoldExpired
+from examples.chat_app.billing_page import install_billing_page
 from examples.chat_app.model import ChatModel, Completion, EchoModel, ModelError, count_tokens
 from examples.chat_app.settings import ChatSettings
 
@@ -66,12 +67,18 @@ def create_app(settings: ChatSettings | None = None, model: ChatModel | None = N
         max_attempts=settings.billing_attempts,
     )
 
+    page_billing: BillingClient | None = None
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         billing.close()
+        if page_billing is not None:
+            page_billing.close()
 
     app = FastAPI(title="chat example", lifespan=lifespan)
+    # GET /billing/{tenant_id}: what the tenant's admin sees (examples/chat_app/billing_page.py).
+    page_billing = install_billing_page(app, settings)
 
     # A plain `def`: FastAPI runs it in a worker thread, where the blocking client belongs.
     # (AsyncBillingClient has the same calls for an `async def` endpoint.)

@@ -166,12 +166,12 @@ class Application:
             payments_sink = PaymentsEventSink(account.store, account, worker, clock)
             webhook_server = None
             if settings.webhook_port:
-                # The Stripe SDK and aiohttp are imported only when they are used: a third of
+                # The Stripe SDK and aiohttp are imported only when they are used: a fifth of
                 # the start-up's imports otherwise.
                 from billing_service.payments.webhooks import start_webhook_server
 
                 webhook_server = await start_webhook_server(
-                    settings, stripe_event_sink or payments_sink, engine, clock
+                    settings, stripe_event_sink or payments_sink, engine, clock, metrics
                 )
             if webhook_server is not None:
                 on_failure.push_async_callback(webhook_server.stop)

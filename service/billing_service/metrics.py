@@ -106,9 +106,17 @@ class Metrics:
             "Micros held by open holds in the database, as of the last readiness check.",
             registry=registry,
         )
+        self.webhook_events = Counter(
+            "billing_webhook_events",
+            "Deliveries to the Stripe webhook endpoint, by what became of them: applied, "
+            "duplicate (applied before), ignored (a type we do not handle), rejected (bad "
+            "signature or not an event: 400), failed (not applied, Stripe redelivers: 5xx).",
+            ["outcome"],
+            registry=registry,
+        )
         self.ready = Gauge(
             "billing_ready",
-            "1 while the database is reachable and migrated (readiness SERVING), else 0.",
+            "1 while the database is reachable, writable and migrated (readiness SERVING), else 0.",
             registry=registry,
         )
 

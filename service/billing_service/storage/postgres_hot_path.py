@@ -49,6 +49,7 @@ from billing_service.domain.commands import Commit, Refund
 from billing_service.domain.model import Hold
 from billing_service.storage.budget_store import usages_from_json
 from billing_service.storage.credit_sql import available_credit_postgres_text
+from billing_service.storage.database import retires_connection
 
 _AVAILABLE = available_credit_postgres_text()
 
@@ -311,20 +312,6 @@ _RESERVE = DriverStatement.of(RESERVE)
 _COMMIT = DriverStatement.of(COMMIT)
 _RELEASE = DriverStatement.of(RELEASE)
 
-# Errors after which the connection cannot be trusted: it is dropped from the pool, with every
-# connection opened before it, and the call fails as a storage fault (UNAVAILABLE; the client
-# retries with the same request_id). Other asyncpg errors (a value it cannot encode, ...) are
-# not faults: retrying would not help.
-_CONNECTION_FAULTS = (
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.CannotConnectNowError,
-    OSError,
-    TimeoutError,
-)
-
 
 def reserve_params(hold: Hold) -> dict[str, Any]:
     price = hold.price
@@ -429,7 +416,7 @@ class HotPath:
             # Cancelled mid-statement (the caller's deadline), the connection may still be busy
             # with it: like a broken one, it is not handed to the next caller.
             cancelled = isinstance(error, asyncio.CancelledError)
-            if not (cancelled or isinstance(error, _CONNECTION_FAULTS) or driver.is_closed()):
+            if not (cancelled or retires_connection(error) or driver.is_closed()):
                 raise
             driver.terminate()
             await greenlet_spawn(self._invalidate, pooled, error, not cancelled)
