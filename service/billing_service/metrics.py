@@ -82,7 +82,8 @@ class Metrics:
         )
         self.released_micros = Counter(
             "billing_released_micros",
-            "Micros of holds given back by Refund before any charge.",
+            "Micros of holds given back by Release (or a Refund without an amount) before any "
+            "charge.",
             registry=registry,
         )
         self.refunded_micros = Counter(
@@ -134,6 +135,8 @@ class Metrics:
         elif isinstance(response, billing_pb2.CommitResponse):
             self.committed_micros.inc(response.usage_record.charged_micros)
             self.uncollected_micros.inc(response.usage_record.uncollected_micros)
+        elif isinstance(response, billing_pb2.ReleaseResponse):
+            self.released_micros.inc(response.released_micros)
         elif isinstance(response, billing_pb2.RefundResponse):
             if response.kind == billing_pb2.REFUND_KIND_REFUND:
                 self.refunded_micros.inc(response.amount_micros)

@@ -19,10 +19,13 @@ OperationalError, so that callers handle both paths' errors alike.
 
 Rules they apply, and where those rules are defined and tested to agree:
 - the fit rule `available >= amount`: storage.credit_sql (rendered into the text below);
+- only a live hold (open, before its expire time) is committed or released:
+  domain.ledger.is_live, rendered by storage.hold_sql (a release of a hold past its expire time
+  falls back: the general transaction expires it);
 - the cost of a call: domain.pricing.ModelPrice.cost_micros (the SQL `COST` below);
 - what a commit charges: domain.ledger.settle (the SQL `charged_micros` below);
 - the usage rollup of a commit: storage.rollups.add_to_rollup (the `rollup` CTE below).
-tests/ledger/test_hot_path_agrees.py checks the last three against the domain on random inputs.
+tests/ledger/test_hot_path_agrees.py checks them against the domain on random inputs.
 """
 
 from __future__ import annotations
@@ -45,13 +48,15 @@ from sqlalchemy.types import TypeEngine
 from sqlalchemy.util import greenlet_spawn
 
 from billing_service.domain.budgets import EPOCH, BudgetPeriod, period_start
-from billing_service.domain.commands import Commit, Refund
+from billing_service.domain.commands import Commit
 from billing_service.domain.model import Hold
 from billing_service.storage.budget_store import usages_from_json
 from billing_service.storage.credit_sql import available_credit_postgres_text
 from billing_service.storage.database import retires_connection
+from billing_service.storage.hold_sql import live_hold_postgres_text
 
 _AVAILABLE = available_credit_postgres_text()
+_LIVE = live_hold_postgres_text("now")
 
 _RESERVE_SQL = f"""
 WITH applying AS (
@@ -143,7 +148,7 @@ _COMMIT_SQL = f"""
 WITH claimed AS (
     UPDATE holds
     SET status = 'committed', settled_at = :now
-    WHERE hold_id = :hold_id AND status = 'open' AND expires_at > :now AND budgets IS NULL
+    WHERE hold_id = :hold_id AND {_LIVE} AND budgets IS NULL
     RETURNING hold_id, tenant_id, user_id, model, billing, amount_micros, created_at,
         {_COST} AS cost_micros
 ), locked AS (
@@ -221,7 +226,7 @@ _RELEASE_SQL = f"""
 WITH released AS (
     UPDATE holds
     SET status = 'released', settled_at = :now
-    WHERE hold_id = :hold_id AND status = 'open' AND billing = 'metered' AND budgets IS NULL
+    WHERE hold_id = :hold_id AND {_LIVE} AND billing = 'metered' AND budgets IS NULL
     RETURNING hold_id, tenant_id, amount_micros
 ), moved AS (
     UPDATE tenants
@@ -386,16 +391,21 @@ class HotPath:
         return await self._fetchrow(_COMMIT, commit_params(command, request_fingerprint, now))
 
     async def release(
-        self, command: Refund, request_fingerprint: str, now: datetime
+        self,
+        request_id: str,
+        reservation_id: str,
+        reason: str,
+        request_fingerprint: str,
+        now: datetime,
     ) -> Released | None:
-        """Releases an open metered hold that took from no budget, else returns None."""
+        """Releases a live metered hold that took from no budget, else returns None."""
         row = await self._fetchrow(
             _RELEASE,
             {
-                "hold_id": command.reservation_id,
-                "request_id": command.request_id,
+                "hold_id": reservation_id,
+                "request_id": request_id,
                 "request_fingerprint": request_fingerprint,
-                "memo": command.reason or None,
+                "memo": reason or None,
                 "now": now,
             },
         )
