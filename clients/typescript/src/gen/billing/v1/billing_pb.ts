@@ -476,7 +476,8 @@ export enum RefundKind {
   UNSPECIFIED = 0,
 
   /**
-   * An open hold was released; nothing had been charged.
+   * An open hold was released (a Refund without an amount); nothing had been
+   * charged.
    *
    * @generated from enum value: REFUND_KIND_RELEASE = 1;
    */

@@ -341,7 +341,7 @@ export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
 export type Reservation = Message<"billing.v1.Reservation"> & {
   /**
    * Output only. The reservation's id: "rsv_" followed by 32 lowercase hex
-   * digits. Pass it to Commit or Refund.
+   * digits. Pass it to Commit, Release or Refund.
    *
    * @generated from field: string reservation_id = 1;
    */

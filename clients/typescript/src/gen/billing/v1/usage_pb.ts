@@ -605,7 +605,8 @@ export enum LedgerEntryKind {
   HOLD = 2,
 
   /**
-   * A hold released by Refund (or by a commit that settles it).
+   * A hold released by Release or by a Refund without an amount (or by a
+   * commit that settles it).
    *
    * @generated from enum value: LEDGER_ENTRY_KIND_RELEASE = 3;
    */
