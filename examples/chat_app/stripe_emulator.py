@@ -1,4 +1,4 @@
-"""localstripe (a Stripe emulator, in the dev extra) as a child process, so the example's card
+"""localstripe (a Stripe emulator, in the example and dev extras) as a child process, so the example's card
 form works offline: the billing service talks to it as Stripe, and the billing page loads the
 test Stripe.js it serves at /js.stripe.com/v3/.
 
