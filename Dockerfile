@@ -1,23 +1,26 @@
 # ai-billing: `billing-service serve` on a slim Python base, as a non-root user.
 #
-# Build stage: installs the client stubs and the service (with the tracing extra) into a
-# virtualenv. The runtime stage copies only that virtualenv: no compiler, no pip cache, no
+# Build stage: installs the client and the service (with the tracing extra) into a virtualenv
+# with uv, exactly as uv.lock pins them (the same lock scripts/serve and scripts/test install
+# from). The runtime stage copies only that virtualenv: no compiler, no uv, no caches, no
 # sources, no tests. tests/ops/test_image.py runs the same install steps outside Docker.
 
 FROM python:3.11-slim-bookworm AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    UV_NO_CACHE=1 \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PROJECT_ENVIRONMENT=/opt/billing
 
 WORKDIR /src
-RUN python -m venv /opt/billing
+# The version scripts/uv pins (tests/ops/test_image.py checks that they agree).
+RUN pip install uv==0.13.9
 COPY clients/ clients/
-COPY pyproject.toml README.md ./
+COPY pyproject.toml uv.lock README.md ./
 COPY service/ service/
-# Dependency ranges live in pyproject.toml (and clients/pyproject.toml).
-# hadolint ignore=DL3013
-RUN /opt/billing/bin/pip install ./clients ".[tracing]"
+RUN uv sync --locked --no-editable --extra tracing
 
 
 FROM python:3.11-slim-bookworm

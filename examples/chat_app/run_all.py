@@ -1,13 +1,20 @@
 """Starts the billing service (SQLite, as a child process), sets up a demo tenant, and serves
-the chat app on top of it until Ctrl-C."""
+the chat app on top of it until Ctrl-C.
+
+The app bills only through the billing service started here: it listens on a free port unless
+--billing-port names one, and its address is read from its own log line, so a port already in
+use stops the example with a message instead of sending the calls to another server.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -21,6 +28,8 @@ from examples.chat_app.settings import ChatSettings
 from examples.chat_app.stripe_emulator import start_localstripe
 
 _READY_TIMEOUT_S = 60.0
+# The service's own line once it listens (billing_service.app), in either log format.
+_SERVING = re.compile(r"serving billing\.v1 on \S+ \(port (\d+)\)")
 
 _TRY = """
 The chat app is on http://{host}:{port} (billing on {billing}). Try:
@@ -42,7 +51,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="the chat app's HTTP port")
-    parser.add_argument("--billing-port", type=int, default=50051)
+    parser.add_argument(
+        "--billing-port",
+        type=int,
+        default=0,
+        help="the billing service's gRPC port on 127.0.0.1 (default: a free one)",
+    )
     parser.add_argument(
         "--data-dir", type=Path, help="where the SQLite file goes (default: a new temporary one)"
     )
@@ -54,10 +68,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="chat-example-"))
-    target = f"127.0.0.1:{args.billing_port}"
     stripe = start_localstripe() if args.localstripe else None
     try:
-        billing = start_billing(data_dir, target, stripe.billing_env if stripe else {})
+        billing, target = start_billing(
+            data_dir, "127.0.0.1", args.billing_port, stripe.billing_env if stripe else {}
+        )
         try:
             set_up_demo_tenant(target)
             app_env = {"CHAT_BILLING_TARGET": target, **(stripe.app_env if stripe else {})}
@@ -73,22 +88,45 @@ def main() -> None:
 
 
 def start_billing(
-    data_dir: Path, target: str, stripe_env: dict[str, str]
-) -> subprocess.Popen[bytes]:
+    data_dir: Path, host: str, port: int, stripe_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Starts `billing-service serve` on host:port (0: a free port) and returns it with the
+    address it listens on, once it does. Its log goes on to this process's stderr. A port in
+    use, or any other failed start, ends this process with the service's own last line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
-    env.update(stripe_env)
+    env.update(stripe_env or {})
     env["BILLING_DATABASE_URL"] = f"sqlite+aiosqlite:///{data_dir / 'billing.db'}"
-    env["BILLING_LISTEN_ADDRESS"] = target
+    env["BILLING_LISTEN_ADDRESS"] = f"{host}:{port}"
+    env["BILLING_LOG_FORMAT"] = "text"
     process = subprocess.Popen(
-        [sys.executable, "-m", "billing_service.cli", "serve"], env=env, stdin=subprocess.DEVNULL
+        [sys.executable, "-m", "billing_service.cli", "serve"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    with grpc.insecure_channel(target) as channel:
-        try:
-            grpc.channel_ready_future(channel).result(timeout=_READY_TIMEOUT_S)
-        except grpc.FutureTimeoutError:
-            process.kill()
-            raise SystemExit(f"the billing service did not start on {target}") from None
-    return process
+    listening = threading.Event()
+    found: list[int] = []
+    last: list[str] = []
+
+    def forward() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            sys.stderr.write(line)
+            if line.strip():
+                last[:] = [line.strip()]
+            if not found and (match := _SERVING.search(line)):
+                found.append(int(match.group(1)))
+                listening.set()
+        listening.set()  # the service ended
+
+    threading.Thread(target=forward, daemon=True).start()
+    if not listening.wait(_READY_TIMEOUT_S) or not found:
+        process.kill()
+        process.wait()
+        why = last[0] if last else "no output"
+        raise SystemExit(f"the example's billing service did not start: {why}")
+    return process, f"{host}:{found[0]}"
 
 
 def set_up_demo_tenant(target: str) -> None:

@@ -1,6 +1,6 @@
-"""localstripe (a Stripe emulator, in the dev extra) as a child process, so the example's card
-form works offline: the billing service talks to it as Stripe, and the billing page loads the
-test Stripe.js it serves at /js.stripe.com/v3/.
+"""localstripe (a Stripe emulator, in the example extra) as a child process, so the example's
+card form works offline: the billing service talks to it as Stripe, and the billing page loads
+the test Stripe.js it serves at /js.stripe.com/v3/.
 
 Run as a program (`python examples/chat_app/stripe_emulator.py --port N`; the tests start it so
 too), it serves localstripe's application on 127.0.0.1 only and in memory: localstripe's own

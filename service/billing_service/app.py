@@ -10,7 +10,7 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -49,14 +49,15 @@ from billing_service.payments.outbox import ChargeOutcomes, ChargeWorker, OnDema
 from billing_service.payments.reconcile import CardReconciler
 from billing_service.payments.resolution import ChargeResolution
 from billing_service.payments.sink import PaymentsEventSink
-from billing_service.payments.stripe_gateway import StripeGateway
-from billing_service.payments.webhooks import WebhookServer, start_webhook_server
 from billing_service.readiness import Readiness
 from billing_service.security import load_authenticator, server_credentials
 from billing_service.storage.budget_store import BudgetStore
 from billing_service.storage.database import create_engine
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.migrations import migrate
+
+if TYPE_CHECKING:
+    from billing_service.payments.webhooks import WebhookServer
 from billing_service.storage.payments_store import PaymentsStore
 from billing_service.storage.signing_keys import PAGE_TOKENS, stored_key
 from billing_service.storage.usage_store import UsageStore
@@ -177,9 +178,15 @@ class Application:
                 metrics_server = metrics.serve(settings.metrics_host, settings.metrics_port)
                 on_failure.callback(metrics_server.stop)
             payments_sink = PaymentsEventSink(account.store, account, worker, clock, metrics)
-            webhook_server = await start_webhook_server(
-                settings, stripe_event_sink or payments_sink, engine, clock, metrics
-            )
+            webhook_server = None
+            if settings.webhook_port:
+                # The Stripe SDK and aiohttp are imported only when they are used: a fifth of
+                # the start-up's imports otherwise.
+                from billing_service.payments.webhooks import start_webhook_server
+
+                webhook_server = await start_webhook_server(
+                    settings, stripe_event_sink or payments_sink, engine, clock, metrics
+                )
             if webhook_server is not None:
                 on_failure.push_async_callback(webhook_server.stop)
             readiness = Readiness(
@@ -327,6 +334,8 @@ def payments_for(
     key = settings.stripe_key()
     if not key:
         return AccountCore(store, None, clock, page_tokens), None
+    from billing_service.payments.stripe_gateway import StripeGateway
+
     gateway = StripeGateway(
         key,
         api_base=settings.stripe_api_base,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import sys
 
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         description="ai-billing: credit holds, exposure cap and usage records over gRPC. "
         "Configured by BILLING_* environment variables (see README).",
     )
+    parser.add_argument("--version", action="version", version=f"billing-service {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the gRPC server (migrates the database first)")
     commands.add_parser("migrate", help="create or upgrade the database schema, then exit")
@@ -60,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ai-billing")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 if __name__ == "__main__":

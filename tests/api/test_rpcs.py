@@ -435,7 +435,14 @@ async def test_bad_input_is_invalid_argument_naming_the_field_and_changes_nothin
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert (error.reason, error.domain) == ("FIELD_INVALID", "ai-billing")
     assert error.fields == [field]
-    assert error.metadata == {"field": field}
+    assert error.metadata["field"] == field
+    if "value_micros" in error.metadata:  # an amount out of range: its bounds and value
+        low, high, value = (
+            int(error.metadata[key]) for key in ("min_micros", "max_micros", "value_micros")
+        )
+        assert not low <= value <= high
+    else:
+        assert error.metadata == {"field": field}
     assert error.message.startswith(f"{field}:")
     assert await row_counts(client) == before
 

@@ -1,6 +1,6 @@
 """The image's install steps, run outside Docker (Docker cannot run here): the build stage's
-COPY sources and `pip install` line, replayed into a fresh virtualenv, give a working
-`billing-service` that carries its migrations and default prices, and no tests."""
+ENV, COPY and RUN lines, replayed into a fresh directory, give a working `billing-service` that
+carries its migrations and default prices, the tracing extra, and no tests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,30 @@ from tests.support.tools import REPO
 
 pytestmark = pytest.mark.slow
 
+# scripts/uv pins the uv every script runs; the image must install the same one.
+_UV_PIN = re.compile(r"^UV_VERSION=(\S+)$", re.MULTILINE)
+
 
 def _build_stage() -> list[str]:
     text = re.sub(r"\\\n\s*", " ", (REPO / "Dockerfile").read_text())
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("#")]
     starts = [i for i, line in enumerate(lines) if line.startswith("FROM ")]
     return lines[starts[0] : starts[1]]
 
 
-def _run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
-    environment.update(env)
-    return subprocess.run(
-        command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=900, check=False
-    )
+def _env(stage: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in stage:
+        if line.startswith("ENV "):
+            env.update(word.split("=", 1) for word in shlex.split(line.removeprefix("ENV ")))
+    return env
+
+
+def test_the_image_installs_the_uv_that_scripts_pin() -> None:
+    (pinned,) = _UV_PIN.findall((REPO / "scripts" / "uv").read_text())
+    installs = [line for line in _build_stage() if line.startswith("RUN pip install uv")]
+    assert installs == [f"RUN pip install uv=={pinned}"]
 
 
 def test_the_dockerfile_install_steps_give_a_working_billing_service(tmp_path: Path) -> None:
@@ -54,23 +63,40 @@ def test_the_dockerfile_install_steps_give_a_working_billing_service(tmp_path: P
                     )
                 else:
                     shutil.copy2(origin, context / source)
-    (venv_line,) = [line for line in stage if line.startswith("RUN python -m venv ")]
-    (install_line,) = [line for line in stage if line.startswith("RUN ") and " install " in line]
-    image_venv = venv_line.split()[-1]
+    image_env = _env(stage)
+    image_venv = image_env["UV_PROJECT_ENVIRONMENT"]
     venv = tmp_path / "venv"
-    created = _run([sys.executable, "-m", "venv", str(venv)], cwd=context)
-    assert created.returncode == 0, created.stderr
-    install = [
-        str(venv) + word.removeprefix(image_venv) if word.startswith(image_venv) else word
-        for word in shlex.split(install_line.removeprefix("RUN "))
-    ]
-    installed = _run(install, cwd=context, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # The image's settings, but uv's cache stays on (the image has none to keep) and the venv
+    # goes to a temporary directory.
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "UV_", "VIRTUAL_"))
+    }
+    environment.update(image_env)
+    del environment["UV_NO_CACHE"]
+    environment["UV_PROJECT_ENVIRONMENT"] = str(venv)
+    (sync_line,) = [line for line in stage if line.startswith("RUN uv ")]
+    command = ["bash", str(REPO / "scripts" / "uv"), *shlex.split(sync_line)[2:]]
+    installed = subprocess.run(
+        command, cwd=context, env=environment, capture_output=True, text=True, timeout=900
+    )
     assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
+    assert image_venv not in str(venv)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        database = f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+        return subprocess.run(
+            args,
+            cwd=tmp_path,
+            env={**env, "BILLING_DATABASE_URL": database},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     billing_service = venv / "bin" / "billing-service"
-    database = f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}"
     for command in (["check-config"], ["migrate"]):
-        result = _run([str(billing_service), *command], cwd=tmp_path, BILLING_DATABASE_URL=database)
+        result = run(str(billing_service), *command)
         assert result.returncode == 0, result.stderr
     site = next((venv / "lib").glob("python3*/site-packages"))
     package = site / "billing_service"
@@ -78,9 +104,10 @@ def test_the_dockerfile_install_steps_give_a_working_billing_service(tmp_path: P
     assert list((package / "storage" / "migrations" / "versions").glob("0001_*.py"))
     assert (package / "py.typed").is_file()
     assert not (site / "tests").exists()
-    # The tracing extra is in the image, so BILLING_TRACING works there.
-    traced = _run(
-        [str(venv / "bin" / "python"), "-c", "import opentelemetry.instrumentation.grpc"],
-        cwd=tmp_path,
-    )
+    # Installed as wheels, not as links back to the sources the image does not keep.
+    assert [pth for pth in site.glob("*.pth") if str(context) in pth.read_text()] == []
+    # The tracing extra is in the image, so BILLING_TRACING works there; the dev extra is not.
+    traced = run(str(venv / "bin" / "python"), "-c", "import opentelemetry.instrumentation.grpc")
     assert traced.returncode == 0, traced.stderr
+    dev_only = run(str(venv / "bin" / "python"), "-c", "import pytest")
+    assert dev_only.returncode != 0

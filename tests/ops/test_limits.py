@@ -187,8 +187,9 @@ async def test_a_client_pinging_within_the_allowed_interval_keeps_its_connection
 
 async def test_a_second_server_cannot_take_a_port_in_use(running_server: RunningServer) -> None:
     async with running_server() as first:
-        with pytest.raises(Exception, match="cannot listen on"):
-            async with running_server(listen_address=f"127.0.0.1:{first.port}"):
+        address = f"127.0.0.1:{first.port}"
+        with pytest.raises(Exception, match=f"cannot listen on {address}: Address already in use"):
+            async with running_server(listen_address=address):
                 pass
 
 

@@ -100,6 +100,140 @@ def test_logs_are_json_with_the_calls_context_and_no_secrets(
         assert secret not in everything
 
 
+def _access_lines(server: ServerProcess) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in server.log if line.startswith("{")]
+    return [line for line in lines if line["logger"] == "billing_service.access"]
+
+
+def test_access_lines_carry_the_denial_reason_and_the_error_reason(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text(UNIT_PRICES)
+    settings = {
+        "BILLING_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}",
+        "BILLING_LISTEN_ADDRESS": "127.0.0.1:0",
+        "BILLING_PRICE_TABLE": str(prices),
+        "BILLING_LOG_FORMAT": "json",
+    }
+    with ServerProcess(settings) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            billing = billing_pb2_grpc.BillingServiceStub(channel)
+            admin_pb2_grpc.AdminServiceStub(channel).CreateTenant(
+                admin_pb2.CreateTenantRequest(
+                    request_id="create", tenant_id="acme", payment_method_on_file=True
+                )
+            )
+            billing.ReserveCredit(
+                billing_pb2.ReserveCreditRequest(
+                    request_id="too-big",
+                    tenant_id="acme",
+                    user_id="u",
+                    model="unit-priced",
+                    amount_micros=10**12,
+                )
+            )
+            billing.CheckAccess(billing_pb2.CheckAccessRequest(tenant_id="acme", model="nope"))
+            reserved = billing.ReserveCredit(
+                billing_pb2.ReserveCreditRequest(
+                    request_id="fits",
+                    tenant_id="acme",
+                    user_id="u",
+                    model="unit-priced",
+                    amount_micros=100,
+                )
+            )
+            for request_id in ("commit-1", "commit-2"):
+                commit = billing_pb2.CommitRequest(
+                    request_id=request_id,
+                    reservation_id=reserved.reservation.reservation_id,
+                    usage=types_pb2.TokenUsage(output_tokens=50),
+                )
+                if request_id == "commit-2":
+                    with pytest.raises(grpc.RpcError):
+                        billing.Commit(commit)
+                else:
+                    billing.Commit(commit)
+            with pytest.raises(grpc.RpcError):
+                billing.ReserveCredit(
+                    billing_pb2.ReserveCreditRequest(
+                        request_id="bad-model", tenant_id="acme", user_id="u", amount_micros=1
+                    )
+                )
+        server.wait_for_log(r'"request_id": "bad-model"')
+        assert server.terminate() == 0
+
+    access = {line.get("request_id", line["method"]): line for line in _access_lines(server)}
+    denied = access["too-big"]
+    assert denied["grpc_code"] == "OK"
+    assert denied["denial_reason"] == "DENIAL_REASON_CREDIT_LIMIT_REACHED"
+    assert "DENIAL_REASON_CREDIT_LIMIT_REACHED" in denied["message"]
+    advice = access["billing.v1.BillingService/CheckAccess"]
+    assert advice["denial_reason"] == "DENIAL_REASON_MODEL_NOT_OFFERED"
+    assert "denial_reason" not in access["fits"]
+    assert "error_reason" not in access["commit-1"]
+    failed = access["commit-2"]
+    assert failed["grpc_code"] == "FAILED_PRECONDITION"
+    assert failed["error_reason"] == "HOLD_ALREADY_COMMITTED"
+    assert "HOLD_ALREADY_COMMITTED" in failed["message"]
+    invalid = access["bad-model"]
+    assert (invalid["grpc_code"], invalid["error_reason"]) == ("INVALID_ARGUMENT", "FIELD_INVALID")
+    assert invalid["field"] == "model"
+
+
+HUGE = 300_000  # two such ids fit in one message (1 MiB by default)
+
+
+def test_values_from_a_request_are_logged_only_after_authentication_and_capped(
+    tmp_path: Path,
+) -> None:
+    settings = {
+        "BILLING_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}",
+        "BILLING_LISTEN_ADDRESS": "127.0.0.1:0",
+        "BILLING_AUTH_TOKENS": f"chat-service={CHAT_TOKEN}",
+        "BILLING_LOG_FORMAT": "json",
+        "BILLING_LOG_LEVEL": "DEBUG",
+    }
+    chat = [("authorization", f"Bearer {CHAT_TOKEN}")]
+    huge_tenant, huge_request = "t" * HUGE, "r" * HUGE
+    with ServerProcess(settings) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            billing = billing_pb2_grpc.BillingServiceStub(channel)
+            for metadata in ([], chat):  # refused before authentication; then invalid
+                with pytest.raises(grpc.RpcError):
+                    billing.ReserveCredit(
+                        billing_pb2.ReserveCreditRequest(
+                            request_id=huge_request,
+                            tenant_id=huge_tenant,
+                            user_id="u",
+                            model="gpt-4o",
+                            amount_micros=1,
+                        ),
+                        metadata=metadata,
+                    )
+            billing.CheckAccess(
+                billing_pb2.CheckAccessRequest(tenant_id="acme", model="gpt-4o"), metadata=chat
+            )
+        server.wait_for_log(r'"tenant_id": "acme"')
+        assert server.terminate() == 0
+
+    longest = max(len(line) for line in server.log)
+    assert longest < 2_000
+    lines = [json.loads(line) for line in server.log if line.startswith("{")]
+    calls = [
+        line for line in lines if line.get("method") == "billing.v1.BillingService/ReserveCredit"
+    ]
+    refused = [line for line in calls if line.get("grpc_code") == "UNAUTHENTICATED"]
+    assert len(refused) == 1
+    before_authentication = calls[: calls.index(refused[0]) + 1]
+    for line in before_authentication:
+        assert "tenant_id" not in line
+        assert "request_id" not in line
+    invalid = [line for line in calls if line.get("grpc_code") == "INVALID_ARGUMENT"]
+    assert invalid[0]["field"] == "request_id"
+    for line in calls:
+        assert len(line.get("tenant_id", "")) <= 128
+        assert len(line.get("request_id", "")) <= 128
+
+
 def test_tracing_exports_a_span_per_call(tmp_path: Path) -> None:
     settings = {
         "BILLING_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}",

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -23,6 +23,7 @@ class ServerProcess:
     """Starts the server with the given BILLING_* settings and waits until it listens.
 
     Readiness is read from the server's own log line, so there is no polling and no sleep.
+    `command` runs something else that ends up serving (scripts/serve) instead of the module.
     `capture_stdout` keeps what the server prints on stdout (e.g. console trace spans) in
     `stdout`, complete once the process has ended.
     """
@@ -34,12 +35,14 @@ class ServerProcess:
         *,
         capture_stdout: bool = False,
         env: Mapping[str, str] | None = None,
+        command: Sequence[str] | None = None,
+        start_timeout_s: float = _START_TIMEOUT_S,
     ) -> None:
         environment = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
         environment.update(env or {})
         environment.update(settings)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "billing_service.cli", "serve"],
+            command or [sys.executable, "-m", "billing_service.cli", "serve"],
             env=environment,
             cwd=cwd,
             stdin=subprocess.DEVNULL,
@@ -59,7 +62,7 @@ class ServerProcess:
         if capture_stdout:
             self._stdout_reader = threading.Thread(target=self._read_stdout, daemon=True)
             self._stdout_reader.start()
-        if not self._ready.wait(_START_TIMEOUT_S) or self._port is None:
+        if not self._ready.wait(start_timeout_s) or self._port is None:
             self.kill()
             raise RuntimeError("the server did not start:\n" + "".join(self.log[-30:]))
 

@@ -42,7 +42,7 @@ def _packed(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest)
 
 
 def rich_status(error: BillingError) -> grpc.Status:
-    metadata = {}
+    metadata = dict(error.metadata)
     details = []
     if isinstance(error, InvalidArgument):
         metadata["field"] = error.field

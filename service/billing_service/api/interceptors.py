@@ -2,18 +2,23 @@
 
 One grpc.aio.ServerInterceptor wraps each unary handler; in order, per call:
 
-1. binds the call's method, request id and tenant id to the log context;
+1. binds the call's method to the log context;
 2. refuses an unauthenticated caller (UNAUTHENTICATED) or one whose role may not call the service
    (PERMISSION_DENIED), both with an AIP-193 ErrorInfo; health and reflection are open;
-3. refuses a call whose deadline has already passed (DEADLINE_EXCEEDED) before any work;
-4. refuses a request that is not valid protobuf (INVALID_ARGUMENT naming the request message);
-5. runs the servicer, then counts the call and its business outcome and logs one line. An
-   exception the servicer did not map is a defect: it is logged with its traceback and answered
-   INTERNAL (reason INTERNAL_ERROR) without its text, which may hold SQL or file paths.
+3. binds the request's request id and tenant id to the log context, each only if it is a valid
+   id (an invalid one is answered INVALID_ARGUMENT by the servicer): nothing a caller sends
+   reaches the log before it is authenticated, and nothing unbounded after;
+4. refuses a call whose deadline has already passed (DEADLINE_EXCEEDED) before any work;
+5. refuses a request that is not valid protobuf (INVALID_ARGUMENT naming the request message);
+6. runs the servicer, then counts the call and its business outcome and logs one line: the
+   status code, with the ErrorInfo reason (and field) of an error or the DenialReason of a
+   decision that denied. An exception the servicer did not map is a defect: it is logged with
+   its traceback and answered INTERNAL (reason INTERNAL_ERROR) without its text, which may hold
+   SQL or file paths.
 
 grpc deserializes a request before any handler runs and answers a deserializer's exception
 with UNKNOWN and the exception's class; the guard's deserializer turns undecodable bytes into an
-`UndecodableRequest` instead, which step 4 refuses once the caller is known to be allowed.
+`UndecodableRequest` instead, which step 5 refuses once the caller is known to be allowed.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import grpc
 from google.protobuf import descriptor_pool
-from google.protobuf.message import Message
-from google.rpc import code_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from billing.v1 import types_pb2
 from billing_service.api.errors import error_info_status, rich_status
+from billing_service.domain.commands import is_valid_id
 from billing_service.domain.errors import ErrorReason, InvalidArgument
-from billing_service.logs import CallContext, bind_tenant, call_context
+from billing_service.logs import CallContext, bind_request, bind_tenant, call_context, capped
 from billing_service.metrics import Metrics
 from billing_service.security import OPEN_SERVICES, Authenticator, AuthFailure
 
@@ -202,19 +209,12 @@ class CallGuard(_ServerInterceptor):
         context: Context,
     ) -> Any:
         started = time.perf_counter()
-        call_context.set(
-            CallContext(
-                method=f"{service}/{method}",
-                request_id=str(getattr(request, "request_id", "")),
-                tenant_id=str(getattr(request, "tenant_id", "")),
-            )
-        )
+        call_context.set(CallContext(method=f"{service}/{method}"))
         self.in_flight += 1
         self._metrics.rpcs_in_flight.inc()
-        _log.debug("started")
         finished = False
 
-        def finish(code: grpc.StatusCode) -> None:
+        def finish(code: grpc.StatusCode, outcome: _Outcome | None = None) -> None:
             nonlocal finished
             if finished:
                 return
@@ -225,11 +225,17 @@ class CallGuard(_ServerInterceptor):
             self._metrics.rpcs_handled.labels(service, method, code.name).inc()
             self._metrics.rpc_seconds.labels(service, method, code.name).observe(elapsed)
             if self._access_log and service not in OPEN_SERVICES:
+                outcome = outcome or _Outcome()
                 _access_log.info(
-                    "%s %s",
+                    "%s %s%s",
                     method,
                     code.name,
-                    extra={"grpc_code": code.name, "duration_ms": round(elapsed * 1000, 3)},
+                    outcome.text(),
+                    extra={
+                        "grpc_code": code.name,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        **outcome.fields(),
+                    },
                 )
 
         # An abort sends the status before the handler returns: the call is counted first, so
@@ -238,6 +244,8 @@ class CallGuard(_ServerInterceptor):
         try:
             if protected:
                 await self._authorize(service, recording)
+            _bind_ids_of(request)
+            _log.debug("started")
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 _log.info("refused: the deadline passed before the call was handled")
@@ -256,10 +264,12 @@ class CallGuard(_ServerInterceptor):
             except Exception as error:
                 _log.error("failed unexpectedly: %s", _defect(error))
                 await _internal_error(recording)
+            outcome = None
             if isinstance(response, Message):
                 _bind_tenant_of(response)
                 self._metrics.observe_answer(method, request, response)
-            finish(grpc.StatusCode.OK)
+                outcome = _Outcome(denial_reason=_denial_reason(response))
+            finish(grpc.StatusCode.OK, outcome)
             return response
         except BaseException as error:
             finish(_final_code(context, error))
@@ -270,11 +280,7 @@ class CallGuard(_ServerInterceptor):
             caller = self._authenticator.authenticate(
                 context.invocation_metadata() or (), context.auth_context()
             )
-            current = call_context.get()
-            if current is not None:
-                call_context.set(
-                    CallContext(current.method, current.request_id, current.tenant_id, caller.label)
-                )
+            bind_request(caller=caller.label)
             self._authenticator.authorize(caller, service)
         except AuthFailure as failure:
             _log.info("refused: %s", failure.message)
@@ -287,10 +293,49 @@ class CallGuard(_ServerInterceptor):
             )
 
 
+class _Outcome:
+    """What an access line says beyond the status code."""
+
+    __slots__ = ("denial_reason", "error_reason", "field")
+
+    def __init__(self, error_reason: str = "", field: str = "", denial_reason: str = "") -> None:
+        self.error_reason = error_reason
+        self.field = field
+        self.denial_reason = denial_reason
+
+    def text(self) -> str:
+        if self.denial_reason:
+            return f" denied {self.denial_reason}"
+        text = f" {self.error_reason}" if self.error_reason else ""
+        return f"{text} field={self.field}" if self.field else text
+
+    def fields(self) -> dict[str, str]:
+        names = ("error_reason", "field", "denial_reason")
+        return {name: value for name in names if (value := getattr(self, name))}
+
+
+def _error_outcome(trailing_metadata: Sequence[tuple[str, str | bytes]]) -> _Outcome:
+    """The ErrorInfo reason and field of an abort's rich status (grpc-status-details-bin)."""
+    for key, value in trailing_metadata:
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return _Outcome()
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                return _Outcome(capped(info.reason), capped(info.metadata.get("field", "")))
+    return _Outcome()
+
+
 class _RecordingContext:
     """The servicer context, with `abort` reporting the code before the status is sent."""
 
-    def __init__(self, context: Context, on_abort: Callable[[grpc.StatusCode], None]) -> None:
+    def __init__(
+        self, context: Context, on_abort: Callable[[grpc.StatusCode, _Outcome], None]
+    ) -> None:
         self._context = context
         self._on_abort = on_abort
 
@@ -300,7 +345,7 @@ class _RecordingContext:
         details: str = "",
         trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
     ) -> NoReturn:
-        self._on_abort(code)
+        self._on_abort(code, _error_outcome(trailing_metadata))
         await self._context.abort(code, details, tuple(trailing_metadata))
         raise AssertionError("abort() raises")
 
@@ -362,6 +407,20 @@ def _final_code(context: Context, error: BaseException) -> grpc.StatusCode:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN
+
+
+def _bind_ids_of(request: Any) -> None:
+    """The request's ids join the log context, each only if it is a valid id."""
+    ids = {key: getattr(request, key, "") for key in ("request_id", "tenant_id")}
+    bind_request(**{key: value for key, value in ids.items() if is_valid_id(value)})
+
+
+def _denial_reason(response: Message) -> str:
+    decision = getattr(response, "decision", None)
+    if not isinstance(decision, types_pb2.Decision) or decision.allowed:
+        return ""
+    value = types_pb2.DenialReason.DESCRIPTOR.values_by_number.get(decision.reason)
+    return value.name if value is not None else str(decision.reason)
 
 
 def _bind_tenant_of(response: Message) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import grpc
 
@@ -51,10 +52,26 @@ def listen(
         else:
             port = server.add_secure_port(address, credentials)
     except RuntimeError as error:
-        raise ConfigError(f"cannot listen on {address}: {error}") from None
+        raise ConfigError(f"cannot listen on {address}: {_bind_error(address) or error}") from None
     if port == 0:
         raise ConfigError(f"cannot listen on {address} (in use, or not an address of this host)")
     return port
+
+
+def _bind_error(address: str) -> str:
+    """Why `address` cannot be bound, as the system says it ("Address already in use"): grpc's
+    own error only says that it failed. Empty when a plain socket can bind it."""
+    host, _, port = address.rpartition(":")
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(where)
+    except (OSError, ValueError) as error:
+        return getattr(error, "strerror", None) or str(error)
+    return ""
 
 
 def exposure_warning(address: str, authenticated: bool) -> str | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from billing_service.domain.commands import check_id, check_range
+from billing_service.domain.commands import check_id, check_money
 from billing_service.domain.errors import InvalidArgument
 from billing_service.domain.model import DenialReason
 from billing_service.domain.money import AMOUNT_MICROS_MAX, format_micros
@@ -167,7 +167,7 @@ def validate_set_budget(command: SetBudget) -> Budget:
     check_id("budget.tenant_id", command.tenant_id)
     scope = check_scope("budget.scope", command.scope)
     check_id("budget.scope_id", command.scope_id)
-    check_range("budget.limit_micros", command.limit_micros, 1, AMOUNT_MICROS_MAX)
+    check_money("budget.limit_micros", command.limit_micros, 1, AMOUNT_MICROS_MAX)
     if command.period is None:
         raise InvalidArgument("budget.period", "is required (DAY, WEEK, MONTH or NONE)")
     return Budget(command.tenant_id, scope, command.scope_id, command.limit_micros, command.period)

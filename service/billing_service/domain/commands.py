@@ -156,13 +156,19 @@ class TtlBounds:
     maximum: timedelta = timedelta(hours=1)
 
 
+def is_valid_id(value: str) -> bool:
+    """Whether check_id accepts `value`."""
+    return _ID_PATTERN.fullmatch(value) is not None
+
+
 def check_id(field: str, value: str) -> None:
+    if is_valid_id(value):
+        return
     if not value:
         raise InvalidArgument(field, "is required")
     if len(value) > ID_LENGTH_MAX:
         raise InvalidArgument(field, f"must be at most {ID_LENGTH_MAX} characters")
-    if not _ID_PATTERN.fullmatch(value):
-        raise InvalidArgument(field, "must be printable ASCII without spaces")
+    raise InvalidArgument(field, "must be printable ASCII without spaces")
 
 
 def check_reservation_id(value: str) -> None:
@@ -177,8 +183,19 @@ def check_range(field: str, value: int, low: int, high: int) -> None:
         raise InvalidArgument(field, f"must be between {low} and {high}, got {value}")
 
 
+def check_money(field: str, value: int, low: int, high: int) -> None:
+    """check_range for an amount of micros; the bounds and the value also go to the error's
+    metadata, so a client can say them in the units its user typed."""
+    if not low <= value <= high:
+        raise InvalidArgument(
+            field,
+            f"must be between {low} and {high}, got {value}",
+            {"min_micros": str(low), "max_micros": str(high), "value_micros": str(value)},
+        )
+
+
 def check_amount(field: str, value: int) -> None:
-    check_range(field, value, 1, AMOUNT_MICROS_MAX)
+    check_money(field, value, 1, AMOUNT_MICROS_MAX)
 
 
 def check_reason(field: str, value: str, *, required: bool) -> None:
@@ -246,7 +263,7 @@ def validate_commit(command: Commit) -> None:
 def validate_refund(command: Refund) -> None:
     check_id("request_id", command.request_id)
     check_reservation_id(command.reservation_id)
-    check_range("amount_micros", command.amount_micros, 0, AMOUNT_MICROS_MAX)
+    check_money("amount_micros", command.amount_micros, 0, AMOUNT_MICROS_MAX)
     if command.refund_all and command.amount_micros:
         raise InvalidArgument("amount_micros", "must be 0 when refund_all is set")
     check_reason("reason", command.reason, required=False)
@@ -262,14 +279,14 @@ def validate_create_tenant(command: CreateTenant) -> None:
     check_id("request_id", command.request_id)
     check_id("tenant_id", command.tenant_id)
     if command.credit_limit_micros is not None:
-        check_range("credit_limit_micros", command.credit_limit_micros, 0, AMOUNT_MICROS_MAX)
+        check_money("credit_limit_micros", command.credit_limit_micros, 0, AMOUNT_MICROS_MAX)
 
 
 def validate_update_tenant(command: UpdateTenant) -> None:
     check_id("request_id", command.request_id)
     check_id("tenant_id", command.tenant_id)
     if command.credit_limit_micros is not None:
-        check_range("credit_limit_micros", command.credit_limit_micros, 0, AMOUNT_MICROS_MAX)
+        check_money("credit_limit_micros", command.credit_limit_micros, 0, AMOUNT_MICROS_MAX)
 
 
 def validate_grant(command: GrantCredit) -> None:

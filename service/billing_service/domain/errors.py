@@ -7,6 +7,7 @@ public contract and never change meaning. The contract lists them as billing.v1.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 
 
@@ -47,21 +48,30 @@ class ErrorReason(StrEnum):
 
 
 class BillingError(Exception):
-    """Base of every error the core reports to a caller."""
+    """Base of every error the core reports to a caller.
+
+    `metadata` goes into the ErrorInfo beside the reason: the amounts in a message, as integer
+    micros under keys ending in `_micros`, so a client can say them in its own units.
+    """
 
     reason: ErrorReason
 
-    def __init__(self, reason: ErrorReason, message: str) -> None:
+    def __init__(
+        self, reason: ErrorReason, message: str, metadata: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.metadata: Mapping[str, str] = metadata or {}
 
 
 class InvalidArgument(BillingError):
     """A request field is malformed; nothing was changed."""
 
-    def __init__(self, field: str, description: str) -> None:
-        super().__init__(ErrorReason.FIELD_INVALID, f"{field}: {description}")
+    def __init__(
+        self, field: str, description: str, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(ErrorReason.FIELD_INVALID, f"{field}: {description}", metadata)
         self.field = field
         self.description = description
 

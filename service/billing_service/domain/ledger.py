@@ -150,5 +150,6 @@ def refund_amount(hold: Hold, charged_micros: int, requested_micros: int, refund
             ErrorReason.REFUND_EXCEEDS_CHARGE,
             f"reservation {hold.hold_id} has {refundable} micros left to refund, "
             f"{amount} were asked",
+            {"refundable_micros": str(max(0, refundable)), "requested_micros": str(amount)},
         )
     return amount

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 import uuid
@@ -67,7 +68,7 @@ def run(argv: Sequence[str]) -> int:
         if args.json:
             print_json_value({"error": failure.as_json(), "retry_request_id": retry_id}, err)
             return failure.exit_code
-        err.write(f"billingctl: {failure}\n")
+        err.write(f"billingctl: {failure.in_dollars(args.dollar_options)}\n")
         if retry_id:
             err.write(
                 f"billingctl: the outcome is unknown; retry with --request-id {retry_id} "
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _connection_options(parser)
+    parser.add_argument("--version", action="version", version=f"billingctl {_version()}")
     parser.set_defaults(**_connection_defaults())
     groups = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     # The options again on every command, so they may come before or after it; without
@@ -318,7 +320,16 @@ def _connection_defaults() -> dict[str, object]:
         "request_id": None,
         "json": False,
         "mutating": False,
+        # Field (e.g. amount_micros) -> the dollars option that gave it (e.g. --amount).
+        "dollar_options": {},
     }
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ai-billing-client")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def _connect(args: argparse.Namespace) -> grpc.Channel:
@@ -371,6 +382,7 @@ def _tenant_settings(parser: argparse.ArgumentParser) -> None:
         "--credit-limit",
         dest="credit_limit_micros",
         type=_dollars,
+        action=_InDollars,
         metavar="DOLLARS",
         help="credit limit while a payment method is on file, e.g. 25.00",
     )
@@ -404,6 +416,7 @@ def _amount(parser: argparse.ArgumentParser, *, required: bool, everything: str 
         "--amount",
         dest="amount_micros",
         type=_positive(_dollars) if everything else _dollars,
+        action=_InDollars,
         metavar="DOLLARS",
         help="in dollars, e.g. 10.50",
     )
@@ -445,6 +458,23 @@ def _paging(parser: argparse.ArgumentParser, *, default_limit: int | None) -> No
     parser.add_argument(
         "--page-token", default="", help="continue where a listing with --limit stopped"
     )
+
+
+class _InDollars(argparse.Action):
+    """Stores the amount (in micros) and which dollars option gave it, so that an error about
+    it is told in dollars too (see errors.CallFailure.in_dollars)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        # A command's own namespace lacks the top parser's defaults until they are merged.
+        given = getattr(namespace, "dollar_options", {})
+        namespace.dollar_options = {**given, self.dest: option_string}
 
 
 # Argument types: each raises ValueError / ArgumentTypeError, which argparse reports as usage.

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
 
 from billing.client import RETRIED_CODES, error_from_rpc
+from billing.ctl.money import format_dollars
 
 # Like grpcurl: a failed call exits with 64 + its gRPC status code (NOT_FOUND: 69,
 # UNAVAILABLE: 78), so scripts can tell the cause from the exit code alone. 2 is a usage error.
@@ -42,10 +44,37 @@ class CallFailure:
         }
 
     def __str__(self) -> str:
+        return self._text(self.message)
+
+    def in_dollars(self, dollar_options: Mapping[str, str]) -> str:
+        """The failure as __str__ says it, but in dollars where the user typed dollars: the
+        amounts the server sent as ErrorInfo metadata (`*_micros`), the option they typed."""
+        micros = {
+            key: int(value)
+            for key, value in self.metadata.items()
+            if key.endswith("_micros") and value.isdigit()
+        }
+        dollars = {key: format_dollars(value) for key, value in micros.items()}
+        refund = self.reason == "REFUND_EXCEEDS_CHARGE" and "amount_micros" in dollar_options
+        if refund and {"refundable_micros", "requested_micros"} <= dollars.keys():
+            return self._text(
+                f"{dollars['refundable_micros']} is left to refund of this charge, "
+                f"{dollars['requested_micros']} was asked"
+            )
+        field = self.metadata.get("field", "")
+        out_of_range = self.reason == "FIELD_INVALID" and field in dollar_options
+        if out_of_range and {"min_micros", "max_micros", "value_micros"} <= dollars.keys():
+            return self._text(
+                f"{dollar_options[field]}: must be between {dollars['min_micros']} and "
+                f"{dollars['max_micros']}, got {dollars['value_micros']}"
+            )
+        return str(self)
+
+    def _text(self, message: str) -> str:
         text = self.code.name
         if self.reason:
             text += f" {self.reason}"
-        text += f": {self.message}"
+        text += f": {message}"
         if self.fields:
             text += f" (field: {', '.join(self.fields)})"
         return text
