@@ -55,7 +55,7 @@ from billing_service.domain.payments import BillingStatus
 from billing_service.domain.policy import explain_refusal
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
 from billing_service.storage import budget_store, postgres_hot_path
-from billing_service.storage.credit_sql import available_credit_sql
+from billing_service.storage.credit_sql import tenant_admits_sql
 from billing_service.storage.database import storage_faults_unavailable, transaction
 from billing_service.storage.rollups import add_to_rollup
 from billing_service.storage.tables import (
@@ -83,12 +83,7 @@ _ACCOUNT_COLUMNS = (
 # statement per call (coercions, cache key) cost more CPU than executing it on SQLite.
 _TAKE_HOLD = (
     update(tenants)
-    .where(
-        tenants.c.tenant_id == bindparam("tenant"),
-        tenants.c.status == TenantStatus.ACTIVE,
-        tenants.c.billing_status == BillingStatus.GOOD_STANDING,
-        available_credit_sql() >= bindparam("amount"),
-    )
+    .where(tenants.c.tenant_id == bindparam("tenant"), tenant_admits_sql(bindparam("amount")))
     .values(held_micros=tenants.c.held_micros + bindparam("amount"))
     .returning(*_ACCOUNT_COLUMNS)
 )
@@ -119,7 +114,10 @@ _APPEND_ENTRY = insert(ledger_entries).returning(ledger_entries.c.entry_id)
 class LedgerStore:
     """Tenants, holds, usage records and the append-only ledger, in one SQL database."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, one_statement: bool = True) -> None:
+        """one_statement: on PostgreSQL, ReserveCredit, Commit and release try their one
+        statement first (postgres_hot_path); False sends every call through the general
+        transaction (the tests compare the two)."""
         self._engine = engine
         # The one-statement hot path runs without BEGIN/COMMIT round trips.
         self._postgres = engine.dialect.name == "postgresql"
@@ -127,7 +125,9 @@ class LedgerStore:
         # Reads of one row need no transaction either (no BEGIN/ROLLBACK). SQLite reads keep
         # theirs: its connection begins every transaction with BEGIN IMMEDIATE.
         self._reads = self._autocommit if self._postgres else engine
-        self._hot_path = postgres_hot_path.HotPath(engine) if self._postgres else None
+        self._hot_path = (
+            postgres_hot_path.HotPath(engine) if self._postgres and one_statement else None
+        )
 
     @property
     def engine(self) -> AsyncEngine:

@@ -48,9 +48,29 @@ from billing_service.domain.budgets import EPOCH, BudgetPeriod, period_start
 from billing_service.domain.commands import Commit, Refund
 from billing_service.domain.model import Hold
 from billing_service.storage.budget_store import usages_from_json
-from billing_service.storage.credit_sql import available_credit_postgres_text
+from billing_service.storage.credit_sql import (
+    available_credit_postgres_text,
+    budget_fits_postgres_text,
+    budget_rank_postgres_text,
+    tenant_admits_postgres_text,
+)
 
 _AVAILABLE = available_credit_postgres_text()
+_TENANT_ADMITS = tenant_admits_postgres_text()
+_FITS_SEEN = budget_fits_postgres_text("seen")
+# A period row not written yet: nothing spent or held.
+_FITS_EMPTY = budget_fits_postgres_text("seen", overrides={"spent_micros": "0", "held_micros": "0"})
+# The period row as locked by the upsert, with the hold's amount and the budget's limit.
+_FITS_LOCKED = budget_fits_postgres_text(
+    "p",
+    "EXCLUDED.held_micros",
+    overrides={
+        "limit_micros": "(SELECT budgets.limit_micros FROM budgets"
+        " WHERE budgets.tenant_id = p.tenant_id AND budgets.scope = p.scope"
+        " AND budgets.scope_id = p.scope_id)"
+    },
+)
+_RANK_SEEN = budget_rank_postgres_text("seen")
 
 _RESERVE_SQL = f"""
 WITH applying AS (
@@ -70,12 +90,8 @@ WITH applying AS (
 ), account AS (
     UPDATE tenants
     SET held_micros = held_micros + :amount_micros
-    WHERE tenant_id = :tenant_id AND status = 'active' AND billing_status = 'good_standing'
-        AND {_AVAILABLE} >= :amount_micros
-        AND NOT EXISTS (
-            SELECT 1 FROM seen
-            WHERE seen.spent_micros + seen.held_micros + :amount_micros > seen.limit_micros
-        )
+    WHERE tenant_id = :tenant_id AND ({_TENANT_ADMITS})
+        AND NOT EXISTS (SELECT 1 FROM seen WHERE NOT ({_FITS_SEEN}))
     RETURNING tenant_id, balance_micros, held_micros, {_AVAILABLE} AS available_micros
 ), taken AS (
     INSERT INTO budget_periods AS p (
@@ -83,15 +99,12 @@ WITH applying AS (
     )
     SELECT account.tenant_id, seen.scope, seen.scope_id, seen.period_start, 0, :amount_micros
     FROM account, seen
-    WHERE :amount_micros <= seen.limit_micros
+    WHERE {_FITS_EMPTY}
     -- The user's row before the API key's, like the general transaction: no lock cycle.
-    ORDER BY seen.scope DESC
+    ORDER BY {_RANK_SEEN}
     ON CONFLICT (tenant_id, scope, scope_id, period_start) DO UPDATE
     SET held_micros = p.held_micros + EXCLUDED.held_micros
-    WHERE p.spent_micros + p.held_micros + EXCLUDED.held_micros <= (
-        SELECT budgets.limit_micros FROM budgets
-        WHERE budgets.tenant_id = p.tenant_id AND budgets.scope = p.scope
-            AND budgets.scope_id = p.scope_id)
+    WHERE {_FITS_LOCKED}
     RETURNING p.scope, p.scope_id, p.period_start, p.spent_micros, p.held_micros
 ), taken_json AS (
     SELECT json_agg(json_build_object(
@@ -99,7 +112,7 @@ WITH applying AS (
             'limit_micros', seen.limit_micros, 'period', seen.period,
             'period_start', seen.period_start, 'spent_micros', taken.spent_micros,
             'held_micros', taken.held_micros)
-            ORDER BY seen.scope DESC)::text AS budgets,
+            ORDER BY {_RANK_SEEN})::text AS budgets,
         count(*) AS taken_count
     FROM taken JOIN seen ON seen.scope = taken.scope AND seen.scope_id = taken.scope_id
 ), hold AS (
