@@ -13,12 +13,10 @@ accounts, budgets and amounts, the domain's `first_refusal` on the stored rows m
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -47,12 +45,11 @@ from billing_service.storage.credit_sql import (
     budget_refusal_postgres_text,
     tenant_refusal_postgres_text,
 )
-from billing_service.storage.database import create_engine
 from billing_service.storage.ledger_store import LedgerStore
-from billing_service.storage.migrations import migrate
 from billing_service.storage.postgres_hot_path import HotPath
 from billing_service.storage.rule_sql import from_tables, to_sql
 from billing_service.storage.tables import budget_periods, budgets, tenants
+from tests.ledger import examples
 from tests.support.postgres import PostgresServer
 
 _tenants = itertools.count()
@@ -92,21 +89,11 @@ shapes = st.builds(
 )
 
 
-class Runner:
-    """One event loop and database for every example of a backend (hypothesis calls are sync)."""
-
+class Runner(examples.Runner):
     def __init__(self, url: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.loop.run_until_complete(migrate(url))
-        self.engine = create_engine(url, pool_size=2)
-        self.postgres = self.engine.dialect.name == "postgresql"
-        self.store = LedgerStore(self.engine)
+        super().__init__(url)
         self.general = LedgerStore(self.engine, one_statement=False)
         self.statement = HotPath(self.engine) if self.postgres else None
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.engine.dispose())
-        self.loop.close()
 
 
 @pytest.fixture(scope="module", params=["postgresql", "sqlite"])
@@ -161,21 +148,7 @@ async def _tenant(runner: Runner, shape: Shape) -> str:
 
 
 def _hold(tenant: str, amount: int) -> Hold:
-    return Hold(
-        hold_id=f"rsv_{uuid.uuid4().hex}",
-        request_id=str(uuid.uuid4()),
-        request_fingerprint="fp",
-        tenant_id=tenant,
-        user_id="alice",
-        api_key_id="key-1",
-        model=PRICE.model,
-        price=PRICE,
-        amount_micros=amount,
-        status=HoldStatus.OPEN,
-        created_at=NOW,
-        expires_at=NOW + timedelta(minutes=5),
-        decision_available_micros=0,
-    )
+    return examples.metered_hold(tenant, amount, NOW, PRICE, api_key_id="key-1")
 
 
 async def _expected(runner: Runner, tenant: str, amount: int) -> DenialReason | None:

@@ -140,26 +140,3 @@ def _compiled(expr: Expr) -> Compiled:
 
             return choose
     raise TypeError(f"not a rule expression: {expr!r}")
-
-
-def columns_of(expr: Expr) -> set[Column]:
-    """Every column `expr` reads (what a statement must select to decide it)."""
-    match expr:
-        case Column():
-            return {expr}
-        case Param() | Const():
-            return set()
-        case Add(terms):
-            return set().union(*(columns_of(term) for term in terms))
-        case Sub(left, right) | Compare(_, left, right):
-            return columns_of(left) | columns_of(right)
-        case AllOf(conditions):
-            return set().union(*(columns_of(condition) for condition in conditions))
-        case Not(condition):
-            return columns_of(condition)
-        case Case(whens, otherwise):
-            found = columns_of(otherwise)
-            for condition, value in whens:
-                found |= columns_of(condition) | columns_of(value)
-            return found
-    raise TypeError(f"not a rule expression: {expr!r}")
