@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import asyncpg
 from sqlalchemy import BigInteger, DateTime, String, bindparam, text
@@ -48,12 +48,21 @@ from billing_service.domain.budgets import EPOCH, BudgetPeriod, period_start
 from billing_service.domain.commands import Commit, Refund
 from billing_service.domain.model import Hold
 from billing_service.storage.budget_store import usages_from_json
+from billing_service.storage.coalescer import Coalescer
 from billing_service.storage.credit_sql import (
     available_credit_postgres_text,
     budget_fits_postgres_text,
     budget_rank_postgres_text,
     tenant_admits_postgres_text,
 )
+from billing_service.storage.postgres_batch import (
+    MAX_BATCH,
+    BatchFunction,
+    batch_function,
+    install_sql,
+)
+
+T = TypeVar("T")
 
 _AVAILABLE = available_credit_postgres_text()
 _TENANT_ADMITS = tenant_admits_postgres_text()
@@ -324,6 +333,19 @@ _RESERVE = DriverStatement.of(RESERVE)
 _COMMIT = DriverStatement.of(COMMIT)
 _RELEASE = DriverStatement.of(RELEASE)
 
+RESERVE_BATCH = batch_function(
+    "reserve",
+    RESERVE,
+    outputs=(("out_available_micros", "bigint"), ("out_budgets", "text")),
+    tenant_of="p_tenant_id[ord]",
+)
+COMMIT_BATCH = batch_function(
+    "commit",
+    COMMIT,
+    outputs=(("out_record", "usage_records"),),
+    tenant_of="SELECT holds.tenant_id FROM holds WHERE holds.hold_id = p_hold_id[ord]",
+)
+
 # Errors after which the connection cannot be trusted: it is dropped from the pool, with every
 # connection opened before it, and the call fails as a storage fault (UNAVAILABLE; the client
 # retries with the same request_id). Other asyncpg errors (a value it cannot encode, ...) are
@@ -385,18 +407,33 @@ class Released(NamedTuple):
 
 
 class HotPath:
-    """Runs the one-statement calls on connections of `engine`'s pool (PostgreSQL only)."""
+    """Runs the one-statement calls on connections of `engine`'s pool (PostgreSQL only).
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    ReserveCredit and Commit calls that arrive while earlier ones are in flight are coalesced
+    (storage.coalescer) and sent together as one call of their batch function
+    (storage.postgres_batch); a lone call is sent as its own statement.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, max_in_flight: int = 1) -> None:
         self._engine = engine
+        self._installed: set[str] = set()
+        self.reserves: Coalescer[Hold, Mapping[str, Any] | None] = Coalescer(
+            self._reserve_one,
+            self._reserve_many,
+            max_in_flight=max_in_flight,
+            max_batch=MAX_BATCH,
+        )
+        self.commits: Coalescer[Mapping[str, Any], Mapping[str, Any] | None] = Coalescer(
+            self._commit_one,
+            self._commit_many,
+            max_in_flight=max_in_flight,
+            max_batch=MAX_BATCH,
+        )
 
     async def reserve(self, hold: Hold) -> Hold | None:
         """Takes a metered hold if it fits in the tenant's credit and in every budget that
         applies; returns the hold as stored, else None."""
-        try:
-            row = await self._fetchrow(_RESERVE, reserve_params(hold))
-        except asyncpg.DivisionByZeroError:
-            return None  # a budget filled up under the statement: the general path decides
+        row = await self.reserves.submit(hold)
         if row is None:
             return None
         return replace(
@@ -409,7 +446,7 @@ class HotPath:
         self, command: Commit, request_fingerprint: str, now: datetime
     ) -> Mapping[str, Any] | None:
         """Settles an open, unexpired hold; returns the usage_records row written, else None."""
-        return await self._fetchrow(_COMMIT, commit_params(command, request_fingerprint, now))
+        return await self.commits.submit(commit_params(command, request_fingerprint, now))
 
     async def release(
         self, command: Refund, request_fingerprint: str, now: datetime
@@ -429,15 +466,74 @@ class HotPath:
             return None
         return Released(int(row["released_micros"]), int(row["available_after_micros"]))
 
+    # One call, one statement.
+
+    async def _reserve_one(self, hold: Hold) -> Mapping[str, Any] | None:
+        try:
+            return await self._fetchrow(_RESERVE, reserve_params(hold))
+        except asyncpg.DivisionByZeroError:
+            return None  # a budget filled up under the statement: the general path decides
+
+    async def _commit_one(self, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        return await self._fetchrow(_COMMIT, params)
+
+    # Several calls, one round trip.
+
+    async def _reserve_many(
+        self, holds: Sequence[Hold]
+    ) -> list[Mapping[str, Any] | BaseException | None]:
+        rows = await self._call_batch(RESERVE_BATCH, [reserve_params(hold) for hold in holds])
+        return [
+            _item_result(
+                row,
+                lambda row: {
+                    "available_after_micros": row["out_available_micros"],
+                    "budgets": row["out_budgets"],
+                },
+            )
+            for row in rows
+        ]
+
+    async def _commit_many(
+        self, items: Sequence[Mapping[str, Any]]
+    ) -> list[Mapping[str, Any] | BaseException | None]:
+        rows = await self._call_batch(COMMIT_BATCH, items)
+        return [_item_result(row, lambda row: row["out_record"]) for row in rows]
+
+    async def _call_batch(
+        self, function: BatchFunction, items: Sequence[Mapping[str, Any]]
+    ) -> list[Mapping[str, Any]]:
+        """One row per item, in the items' order."""
+
+        async def call(driver: Any) -> list[Mapping[str, Any]]:
+            if function.name not in self._installed:
+                async with driver.transaction():
+                    for sql in install_sql(function):
+                        await driver.execute(sql)
+                self._installed.add(function.name)
+            rows = await driver.fetch(function.call_sql, *function.call_args(items))
+            return sorted(rows, key=lambda row: int(row["item"]))
+
+        return await self._on_connection(function.call_sql, call)
+
     async def _fetchrow(
         self, statement: DriverStatement, params: Mapping[str, Any]
     ) -> Mapping[str, Any] | None:
+        async def fetchrow(driver: Any) -> Mapping[str, Any] | None:
+            row = await driver.fetchrow(statement.sql, *statement.args(params))
+            return cast("Mapping[str, Any] | None", row)
+
+        return await self._on_connection(statement.sql, fetchrow)
+
+    async def _on_connection(self, sql: str, work: Callable[[Any], Awaitable[T]]) -> T:
+        """`work(driver)` on a pooled connection's asyncpg.Connection, its errors mapped as
+        SQLAlchemy maps them: a unique key as IntegrityError, a fault as OperationalError."""
         pooled = await self._engine.raw_connection()
         driver: Any = pooled.driver_connection  # an asyncpg.Connection
         try:
-            row = await driver.fetchrow(statement.sql, *statement.args(params))
+            return await work(driver)
         except asyncpg.IntegrityConstraintViolationError as error:
-            raise IntegrityError(statement.sql, None, error) from error
+            raise IntegrityError(sql, None, error) from error
         except BaseException as error:
             # Cancelled mid-statement (the caller's deadline), the connection may still be busy
             # with it: like a broken one, it is not handed to the next caller.
@@ -448,14 +544,11 @@ class HotPath:
             await greenlet_spawn(self._invalidate, pooled, error, not cancelled)
             if cancelled or not isinstance(error, Exception):
                 raise
-            raise OperationalError(
-                statement.sql, None, error, connection_invalidated=True
-            ) from error
+            raise OperationalError(sql, None, error, connection_invalidated=True) from error
         finally:
             # Returning it to the pool awaits inside SQLAlchemy (a closing connection's close):
             # hence the greenlet.
             await greenlet_spawn(pooled.close)
-        return cast("Mapping[str, Any] | None", row)
 
     def _invalidate(self, pooled: PoolProxiedConnection, error: BaseException, fault: bool) -> None:
         """Drops `pooled`; after a fault, also marks the connections opened before it to be
@@ -465,3 +558,15 @@ class HotPath:
         if fault:
             self._engine.sync_engine.pool._invalidate(pooled, error, _checkin=False)
         pooled.invalidate(error)
+
+
+def _item_result(
+    row: Mapping[str, Any], done: Callable[[Mapping[str, Any]], Mapping[str, Any]]
+) -> Mapping[str, Any] | BaseException | None:
+    match row["item_outcome"]:
+        case "done":
+            return done(row)
+        case "conflict":
+            return IntegrityError("batch item", None, Exception("unique key of the item exists"))
+        case _:
+            return None
