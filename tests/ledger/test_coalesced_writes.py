@@ -34,7 +34,7 @@ from billing_service.domain.ledger import settle
 from billing_service.domain.model import DenialReason, Hold, HoldStatus, TenantStatus
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
 from billing_service.storage.ledger_store import LedgerStore
-from billing_service.storage.postgres_hot_path import HotPath
+from billing_service.storage.postgres_hot_path import RESERVE_BATCH, HotPath
 from billing_service.storage.tables import holds
 from tests.ledger import examples
 from tests.ledger.books import assert_books_balance, money
@@ -235,3 +235,31 @@ async def _terminate_waiting_batch(locker: Any) -> int:
             await locker.execute("SELECT pg_stat_clear_snapshot()")
             await asyncio.sleep(0.01)
     return int(await locker.fetchval(f"SELECT count(pg_terminate_backend(pid, 5000)) {waiting}"))
+
+
+async def test_a_batch_function_dropped_since_is_created_again(
+    store: LedgerStore, engine: AsyncEngine, database_url: str
+) -> None:
+    now = datetime.now(UTC)
+    await store.create_tenant(
+        CreateTenant("c-acme", "acme", LIMIT, TenantStatus.ACTIVE, True), "fp", LIMIT, now
+    )
+    hot_path = store._hot_path
+    assert isinstance(hot_path, HotPath)
+
+    async def burst() -> None:
+        trips = hot_path.reserves.round_trips
+        taken = await asyncio.gather(
+            *(store.place_hold(_hold("acme", 1_000, now), create_with_limit=None) for _ in range(5))
+        )
+        assert {hold.status for hold in taken} == {HoldStatus.OPEN}
+        assert hot_path.reserves.round_trips - trips == 2  # one alone, then the other four
+
+    await burst()
+    admin = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        await admin.execute(f"DROP FUNCTION {RESERVE_BATCH.name}")
+    finally:
+        await admin.close()
+    await burst()
+    assert await money(engine, "acme") == (0, 10 * 1_000)

@@ -507,14 +507,22 @@ class HotPath:
 
         async def call(driver: Any) -> list[Mapping[str, Any]]:
             if function.name not in self._installed:
-                async with driver.transaction():
-                    for sql in install_sql(function):
-                        await driver.execute(sql)
-                self._installed.add(function.name)
-            rows = await driver.fetch(function.call_sql, *function.call_args(items))
+                await self._install(driver, function)
+            try:
+                rows = await driver.fetch(function.call_sql, *function.call_args(items))
+            except asyncpg.UndefinedFunctionError:
+                # Dropped since (a database restored from a dump of another version): again.
+                await self._install(driver, function)
+                rows = await driver.fetch(function.call_sql, *function.call_args(items))
             return sorted(rows, key=lambda row: int(row["item"]))
 
         return await self._on_connection(function.call_sql, call)
+
+    async def _install(self, driver: Any, function: BatchFunction) -> None:
+        async with driver.transaction():
+            for sql in install_sql(function):
+                await driver.execute(sql)
+        self._installed.add(function.name)
 
     async def _fetchrow(
         self, statement: DriverStatement, params: Mapping[str, Any]

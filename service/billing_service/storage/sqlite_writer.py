@@ -76,6 +76,9 @@ class SqliteWriter:
         self, url: URL, configure: Callable[[AsyncEngine], None], *, timeout_s: float = 60
     ) -> None:
         database = url.database or ""
+        if database in ("", ":memory:"):
+            # The writer's connection and the engine's would each see their own empty database.
+            raise ValueError("the SQLite database must be a file, not an in-memory database")
         connector = partial(sqlite3.connect, database, check_same_thread=False)
 
         async def connect() -> InlineConnection:
