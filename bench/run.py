@@ -98,6 +98,7 @@ class Options:
     sweep_interval_s: float
     pool_size: int
     access_log: bool
+    coalesce_writes: bool
     smoke: bool
     out: Path
     command: str
@@ -123,6 +124,7 @@ class Options:
             "expiry_sweep_interval_s": self.sweep_interval_s,
             "pool_size_per_server": self.pool_size or "max callers / servers + 2",
             "access_log": self.access_log,
+            "coalesce_writes": self.coalesce_writes,
             "release_share": workload.RELEASE_SHARE,
             "hold_micros": workload.HOLD_MICROS,
         }
@@ -185,6 +187,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         help="BILLING_DB_POOL_SIZE per server (16; 0: callers / servers + 2, one each)",
     )
     add("--access-log", action="store_true", help="keep the servers' per-call access log on")
+    add("--coalesce-writes", action="store_true", help="BILLING_DB_COALESCE_WRITES=true")
     add("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -217,6 +220,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         sweep_interval_s=args.sweep_interval,
         pool_size=args.pool_size,
         access_log=args.access_log,
+        coalesce_writes=args.coalesce_writes,
         smoke=args.smoke,
         out=out,
         command=shlex.join(
@@ -720,6 +724,7 @@ class Benchmark:
         return {
             "BILLING_EXPIRY_SWEEP_INTERVAL_S": str(self.options.sweep_interval_s),
             "BILLING_ACCESS_LOG": "true" if self.options.access_log else "false",
+            "BILLING_DB_COALESCE_WRITES": "true" if self.options.coalesce_writes else "false",
         }
 
 

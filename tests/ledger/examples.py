@@ -16,12 +16,12 @@ from billing_service.storage.migrations import migrate
 
 
 class Runner:
-    def __init__(self, url: str, *, pool_size: int = 2) -> None:
+    def __init__(self, url: str, *, pool_size: int = 2, coalesce: bool = False) -> None:
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(migrate(url))
         self.engine = create_engine(url, pool_size=pool_size)
         self.postgres = self.engine.dialect.name == "postgresql"
-        self.store = LedgerStore(self.engine)
+        self.store = LedgerStore(self.engine, coalesce=coalesce)
 
     def close(self) -> None:
         self.loop.run_until_complete(self.engine.dispose())

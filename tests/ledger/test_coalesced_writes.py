@@ -50,7 +50,7 @@ TENANTS = 3
 
 class Runner(examples.Runner):
     def __init__(self, url: str) -> None:
-        super().__init__(url, pool_size=8)
+        super().__init__(url, pool_size=8, coalesce=True)
         hot_path = self.store._hot_path
         assert isinstance(hot_path, HotPath)
         self.hot_path = hot_path
@@ -176,9 +176,15 @@ def backend() -> str:
     return "postgresql"
 
 
+@pytest.fixture
+def coalescing(engine: AsyncEngine) -> LedgerStore:
+    return LedgerStore(engine, coalesce=True)
+
+
 async def test_a_lost_batch_fails_every_caller_and_keeps_nothing(
-    store: LedgerStore, engine: AsyncEngine, database_url: str
+    coalescing: LedgerStore, engine: AsyncEngine, database_url: str
 ) -> None:
+    store = coalescing
     now = datetime.now(UTC)
     for name in ("acme", "beta"):
         await store.create_tenant(
@@ -238,8 +244,9 @@ async def _terminate_waiting_batch(locker: Any) -> int:
 
 
 async def test_a_batch_function_dropped_since_is_created_again(
-    store: LedgerStore, engine: AsyncEngine, database_url: str
+    coalescing: LedgerStore, engine: AsyncEngine, database_url: str
 ) -> None:
+    store = coalescing
     now = datetime.now(UTC)
     await store.create_tenant(
         CreateTenant("c-acme", "acme", LIMIT, TenantStatus.ACTIVE, True), "fp", LIMIT, now

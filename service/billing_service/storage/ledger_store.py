@@ -115,16 +115,21 @@ _APPEND_ENTRY = insert(ledger_entries).returning(ledger_entries.c.entry_id)
 class LedgerStore:
     """Tenants, holds, usage records and the append-only ledger, in one SQL database."""
 
-    def __init__(self, engine: AsyncEngine, *, one_statement: bool = True) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, one_statement: bool = True, coalesce: bool = False
+    ) -> None:
         """one_statement: on PostgreSQL, ReserveCredit, Commit and release try their one
         statement first (postgres_hot_path); False sends every call through the general
-        transaction (the tests compare the two)."""
+        transaction (the tests compare the two). coalesce: those that arrive together go as
+        one round trip (postgres_hot_path.HotPath)."""
         self._engine = engine
         self._db = Transactions(engine)
         # The one-statement hot path runs without BEGIN/COMMIT round trips.
         self._postgres = engine.dialect.name == "postgresql"
         self._hot_path = (
-            postgres_hot_path.HotPath(engine) if self._postgres and one_statement else None
+            postgres_hot_path.HotPath(engine, coalesce=coalesce)
+            if self._postgres and one_statement
+            else None
         )
 
     @property

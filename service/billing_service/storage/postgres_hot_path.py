@@ -414,8 +414,12 @@ class HotPath:
     (storage.postgres_batch); a lone call is sent as its own statement.
     """
 
-    def __init__(self, engine: AsyncEngine, *, max_in_flight: int = 1) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, coalesce: bool = True, max_in_flight: int = 1
+    ) -> None:
+        """coalesce: False sends every call as its own statement at once."""
         self._engine = engine
+        self._coalesce = coalesce
         self._installed: set[str] = set()
         self.reserves: Coalescer[Hold, Mapping[str, Any] | None] = Coalescer(
             self._reserve_one,
@@ -433,7 +437,10 @@ class HotPath:
     async def reserve(self, hold: Hold) -> Hold | None:
         """Takes a metered hold if it fits in the tenant's credit and in every budget that
         applies; returns the hold as stored, else None."""
-        row = await self.reserves.submit(hold)
+        if self._coalesce:
+            row = await self.reserves.submit(hold)
+        else:
+            row = await self._reserve_one(hold)
         if row is None:
             return None
         return replace(
@@ -446,7 +453,10 @@ class HotPath:
         self, command: Commit, request_fingerprint: str, now: datetime
     ) -> Mapping[str, Any] | None:
         """Settles an open, unexpired hold; returns the usage_records row written, else None."""
-        return await self.commits.submit(commit_params(command, request_fingerprint, now))
+        params = commit_params(command, request_fingerprint, now)
+        if self._coalesce:
+            return await self.commits.submit(params)
+        return await self._commit_one(params)
 
     async def release(
         self, command: Refund, request_fingerprint: str, now: datetime
