@@ -18,7 +18,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from billing.client import BillingClient, BillingUnavailable, Denied, HoldExpired
+from billing.client import (
+    BillingClient,
+    BillingUnavailable,
+    CommitOutcomeUnknown,
+    Denied,
+    HoldExpired,
+)
+from examples.chat_app.billing_page import install_billing_page
 from examples.chat_app.model import ChatModel, Completion, EchoModel, ModelError, count_tokens
 from examples.chat_app.settings import ChatSettings
 
@@ -66,12 +73,18 @@ def create_app(settings: ChatSettings | None = None, model: ChatModel | None = N
         max_attempts=settings.billing_attempts,
     )
 
+    page_billing: BillingClient | None = None
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         billing.close()
+        if page_billing is not None:
+            page_billing.close()
 
     app = FastAPI(title="chat example", lifespan=lifespan)
+    # GET /billing/{tenant_id}: what the tenant's admin sees (examples/chat_app/billing_page.py).
+    page_billing = install_billing_page(app, settings)
 
     # A plain `def`: FastAPI runs it in a worker thread, where the blocking client belongs.
     # (AsyncBillingClient has the same calls for an `async def` endpoint.)
@@ -124,13 +137,16 @@ def billed_chat(
             record = hold.commit(
                 input_tokens=completion.input_tokens, output_tokens=completion.output_tokens
             )
-        except (BillingUnavailable, HoldExpired) as error:
+        except (CommitOutcomeUnknown, HoldExpired) as error:
             # The answer exists and the provider will bill us for it: serve it, and leave a
-            # record to reconcile from. The hold is released or expires; nothing is charged.
+            # record to reconcile from. A commit with no answer may still have been applied:
+            # the hold is not released (leaving the block leaves it alone), and the commit can
+            # be sent again with its request id while the hold is open; otherwise it expires.
             logger.error(
-                "usage not committed: reservation=%s tenant=%s user=%s model=%s input=%d "
-                "output=%d: %s",
+                "usage not committed: reservation=%s commit_request_id=%s tenant=%s user=%s "
+                "model=%s input=%d output=%d: %s",
                 hold.reservation_id,
+                error.request_id if isinstance(error, CommitOutcomeUnknown) else "",
                 request.tenant_id,
                 request.user_id,
                 request.model,

@@ -17,6 +17,7 @@ import uvicorn
 from billing.client import BillingClient
 from billing.v1 import admin_pb2
 from examples.chat_app.app import create_app
+from examples.chat_app.localstripe import start_localstripe
 from examples.chat_app.settings import ChatSettings
 
 _READY_TIMEOUT_S = 60.0
@@ -32,6 +33,8 @@ The chat app is on http://{host}:{port} (billing on {billing}). Try:
     -d '{{"tenant_id": "newco", "user_id": "bob", "model": "gpt-4o", "prompt": "hi"}}'
   # A prompt starting with /fail makes the model fail: 502, and the hold is released.
   .venv/bin/billingctl --target {billing} summary acme
+
+The billing page of acme, as its admin sees it: http://{host}:{port}/billing/acme
 """
 
 
@@ -43,22 +46,37 @@ def main() -> None:
     parser.add_argument(
         "--data-dir", type=Path, help="where the SQLite file goes (default: a new temporary one)"
     )
+    parser.add_argument(
+        "--localstripe",
+        action="store_true",
+        help="card payments through localstripe, a local Stripe emulator: the billing page's "
+        "card form then works offline (test card 4242424242424242)",
+    )
     args = parser.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="chat-example-"))
     target = f"127.0.0.1:{args.billing_port}"
-    billing = start_billing(data_dir, target)
+    stripe = start_localstripe() if args.localstripe else None
     try:
-        set_up_demo_tenant(target)
-        settings = ChatSettings.from_env({**os.environ, "CHAT_BILLING_TARGET": target})
-        print(_TRY.format(host=args.host, port=args.port, billing=target), file=sys.stderr)
-        uvicorn.run(create_app(settings), host=args.host, port=args.port)
+        billing = start_billing(data_dir, target, stripe.billing_env if stripe else {})
+        try:
+            set_up_demo_tenant(target)
+            app_env = {"CHAT_BILLING_TARGET": target, **(stripe.app_env if stripe else {})}
+            settings = ChatSettings.from_env({**os.environ, **app_env})
+            print(_TRY.format(host=args.host, port=args.port, billing=target), file=sys.stderr)
+            uvicorn.run(create_app(settings), host=args.host, port=args.port)
+        finally:
+            billing.terminate()
+            billing.wait(30)
     finally:
-        billing.terminate()
-        billing.wait(30)
+        if stripe is not None:
+            stripe.stop()
 
 
-def start_billing(data_dir: Path, target: str) -> subprocess.Popen[bytes]:
+def start_billing(
+    data_dir: Path, target: str, stripe_env: dict[str, str]
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+    env.update(stripe_env)
     env["BILLING_DATABASE_URL"] = f"sqlite+aiosqlite:///{data_dir / 'billing.db'}"
     env["BILLING_LISTEN_ADDRESS"] = target
     process = subprocess.Popen(

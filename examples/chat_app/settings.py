@@ -26,6 +26,15 @@ class ChatSettings:
     hold_ttl_s: float = 120.0
     """How long a hold lives if this process dies before committing: the model call's
     longest duration plus margin."""
+    billing_page_token: str | None = None
+    """Bearer token of the product-backend role, for the billing page's reads and card
+    changes (the chat-service role may not call them); unset: `billing_token`."""
+    stripe_publishable_key: str = ""
+    """Stripe's publishable key (`pk_...`) for the card form; empty: the billing page shows
+    the card on file but offers no form."""
+    stripe_js_url: str = "https://js.stripe.com/v3/"
+    """Where the page loads Stripe.js from; a localstripe serves a test one at
+    `http://127.0.0.1:8420/js.stripe.com/v3/`."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ChatSettings:
@@ -38,4 +47,7 @@ class ChatSettings:
             check_access_first=env.get("CHAT_CHECK_ACCESS_FIRST", "true").lower() != "false",
             fail_open_models=frozenset(m.strip() for m in models.split(",") if m.strip()),
             hold_ttl_s=float(env.get("CHAT_HOLD_TTL_S", cls.hold_ttl_s)),
+            billing_page_token=env.get("CHAT_BILLING_PAGE_TOKEN") or None,
+            stripe_publishable_key=env.get("CHAT_STRIPE_PUBLISHABLE_KEY", ""),
+            stripe_js_url=env.get("CHAT_STRIPE_JS_URL") or cls.stripe_js_url,
         )

@@ -169,7 +169,7 @@ class Application:
                 on_failure.callback(metrics_server.stop)
             payments_sink = PaymentsEventSink(account.store, account, worker, clock)
             webhook_server = await start_webhook_server(
-                settings, stripe_event_sink or payments_sink, engine, clock
+                settings, stripe_event_sink or payments_sink, engine, clock, metrics
             )
             if webhook_server is not None:
                 on_failure.push_async_callback(webhook_server.stop)

@@ -19,6 +19,7 @@ from billing_service.domain.commands import (
     CreateTenant,
     GrantCredit,
     Refund,
+    Release,
     Reserve,
     TtlBounds,
     UpdateTenant,
@@ -29,6 +30,7 @@ from billing_service.domain.commands import (
     validate_create_tenant,
     validate_grant,
     validate_refund,
+    validate_release,
     validate_reserve,
     validate_update_tenant,
 )
@@ -38,6 +40,7 @@ from billing_service.domain.outcomes import (
     CommitOutcome,
     GrantOutcome,
     RefundOutcome,
+    ReleaseOutcome,
     TenantOutcome,
 )
 from billing_service.domain.payments import TopUpAttempt
@@ -84,6 +87,10 @@ class LedgerPort(Protocol):
     async def commit(
         self, command: Commit, request_fingerprint: str, now: datetime
     ) -> CommitOutcome: ...
+
+    async def release(
+        self, command: Release, request_fingerprint: str, now: datetime
+    ) -> ReleaseOutcome: ...
 
     async def refund(
         self, command: Refund, request_fingerprint: str, now: datetime
@@ -236,6 +243,14 @@ class BillingCore:
         request_fingerprint = fingerprint(command)
         outcome = await self._ledger.commit(command, request_fingerprint, self._clock())
         if outcome.record.request_fingerprint != request_fingerprint:
+            raise request_id_reused(command.request_id)
+        return outcome
+
+    async def release(self, command: Release) -> ReleaseOutcome:
+        validate_release(command)
+        request_fingerprint = fingerprint(command)
+        outcome = await self._ledger.release(command, request_fingerprint, self._clock())
+        if outcome.request_fingerprint != request_fingerprint:
             raise request_id_reused(command.request_id)
         return outcome
 

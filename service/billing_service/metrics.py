@@ -82,7 +82,8 @@ class Metrics:
         )
         self.released_micros = Counter(
             "billing_released_micros",
-            "Micros of holds given back by Refund before any charge.",
+            "Micros of holds given back by Release (or a Refund without an amount) before any "
+            "charge.",
             registry=registry,
         )
         self.refunded_micros = Counter(
@@ -106,9 +107,17 @@ class Metrics:
             "Micros held by open holds in the database, as of the last readiness check.",
             registry=registry,
         )
+        self.webhook_events = Counter(
+            "billing_webhook_events",
+            "Deliveries to the Stripe webhook endpoint, by what became of them: applied, "
+            "duplicate (applied before), ignored (a type we do not handle), rejected (bad "
+            "signature or not an event: 400), failed (not applied, Stripe redelivers: 5xx).",
+            ["outcome"],
+            registry=registry,
+        )
         self.ready = Gauge(
             "billing_ready",
-            "1 while the database is reachable and migrated (readiness SERVING), else 0.",
+            "1 while the database is reachable, writable and migrated (readiness SERVING), else 0.",
             registry=registry,
         )
 
@@ -126,6 +135,8 @@ class Metrics:
         elif isinstance(response, billing_pb2.CommitResponse):
             self.committed_micros.inc(response.usage_record.charged_micros)
             self.uncollected_micros.inc(response.usage_record.uncollected_micros)
+        elif isinstance(response, billing_pb2.ReleaseResponse):
+            self.released_micros.inc(response.released_micros)
         elif isinstance(response, billing_pb2.RefundResponse):
             if response.kind == billing_pb2.REFUND_KIND_REFUND:
                 self.refunded_micros.inc(response.amount_micros)

@@ -1,9 +1,11 @@
-"""Readiness: the service names are SERVING only while the database is reachable and migrated.
+"""Readiness: the service names are SERVING only while the database is reachable, takes writes
+and is migrated.
 
-A periodic check (one connection, two cheap queries: the schema version and the open holds, which
-also feed the holds-open gauges) sets the health status of the billing services. The "" service
-(liveness) is SERVING as long as the process serves, whatever the database does: a database
-outage makes pods unready, it does not get them restarted.
+A periodic check (one connection, cheap queries: on PostgreSQL whether the node takes writes,
+then the schema version and the open holds, which also feed the holds-open gauges) sets the
+health status of the billing services. The "" service (liveness) is SERVING as long as the
+process serves, whatever the database does: a database outage or a failover makes pods
+unready, it does not get them restarted.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing_service.domain.model import HoldStatus
 from billing_service.metrics import Metrics
+from billing_service.storage.database import is_postgres
 from billing_service.storage.migrations import alembic_config
 from billing_service.storage.tables import holds
 
@@ -106,6 +109,10 @@ class Readiness:
 
     async def _check_database(self) -> None:
         async with self._engine.connect() as conn:
+            read_only = "SELECT current_setting('transaction_read_only')"
+            if is_postgres(conn) and await conn.scalar(text(read_only)) == "on":
+                # A standby, or a primary its HA manager demoted or fenced: every write fails.
+                raise _NotReady("the database is read-only: not the primary (any more)")
             try:
                 versions = set(
                     (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars()

@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 
 from billing_service.config import ConfigError, Settings
+from billing_service.domain.errors import ErrorReason
 
 __all__ = [
     "OPEN_SERVICES",
@@ -69,13 +70,6 @@ def role_may_call(role: Role, service: str) -> bool:
     return service in TENANT_FACING_SERVICES
 
 
-# ErrorInfo reasons of refused calls (stable, part of the contract like the billing reasons).
-CREDENTIALS_MISSING = "CREDENTIALS_MISSING"
-TOKEN_INVALID = "TOKEN_INVALID"
-CLIENT_CERTIFICATE_UNKNOWN = "CLIENT_CERTIFICATE_UNKNOWN"
-CALLER_NOT_PERMITTED = "CALLER_NOT_PERMITTED"
-
-
 @dataclass(frozen=True, slots=True)
 class Caller:
     roles: frozenset[Role]
@@ -84,7 +78,7 @@ class Caller:
 
 
 class AuthFailure(Exception):
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, reason: ErrorReason, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
@@ -124,7 +118,9 @@ class Authenticator:
         headers = [value for key, value in metadata if key == "authorization"]
         if len(headers) > 1:
             raise AuthFailure(
-                grpc.StatusCode.UNAUTHENTICATED, TOKEN_INVALID, "send one authorization header"
+                grpc.StatusCode.UNAUTHENTICATED,
+                ErrorReason.TOKEN_INVALID,
+                "send one authorization header",
             )
         if headers:
             match = _BEARER.fullmatch(headers[0]) if isinstance(headers[0], str) else None
@@ -132,7 +128,9 @@ class Authenticator:
             role = self._tokens.get(digest)
             if role is None:
                 raise AuthFailure(
-                    grpc.StatusCode.UNAUTHENTICATED, TOKEN_INVALID, "the bearer token is not valid"
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    ErrorReason.TOKEN_INVALID,
+                    "the bearer token is not valid",
                 )
             roles.add(role)
             labels.append(f"{role} token {digest.hex()[:8]}")
@@ -149,12 +147,12 @@ class Authenticator:
             if identities:
                 raise AuthFailure(
                     grpc.StatusCode.UNAUTHENTICATED,
-                    CLIENT_CERTIFICATE_UNKNOWN,
+                    ErrorReason.CLIENT_CERTIFICATE_UNKNOWN,
                     "the client certificate names no known caller",
                 )
             raise AuthFailure(
                 grpc.StatusCode.UNAUTHENTICATED,
-                CREDENTIALS_MISSING,
+                ErrorReason.CREDENTIALS_MISSING,
                 "send a bearer token (authorization: Bearer <token>) or a client certificate",
             )
         return Caller(frozenset(roles), ", ".join(labels))
@@ -164,7 +162,7 @@ class Authenticator:
             roles = ", ".join(sorted(caller.roles))
             raise AuthFailure(
                 grpc.StatusCode.PERMISSION_DENIED,
-                CALLER_NOT_PERMITTED,
+                ErrorReason.CALLER_NOT_PERMITTED,
                 f"{roles} may not call {service}",
             )
 

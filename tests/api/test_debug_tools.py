@@ -15,7 +15,7 @@ from tests.support.tools import tool
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 METHODS = {
-    "billing.v1.BillingService": ["CheckAccess", "ReserveCredit", "Commit", "Refund"],
+    "billing.v1.BillingService": ["CheckAccess", "ReserveCredit", "Commit", "Refund", "Release"],
     "billing.v1.AdminService": [
         "CreateTenant",
         "UpdateTenant",
@@ -42,20 +42,28 @@ METHODS = {
 }
 
 
-async def _run(*command: str) -> str:
+async def _run(*command: str, expect_exit: int = 0) -> str:
+    """The tool's stdout, or its stderr when it is expected to fail (exit `expect_exit`)."""
     # The server runs in this event loop: the tool must run without blocking it.
     process = await asyncio.create_subprocess_exec(
         *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     stdout, stderr = await process.communicate()
-    assert process.returncode == 0, f"{command}: {stderr.decode()}"
-    return stdout.decode()
+    assert process.returncode == expect_exit, f"{command}: {stderr.decode()}"
+    return (stdout if expect_exit == 0 else stderr).decode()
 
 
-async def grpcurl(client: Client, *args: str, data: dict[str, Any] | None = None) -> str:
+async def grpcurl(
+    client: Client, *args: str, data: dict[str, Any] | None = None, expect_exit: int = 0
+) -> str:
     data_args = ("-d", json.dumps(data)) if data is not None else ()
     return await _run(
-        tool("grpcurl"), "-plaintext", *data_args, f"127.0.0.1:{client.app.port}", *args
+        tool("grpcurl"),
+        "-plaintext",
+        *data_args,
+        f"127.0.0.1:{client.app.port}",
+        *args,
+        expect_exit=expect_exit,
     )
 
 
@@ -136,12 +144,47 @@ async def test_grpcurl_calls_every_method(client: Client) -> None:
     refunded = await call(
         client,
         f"{billing}/Refund",
-        {"request_id": str(uuid.uuid4()), "reservation_id": reservation_id, "reason": "bad answer"},
+        {
+            "request_id": str(uuid.uuid4()),
+            "reservation_id": reservation_id,
+            "reason": "bad answer",
+            "refund_all": True,
+        },
     )
     assert refunded["kind"] == "REFUND_KIND_REFUND"
     assert refunded["amount_micros"] == "7500"
     tenant = await call(client, f"{admin}/GetTenant", {"tenant_id": "acme"})
     assert tenant["tenant"]["balance"]["balance_micros"] == "1000000"
+
+
+async def test_grpcurl_decodes_error_details_through_reflection(client: Client) -> None:
+    # grpcurl exits with 64 + the status code: 67 is INVALID_ARGUMENT.
+    printed = await grpcurl(
+        client,
+        "billing.v1.BillingService/CheckAccess",
+        data={"tenant_id": "", "model": "gpt-4o"},
+        expect_exit=67,
+    )
+    details = [
+        json.loads(line.split("\t", 1)[1])
+        for line in printed.splitlines()
+        if line.strip()[:2] in ("1)", "2)")
+    ]
+    assert details == [
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "domain": "ai-billing",
+            "reason": "FIELD_INVALID",
+            "metadata": {"field": "tenant_id"},
+        },
+        {
+            "@type": "type.googleapis.com/google.rpc.BadRequest",
+            "field_violations": [{"field": "tenant_id", "description": "is required"}],
+        },
+    ]
+    reasons = await grpcurl(client, "describe", "billing.v1.ErrorReason")
+    assert "HOLD_EXPIRED = 8;" in reasons
+    assert "string reason = 1;" in await grpcurl(client, "describe", "google.rpc.ErrorInfo")
 
 
 async def test_grpcurl_health_check(client: Client) -> None:

@@ -104,7 +104,9 @@ async def test_reserve_commit_refund_moves_exactly_the_priced_amounts(client: Cl
     assert partial.kind == billing_pb2.REFUND_KIND_REFUND
     assert (partial.amount_micros, partial.refunded_total_micros) == (1_000, 1_000)
     rest = await client.billing.Refund(
-        billing_pb2.RefundRequest(request_id=rid(), reservation_id=hold.reservation_id)
+        billing_pb2.RefundRequest(
+            request_id=rid(), reservation_id=hold.reservation_id, refund_all=True
+        )
     )
     assert (rest.amount_micros, rest.refunded_total_micros) == (6_750, 7_750)
     assert rest.available_credit_micros == LIMIT
@@ -115,13 +117,83 @@ async def test_reserve_commit_refund_moves_exactly_the_priced_amounts(client: Cl
 async def test_release_gives_the_whole_hold_back(client: Client) -> None:
     await create_tenant(client, "acme")
     hold = (await reserve(client, "acme", amount_micros=2_000_000)).reservation
+    request = billing_pb2.ReleaseRequest(
+        request_id=rid(), reservation_id=hold.reservation_id, reason="model timed out"
+    )
+    released = await client.billing.Release(request)
+    assert released == billing_pb2.ReleaseResponse(
+        released_micros=2_000_000, available_credit_micros=LIMIT
+    )
+    assert (await balance(client, "acme")).held_micros == 0
+    counts = await row_counts(client)
+    assert await client.billing.Release(request) == released
+    request.reason = "another reason"
+    await _expect_error(
+        client.billing.Release(request), grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"
+    )
+    assert await row_counts(client) == counts
+
+
+async def test_a_refund_without_an_amount_is_a_release(client: Client) -> None:
+    """The shape earlier clients sent to release: it releases an open hold, and refunds
+    nothing of a committed one."""
+    await create_tenant(client, "acme")
+    hold = (await reserve(client, "acme", amount_micros=2_000_000)).reservation
     released = await client.billing.Refund(
         billing_pb2.RefundRequest(request_id=rid(), reservation_id=hold.reservation_id)
     )
     assert released.kind == billing_pb2.REFUND_KIND_RELEASE
     assert released.amount_micros == 2_000_000
     assert released.available_credit_micros == LIMIT
-    assert (await balance(client, "acme")).held_micros == 0
+
+    committed = (await reserve(client, "acme", amount_micros=20_000)).reservation
+    await client.billing.Commit(
+        billing_pb2.CommitRequest(
+            request_id=rid(),
+            reservation_id=committed.reservation_id,
+            usage=types_pb2.TokenUsage(output_tokens=3_000),
+        )
+    )
+    counts = await row_counts(client)
+    for release in (
+        client.billing.Refund(
+            billing_pb2.RefundRequest(request_id=rid(), reservation_id=committed.reservation_id)
+        ),
+        client.billing.Release(
+            billing_pb2.ReleaseRequest(request_id=rid(), reservation_id=committed.reservation_id)
+        ),
+    ):
+        await _expect_error(release, grpc.StatusCode.FAILED_PRECONDITION, "HOLD_ALREADY_COMMITTED")
+    assert await row_counts(client) == counts
+    assert (await balance(client, "acme")).balance_micros == -30_000
+    assert await audit_ledger(client.app.engine) == []
+
+
+async def test_a_release_after_the_expire_time_is_an_expiry(client: Client) -> None:
+    await create_tenant(client, "acme")
+    hold = (
+        await reserve(client, "acme", amount_micros=3_000, ttl=Duration(seconds=60))
+    ).reservation
+    client.clock.advance(seconds=60)
+    await _expect_error(
+        client.billing.Release(
+            billing_pb2.ReleaseRequest(request_id=rid(), reservation_id=hold.reservation_id)
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "HOLD_EXPIRED",
+    )
+    after = await balance(client, "acme")
+    assert (after.held_micros, after.available_credit_micros) == (0, LIMIT)
+    async with client.app.engine.connect() as conn:
+        kinds = (
+            await conn.execute(
+                select(ledger_entries.c.kind)
+                .where(ledger_entries.c.hold_id == hold.reservation_id)
+                .order_by(ledger_entries.c.entry_id)
+            )
+        ).scalars()
+        assert list(kinds) == ["hold", "expiry"]
+    assert await audit_ledger(client.app.engine) == []
 
 
 async def test_commit_above_the_hold_charges_only_up_to_the_cap(client: Client) -> None:
@@ -308,6 +380,28 @@ _VALID_ID = "rsv_" + "0" * 32
             "request_id",
         ),
         (
+            "Refund",
+            billing_pb2.RefundRequest(
+                request_id="f", reservation_id=_VALID_ID, amount_micros=5, refund_all=True
+            ),
+            "amount_micros",
+        ),
+        (
+            "Release",
+            billing_pb2.ReleaseRequest(request_id="", reservation_id=_VALID_ID),
+            "request_id",
+        ),
+        (
+            "Release",
+            billing_pb2.ReleaseRequest(request_id="l", reservation_id="rsv_1"),
+            "reservation_id",
+        ),
+        (
+            "Release",
+            billing_pb2.ReleaseRequest(request_id="l", reservation_id=_VALID_ID, reason="x" * 501),
+            "reason",
+        ),
+        (
             "CheckAccess",
             billing_pb2.CheckAccessRequest(tenant_id="x" * 200, model="m"),
             "tenant_id",
@@ -369,6 +463,13 @@ async def test_not_found_errors(client: Client) -> None:
         "RESERVATION_NOT_FOUND",
     )
     await _expect_error(
+        client.billing.Release(
+            billing_pb2.ReleaseRequest(request_id=rid(), reservation_id=_VALID_ID)
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "RESERVATION_NOT_FOUND",
+    )
+    await _expect_error(
         client.admin.GetTenant(admin_pb2.GetTenantRequest(tenant_id="ghost")),
         grpc.StatusCode.NOT_FOUND,
         "TENANT_NOT_FOUND",
@@ -387,8 +488,8 @@ async def test_not_found_errors(client: Client) -> None:
 async def test_failed_preconditions_carry_stable_reasons(client: Client) -> None:
     await create_tenant(client, "acme")
     released = (await reserve(client, "acme", amount_micros=1_000)).reservation.reservation_id
-    await client.billing.Refund(
-        billing_pb2.RefundRequest(request_id=rid(), reservation_id=released)
+    await client.billing.Release(
+        billing_pb2.ReleaseRequest(request_id=rid(), reservation_id=released)
     )
     usage = types_pb2.TokenUsage(output_tokens=10)
     failed = grpc.StatusCode.FAILED_PRECONDITION
@@ -413,6 +514,20 @@ async def test_failed_preconditions_carry_stable_reasons(client: Client) -> None
         failed,
         "PARTIAL_RELEASE_NOT_ALLOWED",
     )
+    await _expect_error(
+        client.billing.Refund(
+            billing_pb2.RefundRequest(request_id=rid(), reservation_id=held, refund_all=True)
+        ),
+        failed,
+        "HOLD_NOT_COMMITTED",
+    )
+    await _expect_error(
+        client.billing.Release(
+            billing_pb2.ReleaseRequest(request_id=rid(), reservation_id=released)
+        ),
+        failed,
+        "HOLD_RELEASED",
+    )
     await client.billing.Commit(
         billing_pb2.CommitRequest(request_id=rid(), reservation_id=held, usage=usage)
     )
@@ -420,6 +535,11 @@ async def test_failed_preconditions_carry_stable_reasons(client: Client) -> None
         client.billing.Commit(
             billing_pb2.CommitRequest(request_id=rid(), reservation_id=held, usage=usage)
         ),
+        failed,
+        "HOLD_ALREADY_COMMITTED",
+    )
+    await _expect_error(
+        client.billing.Release(billing_pb2.ReleaseRequest(request_id=rid(), reservation_id=held)),
         failed,
         "HOLD_ALREADY_COMMITTED",
     )

@@ -11,7 +11,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing_service.budget_core import BudgetCore
 from billing_service.core import BillingCore
 from billing_service.domain.budgets import BudgetPeriod, BudgetScope, DeleteBudget, SetBudget
-from billing_service.domain.commands import CheckAccess, Commit, CreateTenant, Refund, Reserve
+from billing_service.domain.commands import (
+    CheckAccess,
+    Commit,
+    CreateTenant,
+    Refund,
+    Release,
+    Reserve,
+)
 from billing_service.domain.model import DenialReason
 from billing_service.domain.pricing import TokenUsage
 from billing_service.storage.budget_store import BudgetStore
@@ -111,8 +118,8 @@ async def test_commit_release_expiry_and_refund_move_the_budget_like_the_tenant(
     assert released is not None
     assert expiring is not None
     await core.commit(Commit("c1", committed.hold_id, output_costing(150_000)))
-    await core.refund(Refund("f1", committed.hold_id, 0))
-    await core.refund(Refund("f2", released.hold_id, 0))
+    await core.refund(Refund("f1", committed.hold_id, refund_all=True))
+    await core.release(Release("f2", released.hold_id))
     usage = await budgets.get_budget(TENANT, BudgetScope.USER, "alice")
     assert (usage.spent_micros, usage.held_micros) == (0, 100_000)
     clock.advance(minutes=6)

@@ -42,12 +42,14 @@ _T = TypeVar("_T")
 
 
 class CallLog(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Counts the calls each method received, and can drop the response of the next call of a
+    """Counts the calls each method received, can run a coroutine when a call of a method
+    arrives (before the server handles it), and can drop the response of the next call of a
     method after the server has fully processed it (the client then sees UNAVAILABLE)."""
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
         self._drop_next: set[str] = set()
+        self._on_arrival: dict[str, Callable[[], Awaitable[None]]] = {}
 
     def __getitem__(self, method: str) -> int:
         return self.calls[method]
@@ -55,12 +57,19 @@ class CallLog(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def drop_next_response(self, method: str) -> None:
         self._drop_next.add(method)
 
+    def on_arrival(self, method: str, action: Callable[[], Awaitable[None]]) -> None:
+        """Runs `action` on the server's loop when the next call of `method` arrives."""
+        self._on_arrival[method] = action
+
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
     ) -> Any:
         handler = await continuation(details)
         method = details.method.rsplit("/", 1)[-1]
         self.calls[method] += 1
+        action = self._on_arrival.pop(method, None)
+        if action is not None:
+            await action()
         if handler is None or handler.unary_unary is None or method not in self._drop_next:
             return handler
         self._drop_next.discard(method)

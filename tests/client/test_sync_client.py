@@ -13,9 +13,12 @@ from billing.client import (
     BillingClient,
     BillingUnavailable,
     Denied,
+    HoldAlreadyCommitted,
     HoldExpired,
+    HoldNotCommitted,
     HoldReleased,
     InvalidArgument,
+    ReleaseOutcomeUnknown,
     RetryEvent,
     Unauthenticated,
 )
@@ -132,8 +135,9 @@ def test_leaving_without_commit_releases_the_hold(billing: BillingClient) -> Non
 def test_explicit_release_gives_the_hold_back(billing: BillingClient) -> None:
     with billing.reserve("acme", "u", "unit-priced", input_tokens=10, max_tokens=10) as hold:
         released = hold.release(reason="model failed")
-        assert (released.kind, released.amount_micros) == (billing_pb2.REFUND_KIND_RELEASE, 20)
-        assert released.available_credit_micros == LIMIT
+        assert released == billing_pb2.ReleaseResponse(
+            released_micros=20, available_credit_micros=LIMIT
+        )
     assert hold.state == "released"
     assert balance(billing, "acme").held_micros == 0
 
@@ -223,7 +227,7 @@ def test_an_expired_hold_raises_hold_expired_and_is_not_released_again(
             h.commit(input_tokens=10, output_tokens=10)
     assert raised.value.reason == "HOLD_EXPIRED"
     assert h.state == "expired"
-    assert server.calls["Refund"] == 0
+    assert (server.calls["Release"], server.calls["Refund"]) == (0, 0)
     server.run(server.app.core.release_expired())  # the sweeper may have been first
     assert balance(billing, "acme").available_credit_micros == LIMIT
 
@@ -236,10 +240,56 @@ def test_refund_of_a_committed_charge(billing: BillingClient) -> None:
     assert (refunded.kind, refunded.amount_micros) == (billing_pb2.REFUND_KIND_REFUND, 50)
     assert refunded.available_credit_micros == LIMIT - 100
     # A caller-chosen request id makes the refund idempotent across processes.
-    again = [billing.refund(hold.reservation_id, request_id="ticket-4412") for _ in range(2)]
+    again = [
+        billing.refund(hold.reservation_id, refund_all=True, request_id="ticket-4412")
+        for _ in range(2)
+    ]
     assert again[0] == again[1]
     assert again[0].refunded_total_micros == 150
     assert balance(billing, "acme").available_credit_micros == LIMIT
+
+
+def test_refund_says_what_it_refunds_and_release_never_refunds(
+    billing: BillingClient, server: ServerThread
+) -> None:
+    for amounts in ({}, {"amount_micros": 0}, {"amount_micros": 5, "refund_all": True}):
+        with pytest.raises(ValueError, match="release"):
+            billing.refund("rsv_" + "0" * 32, **amounts)  # type: ignore[arg-type]
+    assert server.calls["Refund"] == 0
+
+    with billing.reserve("acme", "u", "unit-priced", input_tokens=100, max_tokens=50) as hold:
+        hold.commit(input_tokens=100, output_tokens=50)
+    with pytest.raises(HoldAlreadyCommitted):
+        billing.release(hold.reservation_id)
+    with pytest.raises(HoldAlreadyCommitted):
+        hold.release()
+    assert hold.state == "committed"
+    assert balance(billing, "acme").available_credit_micros == LIMIT - 150
+
+    with billing.reserve("acme", "u", "unit-priced", input_tokens=100, max_tokens=50) as other:
+        with pytest.raises(HoldNotCommitted):
+            billing.refund(other.reservation_id, refund_all=True)
+        released = billing.release(other.reservation_id, reason="by hand")
+        assert released.released_micros == 150
+    assert other.state == "released"  # released behind its back: leaving finds it so
+    assert balance(billing, "acme").available_credit_micros == LIMIT - 150
+
+
+def test_a_release_whose_answer_is_lost_is_reported_unknown(
+    billing: BillingClient, server: ServerThread
+) -> None:
+    once = BillingClient(server.address, timeout_s=10, max_attempts=1)
+    with billing.reserve("acme", "u", "unit-priced", input_tokens=100, max_tokens=50) as hold:
+        server.calls.drop_next_response("Release")
+        with pytest.raises(ReleaseOutcomeUnknown) as raised:
+            once.release(hold.reservation_id)
+        unknown = raised.value
+        assert unknown.reservation_id == hold.reservation_id
+        # It was applied; the same request id learns so, and releases nothing twice.
+        again = billing.release(unknown.reservation_id, request_id=unknown.request_id)
+        assert again.released_micros == 150
+        assert balance(billing, "acme").available_credit_micros == LIMIT
+    once.close()
 
 
 def test_included_models_hold_nothing(billing: BillingClient) -> None:

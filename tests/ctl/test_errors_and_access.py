@@ -49,9 +49,10 @@ def test_an_invalid_argument_names_the_field_and_changes_nothing(ctl: Ctl) -> No
 
 
 def test_unknown_reservation(ctl: Ctl) -> None:
-    result = ctl("refund", "rsv_" + "0" * 32, "--reason", "r")
-    assert result.code == 69
-    assert "NOT_FOUND RESERVATION_NOT_FOUND" in result.stderr
+    for command in (["refund", "--all", "--reason", "r"], ["release"]):
+        result = ctl(*command, "rsv_" + "0" * 32)
+        assert result.code == 69
+        assert "NOT_FOUND RESERVATION_NOT_FOUND" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -65,6 +66,12 @@ def test_unknown_reservation(ctl: Ctl) -> None:
         ["usage", "list", "t", "--since", "yesterday"],
         ["usage", "export", "t"],  # no period
         ["refund"],
+        # A refund says what it refunds: an amount, or --all; never neither (that is release).
+        ["refund", "rsv_x", "--reason", "r"],
+        ["refund", "rsv_x", "--amount-micros", "0", "--reason", "r"],
+        ["refund", "rsv_x", "--amount", "0", "--reason", "r"],
+        ["refund", "rsv_x", "--all", "--amount", "1", "--reason", "r"],
+        ["release"],
         ["--cert-file", "client.crt", "tenants", "get", "t"],  # no --key-file
     ],
 )
@@ -93,7 +100,7 @@ def test_no_server_is_unavailable_and_says_how_to_retry() -> None:
     assert result.code == 78  # 64 + UNAVAILABLE
     assert result.stderr.startswith("billingctl: UNAVAILABLE")
     assert "retry with --request-id grant-7" in result.stderr
-    scripted = run_ctl("--target", target, "--json", "refund", "rsv_x", "--reason", "r")
+    scripted = run_ctl("--target", target, "--json", "refund", "rsv_x", "--all", "--reason", "r")
     assert scripted.code == 78
     assert scripted.error()["code"] == "UNAVAILABLE"
     assert scripted.json_stderr()["retry_request_id"].startswith("ctl-")

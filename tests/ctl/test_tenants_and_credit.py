@@ -115,7 +115,8 @@ def test_refund_part_then_the_rest_of_a_charge(ctl: Ctl, chat: Chat, tenant: str
     )
     assert balance_micros(ctl, tenant) == 10_000_000 - 1_000
 
-    rest = ctl.ok("refund", record.reservation_id, "--reason", "T-1 rest", "--json").json()
+    rest = ctl.ok("refund", record.reservation_id, "--all", "--reason", "T-1 rest", "--json")
+    rest = rest.json()
     assert rest["kind"] == "REFUND_KIND_REFUND"
     assert rest["amount_micros"] == "1000"
     assert rest["refunded_total_micros"] == "1500"
@@ -127,15 +128,26 @@ def test_refund_part_then_the_rest_of_a_charge(ctl: Ctl, chat: Chat, tenant: str
     assert balance_micros(ctl, tenant) == 10_000_000
 
 
-def test_refund_of_an_open_hold_releases_it(ctl: Ctl, chat: Chat, tenant: str) -> None:
+def test_release_gives_an_open_hold_back_and_refund_never_does(
+    ctl: Ctl, chat: Chat, tenant: str
+) -> None:
     reservation_id = chat.reserve(tenant)
     held = ctl.ok("tenants", "get", tenant, "--json").json()["tenant"]["balance"]["held_micros"]
     assert held == "10000"
-    result = ctl.ok("refund", reservation_id, "--reason", "model timed out")
+    refused = ctl("refund", reservation_id, "--all", "--reason", "wrong tool")
+    assert refused.code == 64 + 9  # FAILED_PRECONDITION
+    assert "FAILED_PRECONDITION HOLD_NOT_COMMITTED" in refused.stderr
+    result = ctl.ok("release", reservation_id, "--reason", "model timed out")
     assert result.stdout.splitlines()[0] == f"Released the open hold {reservation_id} ($0.01)."
     balance = ctl.ok("tenants", "get", tenant, "--json").json()["tenant"]["balance"]
     assert balance["held_micros"] == "0"
     assert balance["balance_micros"] == "10000000"
+
+    record = chat.query(tenant, output_tokens=1_500)
+    committed = ctl("release", record.reservation_id, "--json")
+    assert committed.code == 64 + 9
+    assert committed.error()["reason"] == "HOLD_ALREADY_COMMITTED"
+    assert balance_micros(ctl, tenant) == 10_000_000 - 1_500
 
 
 def test_the_installed_command_runs(ctl: Ctl) -> None:

@@ -4,7 +4,9 @@ The cost of a call and what a commit charges are defined in domain.pricing and d
 storage.postgres_hot_path restates them in SQL. For random prices, token counts, holds and
 credit, a commit through the store must record the domain's cost and the domain's settlement,
 to the micro, on PostgreSQL (the one-statement path) and on SQLite (the general path); and
-afterwards the usage rollups must equal the sums of the usage records.
+afterwards the usage rollups must equal the sums of the usage records. Which holds a commit or
+a release may still settle (domain.ledger.is_live, rendered into SQL by storage.hold_sql) must
+agree with the domain to the microsecond of the expire time, on both paths.
 """
 
 from __future__ import annotations
@@ -20,8 +22,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing_service.domain.commands import Commit, CreateTenant, GrantCredit, UpdateTenant
-from billing_service.domain.ledger import settle
+from billing_service.domain.commands import (
+    Commit,
+    CreateTenant,
+    GrantCredit,
+    Release,
+    UpdateTenant,
+)
+from billing_service.domain.errors import BillingError, ErrorReason
+from billing_service.domain.ledger import ReleaseAction, check_committable, decide_release, settle
 from billing_service.domain.model import Hold, HoldStatus, TenantStatus
 from billing_service.domain.pricing import (
     PRICE_MICROS_PER_MTOK_MAX,
@@ -188,3 +197,90 @@ def test_the_books_balance_after_the_random_commits(runner: Runner) -> None:
 def test_the_rollups_equal_the_records_after_the_random_commits(runner: Runner) -> None:
     # The one-statement commit and the general one keep the dashboard rollups alike.
     assert runner.loop.run_until_complete(rollup_problems(runner.engine)) == []
+
+
+async def _settle_once(
+    store: LedgerStore, settled_by: str | None, operation: str, offset: timedelta
+) -> None:
+    """A metered hold (the one-statement path's kind on PostgreSQL), maybe settled first, then
+    committed or released at `offset` from its expire time: the store does what the domain
+    decides."""
+    created = datetime.now(UTC)
+    tenant = f"agree-{next(_tenants)}"
+    await store.create_tenant(
+        CreateTenant(str(uuid.uuid4()), tenant, 10**6, TenantStatus.ACTIVE, True),
+        "fp",
+        10**6,
+        created,
+    )
+    price = ModelPrice("m", ModelBilling.METERED, output_micros_per_mtok=10**6)
+    hold = Hold(
+        hold_id=f"rsv_{uuid.uuid4().hex}",
+        request_id=str(uuid.uuid4()),
+        request_fingerprint="fp",
+        tenant_id=tenant,
+        user_id="u",
+        model="m",
+        price=price,
+        amount_micros=1_000,
+        status=HoldStatus.OPEN,
+        created_at=created,
+        expires_at=created + timedelta(minutes=5),
+        decision_available_micros=0,
+    )
+    await store.place_hold(hold, create_with_limit=None)
+    if settled_by == "commit":
+        await store.commit(
+            Commit(str(uuid.uuid4()), hold.hold_id, TokenUsage(0, 0, 10)), "fp", created
+        )
+    elif settled_by == "release":
+        await store.release(Release(str(uuid.uuid4()), hold.hold_id), "fp", created)
+    elif settled_by == "sweep":
+        assert await store.release_expired(hold.expires_at) >= 1
+    before = await store.get_hold(hold.hold_id)
+    now = hold.expires_at + offset
+
+    expected: object
+    try:
+        if operation == "commit":
+            check_committable(before, hold.hold_id, now)
+            expected = HoldStatus.COMMITTED
+        else:
+            action = decide_release(before, hold.hold_id, now)
+            expected = {
+                ReleaseAction.RELEASE: HoldStatus.RELEASED,
+                ReleaseAction.EXPIRE: ErrorReason.HOLD_EXPIRED,
+            }[action]
+    except BillingError as error:
+        expected = error.reason
+    answer: object
+    try:
+        if operation == "commit":
+            await store.commit(
+                Commit(str(uuid.uuid4()), hold.hold_id, TokenUsage(0, 0, 10)), "fp", now
+            )
+        else:
+            await store.release(Release(str(uuid.uuid4()), hold.hold_id), "fp", now)
+        after = await store.get_hold(hold.hold_id)
+        assert after is not None
+        answer = after.status
+    except BillingError as error:
+        answer = error.reason
+    assert answer == expected, (settled_by, operation, offset)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    settled_by=st.sampled_from([None, None, "commit", "release", "sweep"]),
+    operation=st.sampled_from(["commit", "release"]),
+    offset_us=st.sampled_from([-60_000_000, -1, 0, 1, 60_000_000]),
+)
+def test_commit_and_release_settle_exactly_the_holds_the_domain_says(
+    runner: Runner, settled_by: str | None, operation: str, offset_us: int
+) -> None:
+    offset = timedelta(microseconds=offset_us)
+    runner.loop.run_until_complete(_settle_once(runner.store, settled_by, operation, offset))

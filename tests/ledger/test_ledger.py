@@ -653,7 +653,7 @@ async def test_partial_then_full_refund_of_a_charge(core: BillingCore, engine: A
     assert part.available_after_micros == LIMIT - USAGE_COST + 1_000
     assert await money(engine, "acme") == (-USAGE_COST + 1_000, 0)
 
-    rest = await core.refund(Refund("f2", hold.hold_id))  # 0: all that is left
+    rest = await core.refund(Refund("f2", hold.hold_id, refund_all=True))
     assert (rest.kind, rest.amount_micros, rest.refunded_total_micros) == (
         EntryKind.REFUND,
         USAGE_COST - 1_000,
@@ -664,7 +664,10 @@ async def test_partial_then_full_refund_of_a_charge(core: BillingCore, engine: A
 
     before = await snapshot(engine)
     await raises(ErrorReason.REFUND_EXCEEDS_CHARGE, core.refund(Refund("f3", hold.hold_id, 1)))
-    await raises(ErrorReason.REFUND_EXCEEDS_CHARGE, core.refund(Refund("f4", hold.hold_id)))
+    await raises(
+        ErrorReason.REFUND_EXCEEDS_CHARGE,
+        core.refund(Refund("f4", hold.hold_id, refund_all=True)),
+    )
     assert await snapshot(engine) == before
     assert await entry_kinds(engine, "acme") == ["hold", "debit", "refund", "refund"]
 
@@ -693,7 +696,7 @@ async def test_only_the_charged_part_of_a_capped_commit_is_refundable(
     await raises(
         ErrorReason.REFUND_EXCEEDS_CHARGE, core.refund(Refund("f1", hold.hold_id, 1_000_001))
     )
-    everything = await core.refund(Refund("f2", hold.hold_id))
+    everything = await core.refund(Refund("f2", hold.hold_id, refund_all=True))
     assert everything.amount_micros == 1_000_000
     assert await money(engine, "acme") == (0, 0)
 
@@ -723,7 +726,10 @@ async def test_an_included_model_is_recorded_at_its_price_and_never_charged(
     assert (big.record.cost_micros, big.record.charged_micros) == (500_000_000, 0)
     assert await money(engine, "acme") == (0, 0)
     assert await entry_kinds(engine, "acme") == []
-    await raises(ErrorReason.REFUND_EXCEEDS_CHARGE, core.refund(Refund("f1", result.hold.hold_id)))
+    await raises(
+        ErrorReason.REFUND_EXCEEDS_CHARGE,
+        core.refund(Refund("f1", result.hold.hold_id, refund_all=True)),
+    )
     async with engine.connect() as conn:
         rows = (await conn.execute(select(usage_records.c.payment_source))).scalars().all()
     assert rows == ["included", "included"]
@@ -784,17 +790,17 @@ async def test_expired_holds_are_released_by_the_sweep(
     assert await entry_kinds(engine, "acme") == ["hold"] * 4 + ["expiry"] * 3 + ["debit"]
 
 
-async def test_an_open_hold_past_its_expire_time_can_still_be_released(
+async def test_an_open_hold_past_its_expire_time_is_expired_by_its_release(
     core: BillingCore, engine: AsyncEngine, clock: FakeClock
 ) -> None:
     await new_tenant(core)
     hold = await granted(core, "r1", ttl=timedelta(seconds=1))
     clock.advance(seconds=5)
-    # Not swept yet: the caller gives it back first. Either way, nothing was charged.
-    outcome = await core.refund(Refund("f1", hold.hold_id))
-    assert (outcome.kind, outcome.amount_micros) == (EntryKind.RELEASE, ESTIMATE_HOLD)
+    # Not swept yet: the release does what the sweep would have. Nothing was charged.
+    await raises(ErrorReason.HOLD_EXPIRED, core.refund(Refund("f1", hold.hold_id)))
     assert await core.release_expired() == 0
     assert await money(engine, "acme") == (0, 0)
+    assert await entry_kinds(engine, "acme") == ["hold", "expiry"]
 
 
 # CheckAccess
@@ -1010,7 +1016,7 @@ async def test_retried_refunds_return_the_same_answer(
     assert await snapshot(engine) == before
 
     # After more refunds of the same charge, a retry still answers as of its first run.
-    rest = Refund("f3", charged.hold_id)
+    rest = Refund("f3", charged.hold_id, refund_all=True)
     first_rest = await core.refund(rest)
     assert first_rest.refunded_total_micros == USAGE_COST
     before = await snapshot(engine)
@@ -1023,7 +1029,7 @@ async def test_retried_refunds_return_the_same_answer(
         replace(part, amount_micros=999),
         replace(part, reason="another reason"),
         replace(release, reservation_id=charged.hold_id),
-        replace(rest, amount_micros=1),
+        replace(rest, amount_micros=1, refund_all=False),
     ):
         await raises(ErrorReason.REQUEST_ID_REUSED, core.refund(reused))
     assert await snapshot(engine) == before

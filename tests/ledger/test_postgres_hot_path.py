@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -20,14 +21,15 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing_service.core import BillingCore
-from billing_service.domain.commands import Commit, Refund
-from billing_service.domain.errors import ErrorReason, Unavailable
+from billing_service.domain.commands import Commit, Refund, Release
+from billing_service.domain.errors import ErrorReason, FailedPrecondition, Unavailable
 from billing_service.domain.ledger import EntryKind
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.postgres_hot_path import HotPath
 from billing_service.storage.tables import holds
-from tests.ledger.books import money
+from tests.ledger.books import entry_kinds, money
 from tests.ledger.test_ledger import ESTIMATE_HOLD, LIMIT, USAGE, USAGE_COST, granted, new_tenant
+from tests.support.clock import FakeClock
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
 
@@ -93,6 +95,27 @@ async def test_a_retried_release_falls_back_and_replays(
     assert await core.refund(command) == first
     # The retry found no open hold to release: the general transaction replayed the answer.
     assert [answer is not None for answer in answers["release"]] == [True, False]
+    assert await money(engine, "acme") == (0, 0)
+
+
+async def test_a_release_past_the_expire_time_falls_back_and_expires_the_hold(
+    core: BillingCore,
+    store: LedgerStore,
+    engine: AsyncEngine,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answers = record_answers(store, monkeypatch)
+    await new_tenant(core)
+    hold = await granted(core, "r1", ttl=timedelta(seconds=10))
+    clock.advance(seconds=10)
+    with pytest.raises(FailedPrecondition) as raised:
+        await core.release(Release("l1", hold.hold_id))
+    assert raised.value.reason is ErrorReason.HOLD_EXPIRED
+    # The one statement releases only a live hold: it left this one to the general
+    # transaction, which expired it exactly as the sweep does.
+    assert [answer is not None for answer in answers["release"]] == [False]
+    assert await entry_kinds(engine, "acme") == ["hold", "expiry"]
     assert await money(engine, "acme") == (0, 0)
 
 

@@ -52,6 +52,7 @@ from billing_service.domain.commands import (
     GrantCredit,
     QueryEstimate,
     Refund,
+    Release,
     Reserve,
     UpdateTenant,
     fingerprint,
@@ -67,7 +68,12 @@ from billing_service.domain.model import (
     PaymentSource,
     TenantStatus,
 )
-from billing_service.domain.outcomes import CommitOutcome, GrantOutcome, RefundOutcome
+from billing_service.domain.outcomes import (
+    CommitOutcome,
+    GrantOutcome,
+    RefundOutcome,
+    ReleaseOutcome,
+)
 from billing_service.domain.policy import Decision, budget_denial, decide, denial, within_budgets
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
 from billing_service.storage.audit import audit_ledger
@@ -182,7 +188,7 @@ def reused(command: Any) -> Any:
     if isinstance(command, Commit):
         usage = command.usage
         return replace(command, usage=replace(usage, input_tokens=usage.input_tokens + 1))
-    if isinstance(command, Refund | GrantCredit):
+    if isinstance(command, Refund | Release | GrantCredit):
         return replace(command, reason=command.reason + "x")
     if isinstance(command, SetBudget):
         return replace(command, limit_micros=command.limit_micros + 1)
@@ -243,6 +249,7 @@ class LedgerMachine(RuleBasedStateMachine):
             Reserve: core.reserve,
             Commit: core.commit,
             Refund: core.refund,
+            Release: core.release,
             GrantCredit: core.grant_credit,
             CreateTenant: core.create_tenant,
             UpdateTenant: core.update_tenant,
@@ -334,6 +341,36 @@ class LedgerMachine(RuleBasedStateMachine):
         hold_id = self.reserve(tenant_id, model, size, None, caller)
         if isinstance(hold_id, str):
             self.commit(hold_id, share, cached)
+        return hold_id
+
+    @rule(
+        target=granted,
+        tenant_id=tenant_ids,
+        model=st.sampled_from([TOKENS, FLAT, INCLUDED]),
+        size=amounts,
+        ttl=ttls,
+        wait_s=st.sampled_from([0, 0, 1, 31]),
+        how=st.sampled_from(["Release", "Refund", "refund_all", "amount"]),
+    )
+    def give_back(
+        self,
+        tenant_id: str,
+        model: str,
+        size: int,
+        ttl: timedelta | None,
+        wait_s: int,
+        how: str,
+    ) -> Any:
+        """A query that fails: reserve, maybe wait past the hold's expire time (no sweep), then
+        give it back with each shape of request, the right ones and the wrong ones."""
+        hold_id = self.reserve(tenant_id, model, size, ttl, ("user", ""))
+        if not isinstance(hold_id, str):
+            return hold_id
+        self.clock.advance(seconds=wait_s)
+        if how == "Release":
+            self.release(hold_id, "model failed")
+        else:
+            self.refund(hold_id, 1_000 if how == "amount" else 0, how == "refund_all")
         return hold_id
 
     def reserve(
@@ -561,15 +598,29 @@ class LedgerMachine(RuleBasedStateMachine):
         )
         assert answer.available_after_micros == tenant.available
 
-    @rule(hold_id=granted, amount=st.sampled_from([0, 0, 1, 1_000, 10**6]))
-    def refund(self, hold_id: str, amount: int) -> None:
+    @rule(hold_id=granted, reason=st.sampled_from(["", "cancelled"]))
+    def release(self, hold_id: str, reason: str) -> None:
+        command = Release(self.request_id("release"), hold_id, reason)
+        self.release_by(command, self.call(command))
+
+    @rule(
+        hold_id=granted,
+        amount=st.sampled_from([0, 0, 1, 1_000, 10**6]),
+        refund_all=st.booleans(),
+    )
+    def refund(self, hold_id: str, amount: int, refund_all: bool) -> None:
         hold = self.holds[hold_id]
-        command = Refund(self.request_id("refund"), hold_id, amount, "support")
+        command = Refund(self.request_id("refund"), hold_id, amount, "support", refund_all)
         answer = self.call(command)
+        if command.asks_release:
+            # What earlier clients sent to release: exactly a release, never a refund.
+            return self.release_by(command, answer)
+        if amount and refund_all:
+            return self.expect_error(answer, ErrorReason.FIELD_INVALID)
         tenant = self.tenants[hold.tenant_id]
         if hold.status is HoldStatus.COMMITTED:
             refundable = hold.charged - hold.refunded
-            given = amount or refundable
+            given = refundable if refund_all else amount
             if refundable <= 0 or given > refundable:
                 return self.expect_error(answer, ErrorReason.REFUND_EXCEEDS_CHARGE)
             hold.refunded += given
@@ -580,21 +631,48 @@ class LedgerMachine(RuleBasedStateMachine):
             )
         elif hold.status is HoldStatus.RELEASED:
             return self.expect_error(answer, ErrorReason.HOLD_RELEASED)
-        elif hold.status is HoldStatus.EXPIRED:
+        elif hold.status is HoldStatus.EXPIRED or hold.expires_at <= self.clock.now:
+            # Due and not swept yet: a refund leaves it to the sweep.
             return self.expect_error(answer, ErrorReason.HOLD_EXPIRED)
-        elif amount:
-            return self.expect_error(answer, ErrorReason.PARTIAL_RELEASE_NOT_ALLOWED)
+        elif refund_all:
+            return self.expect_error(answer, ErrorReason.HOLD_NOT_COMMITTED)
         else:
-            # An open hold, even one past its expire time that is not swept yet, is released.
-            hold.status = HoldStatus.RELEASED
-            tenant.held -= hold.amount
-            if hold.metered:
-                self.move(hold, held=-hold.amount)
+            return self.expect_error(answer, ErrorReason.PARTIAL_RELEASE_NOT_ALLOWED)
+        assert answer == expected
+        event(f"refund: {expected.kind}")
+
+    def release_by(self, command: Release | Refund, answer: object) -> None:
+        """A release (Release, or a Refund without an amount): gives back an open hold before
+        its expire time, expires one past it, and never touches a settled one."""
+        hold = self.holds[command.reservation_id]
+        tenant = self.tenants[hold.tenant_id]
+        if hold.status is HoldStatus.COMMITTED:
+            return self.expect_error(answer, ErrorReason.HOLD_ALREADY_COMMITTED)
+        if hold.status is HoldStatus.RELEASED:
+            return self.expect_error(answer, ErrorReason.HOLD_RELEASED)
+        if hold.status is HoldStatus.EXPIRED:
+            return self.expect_error(answer, ErrorReason.HOLD_EXPIRED)
+        if hold.expires_at <= self.clock.now:
+            self.expire(hold)
+            event("release: expired instead")
+            return self.expect_error(answer, ErrorReason.HOLD_EXPIRED)
+        hold.status = HoldStatus.RELEASED
+        tenant.held -= hold.amount
+        if hold.metered:
+            self.move(hold, held=-hold.amount)
+        expected: object = ReleaseOutcome(hold.amount, tenant.available, fingerprint(command))
+        if isinstance(command, Refund):
             expected = RefundOutcome(
                 EntryKind.RELEASE, hold.amount, tenant.available, 0, fingerprint(command)
             )
+        event(f"release: by {type(command).__name__}")
         assert answer == expected
-        event(f"refund: {expected.kind}")
+
+    def expire(self, hold: HoldModel) -> None:
+        hold.status = HoldStatus.EXPIRED
+        self.tenants[hold.tenant_id].held -= hold.amount
+        if hold.metered:
+            self.move(hold, held=-hold.amount)
 
     @rule(tenant_id=tenant_ids, amount=st.sampled_from([1, 1_000, 250_000, 2_000_000]))
     def grant(self, tenant_id: str, amount: int) -> None:
@@ -673,10 +751,7 @@ class LedgerMachine(RuleBasedStateMachine):
         ]
         assert released == len(due)
         for hold in due:
-            hold.status = HoldStatus.EXPIRED
-            self.tenants[hold.tenant_id].held -= hold.amount
-            if hold.metered:
-                self.move(hold, held=-hold.amount)
+            self.expire(hold)
 
     def check_access(
         self,

@@ -100,8 +100,8 @@ async def test_metrics_count_calls_decisions_and_money_exactly(
                 usage=types_pb2.TokenUsage(output_tokens=60_000),
             )
         )
-        released = await billing.Refund(
-            billing_pb2.RefundRequest(request_id=rid(), reservation_id=second.reservation_id)
+        released = await billing.Release(
+            billing_pb2.ReleaseRequest(request_id=rid(), reservation_id=second.reservation_id)
         )
         refunded = await billing.Refund(
             billing_pb2.RefundRequest(
@@ -117,7 +117,7 @@ async def test_metrics_count_calls_decisions_and_money_exactly(
     assert value(samples, "billing_reserved_micros_total") == 100_000 + 250_000 + 70_000
     assert value(samples, "billing_committed_micros_total") == 60_000
     assert committed.usage_record.charged_micros == 60_000
-    assert value(samples, "billing_released_micros_total") == released.amount_micros == 250_000
+    assert value(samples, "billing_released_micros_total") == released.released_micros == 250_000
     assert value(samples, "billing_refunded_micros_total") == refunded.amount_micros == 10_000
     assert value(samples, "billing_granted_micros_total") == 5_000
     assert value(samples, "billing_uncollected_micros_total") == 0
@@ -136,7 +136,8 @@ async def test_metrics_count_calls_decisions_and_money_exactly(
 
     assert handled("BillingService", "ReserveCredit", "OK") == 5
     assert handled("BillingService", "Commit", "OK") == 1
-    assert handled("BillingService", "Refund", "OK") == 2
+    assert handled("BillingService", "Refund", "OK") == 1
+    assert handled("BillingService", "Release", "OK") == 1
     assert handled("AdminService", "GetTenant", "NOT_FOUND") == 1
     reserve_latency = {
         "grpc_service": "billing.v1.BillingService",

@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -147,3 +149,22 @@ class ServerProcess:
             self.terminate()
         finally:
             self.kill()
+
+
+@contextmanager
+def start_together(*settings: Mapping[str, str]) -> Iterator[list[ServerProcess]]:
+    """Starts one server per settings at the same time (each start waits for its log line) and
+    stops them all at the end."""
+    with ExitStack() as stack, ThreadPoolExecutor(len(settings)) as pool:
+        starting = [pool.submit(ServerProcess, each) for each in settings]
+        servers = []
+        failed: BaseException | None = None
+        for future in starting:
+            # Every one that started is registered, so a failed start still stops the others.
+            try:
+                servers.append(stack.enter_context(future.result()))
+            except Exception as error:
+                failed = failed or error
+        if failed is not None:
+            raise failed
+        yield servers

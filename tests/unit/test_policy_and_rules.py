@@ -18,6 +18,7 @@ from billing_service.domain.commands import (
     GrantCredit,
     QueryEstimate,
     Refund,
+    Release,
     Reserve,
     TtlBounds,
     UpdateTenant,
@@ -27,19 +28,24 @@ from billing_service.domain.commands import (
     validate_create_tenant,
     validate_grant,
     validate_refund,
+    validate_release,
     validate_reserve,
     validate_update_tenant,
 )
 from billing_service.domain.errors import (
+    BillingError,
     ErrorReason,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
 )
 from billing_service.domain.ledger import (
+    ReleaseAction,
     Settlement,
     check_committable,
-    check_releasable,
+    check_refundable,
+    decide_release,
+    is_live,
     refund_amount,
     require_reservation,
     settle,
@@ -317,53 +323,119 @@ def test_require_reservation() -> None:
         assert raised.value.reason is ErrorReason.RESERVATION_NOT_FOUND
 
 
-def test_check_releasable() -> None:
-    check_releasable(hold(), 0)
-    cases = [
-        (hold(status=HoldStatus.RELEASED), 0, ErrorReason.HOLD_RELEASED),
-        (hold(status=HoldStatus.EXPIRED), 0, ErrorReason.HOLD_EXPIRED),
-        (hold(), 1, ErrorReason.PARTIAL_RELEASE_NOT_ALLOWED),
-    ]
-    for found, amount, reason in cases:
-        with pytest.raises(FailedPrecondition) as raised:
-            check_releasable(found, amount)
-        assert raised.value.reason is reason
+@pytest.mark.parametrize(
+    ("found", "outcome"),
+    [
+        (hold(), ReleaseAction.RELEASE),
+        (hold(expires_at=NOW + timedelta(microseconds=1)), ReleaseAction.RELEASE),
+        # Open past its expire time, not swept yet: the release expires it, as the sweep would.
+        (hold(expires_at=NOW), ReleaseAction.EXPIRE),
+        (hold(expires_at=NOW - timedelta(hours=1)), ReleaseAction.EXPIRE),
+        (None, ErrorReason.RESERVATION_NOT_FOUND),
+        (hold(status=HoldStatus.DENIED), ErrorReason.RESERVATION_NOT_FOUND),
+        # A release never refunds: a hold committed first (even by a racing Commit) stays so.
+        (hold(status=HoldStatus.COMMITTED), ErrorReason.HOLD_ALREADY_COMMITTED),
+        (hold(status=HoldStatus.RELEASED), ErrorReason.HOLD_RELEASED),
+        (hold(status=HoldStatus.EXPIRED), ErrorReason.HOLD_EXPIRED),
+    ],
+)
+def test_decide_release(found: Hold | None, outcome: ReleaseAction | ErrorReason) -> None:
+    if isinstance(outcome, ReleaseAction):
+        assert decide_release(found, RSV, NOW) is outcome
+        return
+    with pytest.raises(BillingError) as raised:
+        decide_release(found, RSV, NOW)
+    assert raised.value.reason is outcome
+
+
+@pytest.mark.parametrize(
+    ("found", "refund_all", "reason"),
+    [
+        (hold(), False, ErrorReason.PARTIAL_RELEASE_NOT_ALLOWED),
+        (hold(), True, ErrorReason.HOLD_NOT_COMMITTED),
+        (hold(expires_at=NOW), True, ErrorReason.HOLD_EXPIRED),
+        (hold(status=HoldStatus.RELEASED), True, ErrorReason.HOLD_RELEASED),
+        (hold(status=HoldStatus.EXPIRED), False, ErrorReason.HOLD_EXPIRED),
+        (None, True, ErrorReason.RESERVATION_NOT_FOUND),
+        (hold(status=HoldStatus.DENIED), False, ErrorReason.RESERVATION_NOT_FOUND),
+    ],
+)
+def test_check_refundable_refuses_all_but_a_committed_hold(
+    found: Hold | None, refund_all: bool, reason: ErrorReason
+) -> None:
+    with pytest.raises(BillingError) as raised:
+        check_refundable(found, RSV, NOW, refund_all=refund_all)
+    assert raised.value.reason is reason
+    committed = hold(status=HoldStatus.COMMITTED, expires_at=NOW - timedelta(hours=1))
+    assert check_refundable(committed, RSV, NOW, refund_all=refund_all) is committed
+
+
+@given(
+    status=st.sampled_from(list(HoldStatus)),
+    expires_in_s=st.integers(-3, 3),
+    refund_all=st.booleans(),
+)
+def test_a_release_and_a_refund_never_act_on_each_others_holds(
+    status: HoldStatus, expires_in_s: int, refund_all: bool
+) -> None:
+    """Whatever the hold's state and time: only an open hold is ever released (or expired) by
+    a release, and only a committed one is ever refunded."""
+    found = hold(status=status, expires_at=NOW + timedelta(seconds=expires_in_s))
+    try:
+        action = decide_release(found, RSV, NOW)
+    except BillingError:
+        assert status is not HoldStatus.OPEN
+    else:
+        assert status is HoldStatus.OPEN
+        assert (action is ReleaseAction.RELEASE) == is_live(found, NOW) == (expires_in_s > 0)
+    try:
+        check_refundable(found, RSV, NOW, refund_all=refund_all)
+    except BillingError:
+        assert status is not HoldStatus.COMMITTED
+    else:
+        assert status is HoldStatus.COMMITTED
 
 
 def test_refund_amount() -> None:
     committed = hold(status=HoldStatus.COMMITTED)
-    assert refund_amount(committed, 8_730, 0) == 8_730  # 0: all that is left
-    assert refund_amount(committed, 8_730, 1) == 1
-    assert refund_amount(committed, 8_730, 8_730) == 8_730
+    assert refund_amount(committed, 8_730, 0, refund_all=True) == 8_730
+    assert refund_amount(committed, 8_730, 1, refund_all=False) == 1
+    assert refund_amount(committed, 8_730, 8_730, refund_all=False) == 8_730
     partly = hold(status=HoldStatus.COMMITTED, refunded=1_000)
-    assert refund_amount(partly, 8_730, 0) == 7_730
-    assert refund_amount(partly, 8_730, 7_730) == 7_730
-    for found, charged, requested in [
-        (committed, 8_730, 8_731),
-        (partly, 8_730, 7_731),
-        (hold(status=HoldStatus.COMMITTED, refunded=8_730), 8_730, 0),
-        (hold(status=HoldStatus.COMMITTED, refunded=8_730), 8_730, 1),
-        (committed, 0, 0),  # an included model charged nothing
-        (committed, 0, 1),
+    assert refund_amount(partly, 8_730, 0, refund_all=True) == 7_730
+    assert refund_amount(partly, 8_730, 7_730, refund_all=False) == 7_730
+    for found, charged, requested, everything in [
+        (committed, 8_730, 8_731, False),
+        (committed, 8_730, 0, False),  # an amount of 0 is not a refund
+        (partly, 8_730, 7_731, False),
+        (hold(status=HoldStatus.COMMITTED, refunded=8_730), 8_730, 0, True),
+        (hold(status=HoldStatus.COMMITTED, refunded=8_730), 8_730, 1, False),
+        (committed, 0, 0, True),  # an included model charged nothing
+        (committed, 0, 1, False),
     ]:
         with pytest.raises(FailedPrecondition) as raised:
-            refund_amount(found, charged, requested)
+            refund_amount(found, charged, requested, refund_all=everything)
         assert raised.value.reason is ErrorReason.REFUND_EXCEEDS_CHARGE
 
 
 @given(
-    charged=st.integers(0, 10**13), refunded=st.integers(0, 10**13), asked=st.integers(0, 10**13)
+    charged=st.integers(0, 10**13),
+    refunded=st.integers(0, 10**13),
+    asked=st.integers(0, 10**13),
+    refund_all=st.booleans(),
 )
-def test_refunds_never_exceed_the_charge(charged: int, refunded: int, asked: int) -> None:
+def test_refunds_never_exceed_the_charge(
+    charged: int, refunded: int, asked: int, refund_all: bool
+) -> None:
     assume(refunded <= charged)
     found = hold(status=HoldStatus.COMMITTED, refunded=refunded)
     try:
-        amount = refund_amount(found, charged, asked)
+        amount = refund_amount(found, charged, asked, refund_all)
     except FailedPrecondition:
-        assert asked > charged - refunded or charged == refunded
+        assert charged == refunded or (not refund_all and not 0 < asked <= charged - refunded)
     else:
         assert 0 < amount <= charged - refunded
-        assert amount == (asked or charged - refunded)
+        assert amount == (charged - refunded if refund_all else asked)
 
 
 # Validation
@@ -539,10 +611,38 @@ def test_usage_bounds(usage: TokenUsage, field: str) -> None:
         (Refund("r", RSV, -1), "amount_micros"),
         (Refund("r", RSV, AMOUNT_MICROS_MAX + 1), "amount_micros"),
         (Refund("r", RSV, 0, "x" * 501), "reason"),
+        # A refund says one thing: an amount, or all of it.
+        (Refund("r", RSV, 1, refund_all=True), "amount_micros"),
     ],
 )
 def test_refund_fields(refund: Refund, field: str) -> None:
     assert invalid_field(validate_refund, refund) == field
+
+
+@pytest.mark.parametrize(
+    ("release", "field"),
+    [
+        (Release("", RSV), "request_id"),
+        (Release("r" * 129, RSV), "request_id"),
+        (Release("r", "rsv_x"), "reservation_id"),
+        (Release("r", RSV, "x" * 501), "reason"),
+    ],
+)
+def test_release_fields(release: Release, field: str) -> None:
+    validate_release(Release("r", RSV, "x" * 500))
+    assert invalid_field(validate_release, release) == field
+
+
+def test_which_refund_is_a_release() -> None:
+    """Only the shape earlier clients sent to release (no amount, not refund_all) releases;
+    its fingerprint, like every request's made before refund_all existed, is unchanged."""
+    assert Refund("r", RSV).asks_release
+    assert not Refund("r", RSV, 1).asks_release
+    assert not Refund("r", RSV, refund_all=True).asks_release
+    assert fingerprint(Refund("r", RSV, 0, "x")) == (
+        "d0a6912ac36802d372abd913f19754b67a1c875839bc70ba4925eef1a08ce5ee"
+    )
+    assert fingerprint(Refund("r", RSV, refund_all=True)) != fingerprint(Refund("r", RSV))
 
 
 @pytest.mark.parametrize(

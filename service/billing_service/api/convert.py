@@ -19,7 +19,7 @@ from billing_service.domain.model import (
     TenantStatus,
     UsageRecord,
 )
-from billing_service.domain.outcomes import CommitOutcome, RefundOutcome
+from billing_service.domain.outcomes import CommitOutcome, RefundOutcome, ReleaseOutcome
 from billing_service.domain.payments import BillingStatus
 from billing_service.domain.policy import Decision
 from billing_service.domain.pricing import ModelBilling, TokenUsage
@@ -125,8 +125,16 @@ def commit(request: billing_pb2.CommitRequest) -> commands.Commit:
 
 def refund(request: billing_pb2.RefundRequest) -> commands.Refund:
     return commands.Refund(
-        request.request_id, request.reservation_id, request.amount_micros, request.reason
+        request.request_id,
+        request.reservation_id,
+        request.amount_micros,
+        request.reason,
+        refund_all=request.refund_all,
     )
+
+
+def release(request: billing_pb2.ReleaseRequest) -> commands.Release:
+    return commands.Release(request.request_id, request.reservation_id, request.reason)
 
 
 def create_tenant(request: admin_pb2.CreateTenantRequest) -> commands.CreateTenant:
@@ -268,6 +276,13 @@ def refund_response(outcome: RefundOutcome) -> billing_pb2.RefundResponse:
         amount_micros=outcome.amount_micros,
         available_credit_micros=outcome.available_after_micros,
         refunded_total_micros=outcome.refunded_total_micros,
+    )
+
+
+def release_response(outcome: ReleaseOutcome) -> billing_pb2.ReleaseResponse:
+    return billing_pb2.ReleaseResponse(
+        released_micros=outcome.released_micros,
+        available_credit_micros=outcome.available_after_micros,
     )
 
 

@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 from billing_service.domain.errors import (
     AlreadyExists,
     BillingError,
+    ErrorReason,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -54,7 +55,7 @@ def rich_status(error: BillingError) -> grpc.Status:
 
 def error_info_status(
     code: int,
-    reason: str,
+    reason: ErrorReason,
     message: str,
     metadata: Mapping[str, str] | None = None,
     more_details: Sequence[any_pb2.Any] = (),

@@ -22,17 +22,15 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2
 
 from billing_service.api.errors import error_info_status
+from billing_service.domain.errors import ErrorReason
 from billing_service.logs import CallContext, bind_tenant, call_context
 from billing_service.metrics import Metrics
 from billing_service.security import OPEN_SERVICES, Authenticator, AuthFailure
 
-__all__ = ["DEADLINE_PASSED", "CallGuard"]
+__all__ = ["CallGuard"]
 
 _log = logging.getLogger(__name__)
 _access_log = logging.getLogger("billing_service.access")
-
-# ErrorInfo reason of a call refused because its deadline passed before it was handled.
-DEADLINE_PASSED = "DEADLINE_PASSED"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 UnaryHandler = Callable[[Any, Context], Awaitable[Any]]
@@ -171,7 +169,7 @@ class CallGuard(_ServerInterceptor):
                 await _abort(
                     recording,
                     code_pb2.DEADLINE_EXCEEDED,
-                    DEADLINE_PASSED,
+                    ErrorReason.DEADLINE_PASSED,
                     "the call's deadline passed before it was handled; nothing was done",
                 )
             response = await inner(request, recording)
@@ -230,7 +228,7 @@ class _RecordingContext:
 async def _abort(
     context: Context,
     code: int,
-    reason: str,
+    reason: ErrorReason,
     message: str,
     metadata: dict[str, str] | None = None,
 ) -> None:
@@ -256,7 +254,8 @@ def _final_code(context: Context, error: BaseException) -> grpc.StatusCode:
 
 
 def _bind_tenant_of(response: Message) -> None:
-    """Commit and Refund name only a reservation; a usage record in the answer names its tenant."""
+    """Commit, Release and Refund name only a reservation; a usage record in the answer names
+    its tenant."""
     record = getattr(response, "usage_record", None)
     if isinstance(record, Message):
         bind_tenant(str(getattr(record, "tenant_id", "")))

@@ -1,8 +1,13 @@
-"""Server reflection that also resolves method names.
+"""Server reflection that also resolves method names and serves the error-detail types.
 
 grpcio-reflection asks the descriptor pool for the file containing a symbol, and the pool does
 not index methods, so `grpcurl describe billing.v1.BillingService.Commit` fails (grpc/grpc
 issue 34743, open). This pool answers a method by its service's file and delegates all else.
+
+No service's file imports google/rpc/error_details.proto or billing/v1/errors.proto, so they are
+loaded here: a tool that decodes an error's details over reflection (grpcurl) asks for
+google.rpc.ErrorInfo and google.rpc.BadRequest by name, and `grpcurl describe
+billing.v1.ErrorReason` lists the reasons.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ from typing import Any, cast
 import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
+from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection
+
+from billing.v1 import errors_pb2
+
+# Imported for reflection only: importing registers them in the default descriptor pool.
+ERROR_DETAIL_FILES = (errors_pb2.DESCRIPTOR, error_details_pb2.DESCRIPTOR)
 
 
 class _MethodResolvingPool:

@@ -58,12 +58,13 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     ) -> billing_pb2.RefundResponse:
         return convert.refund_response(await self._core.refund(convert.refund(request)))
 
+    @maps_errors
     async def Release(
         self,
         request: billing_pb2.ReleaseRequest,
         context: grpc.aio.ServicerContext[billing_pb2.ReleaseRequest, billing_pb2.ReleaseResponse],
     ) -> billing_pb2.ReleaseResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Release is not served yet")
+        return convert.release_response(await self._core.release(convert.release(request)))
 
 
 # A reservation that waits for a card top-up answers this long before its deadline.

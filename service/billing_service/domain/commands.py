@@ -67,9 +67,27 @@ class Commit:
 
 @dataclass(frozen=True, slots=True)
 class Refund:
+    """Gives back `amount_micros` of a committed charge, or all that is left of it with
+    `refund_all`. With neither it is a release (the shape earlier clients sent to give a hold
+    back), with exactly Release's meaning: it never refunds anything."""
+
     request_id: str
     reservation_id: str
     amount_micros: int = 0
+    reason: str = ""
+    refund_all: bool = False
+
+    @property
+    def asks_release(self) -> bool:
+        return not self.amount_micros and not self.refund_all
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Gives an open hold back; never refunds a charge."""
+
+    request_id: str
+    reservation_id: str
     reason: str = ""
 
 
@@ -99,7 +117,7 @@ class GrantCredit:
     reason: str
 
 
-Command = Reserve | Commit | Refund | CreateTenant | UpdateTenant | GrantCredit
+Command = Reserve | Commit | Refund | Release | CreateTenant | UpdateTenant | GrantCredit
 
 
 def _fields(instance: Any) -> dict[str, Any]:
@@ -116,12 +134,17 @@ def _fields(instance: Any) -> dict[str, Any]:
 _NESTED = (QueryEstimate, TokenUsage)
 
 
+# Fields added to commands after requests were stored, with the value that means "not sent".
+_ADDED_FIELDS = (("api_key_id", ""), ("refund_all", False))
+
+
 def fingerprint(command: Command | DataclassInstance) -> str:
     """A digest of everything a request asks, to tell a retry from a reused request_id."""
     body = {"command": type(command).__name__, **_fields(command)}
-    if body.get("api_key_id") == "":
-        # Requests made before API keys existed keep their fingerprints.
-        del body["api_key_id"]
+    # Requests made before these fields existed keep their fingerprints.
+    for name, absent in _ADDED_FIELDS:
+        if name in body and body[name] == absent:
+            del body[name]
     canonical = json.dumps(body, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -221,6 +244,14 @@ def validate_refund(command: Refund) -> None:
     check_id("request_id", command.request_id)
     check_reservation_id(command.reservation_id)
     check_range("amount_micros", command.amount_micros, 0, AMOUNT_MICROS_MAX)
+    if command.refund_all and command.amount_micros:
+        raise InvalidArgument("amount_micros", "must be 0 when refund_all is set")
+    check_reason("reason", command.reason, required=False)
+
+
+def validate_release(command: Release) -> None:
+    check_id("request_id", command.request_id)
+    check_reservation_id(command.reservation_id)
     check_reason("reason", command.reason, required=False)
 
 

@@ -1,7 +1,8 @@
 """Errors of the billing core, each with a stable reason (AIP-193 `ErrorInfo.reason`).
 
 The transport maps each class to one gRPC status code; the reason strings are part of the
-public contract and never change meaning.
+public contract and never change meaning. The contract lists them as billing.v1.ErrorReason
+(protos/billing/v1/errors.proto); tests/test_error_reasons.py fails when the two differ.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from enum import StrEnum
 
 
 class ErrorReason(StrEnum):
+    """Every ErrorInfo reason the server sends, the transport's (authentication, deadline) too."""
+
     FIELD_INVALID = "FIELD_INVALID"
     TENANT_NOT_FOUND = "TENANT_NOT_FOUND"
     RESERVATION_NOT_FOUND = "RESERVATION_NOT_FOUND"
     TENANT_ALREADY_EXISTS = "TENANT_ALREADY_EXISTS"
     REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
     HOLD_ALREADY_COMMITTED = "HOLD_ALREADY_COMMITTED"
+    HOLD_NOT_COMMITTED = "HOLD_NOT_COMMITTED"
     HOLD_RELEASED = "HOLD_RELEASED"
     HOLD_EXPIRED = "HOLD_EXPIRED"
     PARTIAL_RELEASE_NOT_ALLOWED = "PARTIAL_RELEASE_NOT_ALLOWED"
@@ -31,6 +35,11 @@ class ErrorReason(StrEnum):
     CHARGE_NOT_FOUND = "CHARGE_NOT_FOUND"
     CHARGE_IN_PROGRESS = "CHARGE_IN_PROGRESS"
     BUDGET_NOT_FOUND = "BUDGET_NOT_FOUND"
+    CREDENTIALS_MISSING = "CREDENTIALS_MISSING"
+    TOKEN_INVALID = "TOKEN_INVALID"
+    CLIENT_CERTIFICATE_UNKNOWN = "CLIENT_CERTIFICATE_UNKNOWN"
+    CALLER_NOT_PERMITTED = "CALLER_NOT_PERMITTED"
+    DEADLINE_PASSED = "DEADLINE_PASSED"
 
 
 class BillingError(Exception):

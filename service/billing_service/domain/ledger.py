@@ -1,6 +1,11 @@
-"""Settlement rules: what a commit debits, what a refund may give back, which holds can settle.
+"""Settlement rules: what a commit debits, what a release and a refund may give back, which
+holds can settle.
 
-The ledger itself (entries, balances) lives in storage; these functions decide the amounts.
+A hold settles once: a commit, a release or an expiry, whichever comes first. A release only
+ever gives back an open hold before its expire time (after it, the request expires the hold, as
+the sweep would); a refund only ever gives back part of a committed charge. Neither turns into
+the other. The ledger itself (entries, balances) lives in storage; these functions decide, and
+storage applies (its one-statement SQL applies `is_live` through storage.hold_sql).
 """
 
 from __future__ import annotations
@@ -18,12 +23,19 @@ class EntryKind(StrEnum):
 
     GRANT = "grant"  # operator credit: balance +
     HOLD = "hold"  # held +
-    RELEASE = "release"  # held - (released by a Refund before commit)
+    RELEASE = "release"  # held - (released by a Release before commit)
     EXPIRY = "expiry"  # held - (released at its expire time)
     DEBIT = "debit"  # held - the hold, balance - the charge (a commit)
     REFUND = "refund"  # balance + (part of a committed charge given back)
     TOP_UP = "top_up"  # balance + (a card charge succeeded; carries its charge id)
     TOP_UP_REVERSAL = "top_up_reversal"  # balance - (a card charge refunded or disputed)
+
+
+class ReleaseAction(StrEnum):
+    """What a release request does to a hold that can still settle."""
+
+    RELEASE = "release"  # open, before its expire time: the whole hold is given back
+    EXPIRE = "expire"  # open, past its expire time: expired exactly as the sweep does
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,24 +59,69 @@ def settle(hold: Hold, cost_micros: int, available_micros: int) -> Settlement:
     return Settlement(charged_micros=charged, uncollected_micros=cost_micros - charged)
 
 
+def is_live(hold: Hold, now: datetime) -> bool:
+    """Whether `hold` can still be committed or released: open, and its expire time not
+    reached. One that is open past it is due to expire, swept or not."""
+    return hold.status is HoldStatus.OPEN and now < hold.expires_at
+
+
 def check_committable(hold: Hold | None, reservation_id: str, now: datetime) -> Hold:
     """Raises the error that explains why `hold` cannot be committed, if it cannot."""
     hold = require_reservation(hold, reservation_id)
+    _check_not_settled(hold, "committed by another request")
+    if not is_live(hold, now):
+        raise hold_expired(reservation_id)
+    return hold
+
+
+def decide_release(hold: Hold | None, reservation_id: str, now: datetime) -> ReleaseAction:
+    """What a release does to `hold`; raises why it does nothing when it does nothing.
+
+    A committed hold is never touched: a release that lost the race with a commit fails with
+    HOLD_ALREADY_COMMITTED and refunds nothing (only a Refund that asks for an amount does).
+    """
+    hold = require_reservation(hold, reservation_id)
+    _check_not_settled(hold, "committed: a release never refunds a charge")
+    return ReleaseAction.RELEASE if is_live(hold, now) else ReleaseAction.EXPIRE
+
+
+def check_refundable(
+    hold: Hold | None, reservation_id: str, now: datetime, *, refund_all: bool
+) -> Hold:
+    """Returns `hold` if it is committed (a refund gives back part of its charge); else raises
+    why not. A refund never releases or expires a hold: that is a release's or the sweep's."""
+    hold = require_reservation(hold, reservation_id)
+    if hold.status is HoldStatus.COMMITTED:
+        return hold
+    _check_not_settled(hold, "committed")
+    if not is_live(hold, now):
+        raise hold_expired(reservation_id)
+    if refund_all:
+        raise FailedPrecondition(
+            ErrorReason.HOLD_NOT_COMMITTED,
+            f"reservation {reservation_id} is not committed: there is no charge to refund; "
+            "send Release to give the hold back",
+        )
+    raise FailedPrecondition(
+        ErrorReason.PARTIAL_RELEASE_NOT_ALLOWED,
+        f"reservation {reservation_id} is not committed: an open hold is released whole, "
+        "by Release",
+    )
+
+
+def _check_not_settled(hold: Hold, committed: str) -> None:
     match hold.status:
         case HoldStatus.COMMITTED:
             raise FailedPrecondition(
                 ErrorReason.HOLD_ALREADY_COMMITTED,
-                f"reservation {reservation_id} was already committed by another request",
+                f"reservation {hold.hold_id} was already {committed}",
             )
         case HoldStatus.RELEASED:
             raise FailedPrecondition(
-                ErrorReason.HOLD_RELEASED, f"reservation {reservation_id} was released"
+                ErrorReason.HOLD_RELEASED, f"reservation {hold.hold_id} was released"
             )
         case HoldStatus.EXPIRED:
-            raise _expired(reservation_id)
-    if hold.expires_at <= now:
-        raise _expired(reservation_id)
-    return hold
+            raise hold_expired(hold.hold_id)
 
 
 def require_reservation(hold: Hold | None, reservation_id: str) -> Hold:
@@ -76,35 +133,22 @@ def require_reservation(hold: Hold | None, reservation_id: str) -> Hold:
     return hold
 
 
-def _expired(reservation_id: str) -> FailedPrecondition:
+def hold_expired(reservation_id: str) -> FailedPrecondition:
     return FailedPrecondition(
         ErrorReason.HOLD_EXPIRED,
         f"reservation {reservation_id} expired and its hold was released; reserve again",
     )
 
 
-def refund_amount(hold: Hold, charged_micros: int, requested_micros: int) -> int:
-    """How much a refund of a committed hold gives back; 0 requested means all that is left."""
+def refund_amount(hold: Hold, charged_micros: int, requested_micros: int, refund_all: bool) -> int:
+    """How much a refund of a committed hold gives back: `requested_micros`, or with
+    `refund_all` all that is left."""
     refundable = charged_micros - hold.refunded_micros
-    amount = requested_micros or refundable
-    if refundable <= 0 or amount > refundable:
+    amount = refundable if refund_all else requested_micros
+    if refundable <= 0 or not 0 < amount <= refundable:
         raise FailedPrecondition(
             ErrorReason.REFUND_EXCEEDS_CHARGE,
             f"reservation {hold.hold_id} has {refundable} micros left to refund, "
             f"{amount} were asked",
         )
     return amount
-
-
-def check_releasable(hold: Hold, requested_micros: int) -> None:
-    if hold.status is HoldStatus.RELEASED:
-        raise FailedPrecondition(
-            ErrorReason.HOLD_RELEASED, f"reservation {hold.hold_id} was released"
-        )
-    if hold.status is HoldStatus.EXPIRED:
-        raise _expired(hold.hold_id)
-    if requested_micros:
-        raise FailedPrecondition(
-            ErrorReason.PARTIAL_RELEASE_NOT_ALLOWED,
-            f"reservation {hold.hold_id} is not committed: amount_micros must be 0 to release it",
-        )

@@ -28,6 +28,13 @@ class RefundOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseOutcome:
+    released_micros: int
+    available_after_micros: int
+    request_fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
 class GrantOutcome:
     entry_id: int
     balance: Balance

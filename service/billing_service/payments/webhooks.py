@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing_service.config import ConfigError, Settings
 from billing_service.core import Clock, utc_now
 from billing_service.domain.errors import Unavailable
+from billing_service.metrics import Metrics
 from billing_service.payments.events import PaymentIntentFacts, StripeEventSink
 from billing_service.storage.stripe_event_store import StripeEventStore
 
@@ -241,7 +242,9 @@ class StripeWebhookEndpoint:
         tolerance_s: int = stripe.Webhook.DEFAULT_TOLERANCE,
         timeout_s: float = 10.0,
         clock: Clock = utc_now,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._secret = secret
         self._sink = sink
         self._processed = processed
@@ -253,6 +256,12 @@ class StripeWebhookEndpoint:
         self._locks: dict[str, _EventLock] = {}
 
     async def handle(self, request: web.Request) -> web.Response:
+        response = await self._handle(request)
+        if self._metrics is not None:
+            self._metrics.webhook_events.labels(_COUNTED_AS[response[_OUTCOME]]).inc()
+        return response
+
+    async def _handle(self, request: web.Request) -> web.Response:
         received_at = self._clock()
         payload = await request.read()
         try:
@@ -316,8 +325,23 @@ class StripeWebhookEndpoint:
         return _answer(200, "processed")
 
 
+_OUTCOME = web.ResponseKey("outcome", str)
+# The answer's outcome -> billing_webhook_events_total's outcome label.
+_COUNTED_AS = {
+    "processed": "applied",
+    "duplicate": "duplicate",
+    "ignored": "ignored",
+    "signature verification failed": "rejected",
+    "not a Stripe event": "rejected",
+    "try again": "failed",
+    "failed": "failed",
+}
+
+
 def _answer(status: int, outcome: str) -> web.Response:
-    return web.json_response({"outcome": outcome}, status=status)
+    response = web.json_response({"outcome": outcome}, status=status)
+    response[_OUTCOME] = outcome
+    return response
 
 
 # The server
@@ -377,6 +401,7 @@ async def start_webhook_server(
     sink: StripeEventSink | None,
     engine: AsyncEngine,
     clock: Clock = utc_now,
+    metrics: Metrics | None = None,
 ) -> WebhookServer | None:
     """Serves the endpoint when BILLING_WEBHOOK_PORT is set; None when it is off."""
     if not settings.webhook_port:
@@ -393,6 +418,7 @@ async def start_webhook_server(
         tolerance_s=settings.stripe_webhook_tolerance_s,
         timeout_s=settings.stripe_webhook_timeout_s,
         clock=clock,
+        metrics=metrics,
     )
     server = await WebhookServer.start(
         endpoint, settings.webhook_host, settings.webhook_port, settings.shutdown_grace_s

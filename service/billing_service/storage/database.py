@@ -1,4 +1,12 @@
-"""Engines for PostgreSQL (asyncpg) and SQLite (aiosqlite), and the mapping of faults."""
+"""Engines for PostgreSQL (asyncpg) and SQLite (aiosqlite), and the mapping of faults.
+
+A fault is a database problem that a retry with the same request_id can get past: a lost or
+refused connection, a pool exhausted for too long, or a node that is not (or no longer) the
+primary. `retires_connection` decides which driver errors mean the connection's node cannot
+be written through any more; both the SQLAlchemy path (through `handle_error`) and the
+one-statement hot path drop such a connection, with every one opened before it, so the next
+call connects afresh and, with `target_session_attrs=read-write`, reaches the new primary.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +16,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
+import asyncpg
 from sqlalchemy import event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine, ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -33,9 +42,51 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
     # No pre-ping: it costs up to three round trips per call; a dead connection fails its
     # statement instead, which is reported as UNAVAILABLE and retried by the client with the
     # same request_id, and the pool replaces it.
-    return create_async_engine(
+    engine = create_async_engine(
         url, echo=echo, pool_size=pool_size, max_overflow=0, pool_timeout=30, pool_recycle=3600
     )
+    event.listen(engine.sync_engine, "handle_error", _retire_on_node_fault)
+    return engine
+
+
+# SQLSTATE 25006, read_only_sql_transaction: a hot standby, or a primary that its HA manager
+# demoted or fenced (default_transaction_read_only). The connection will never write again.
+READ_ONLY_SQLSTATE = "25006"
+
+# Errors after which a connection cannot be trusted (asyncpg's own classes; SQLAlchemy wraps
+# them). Other errors (a value it cannot encode, a constraint, ...) are not faults: retrying
+# would not help.
+_CONNECTION_FAULTS = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    # No host of a multi-host URL matched target_session_attrs: mid-failover, none is primary.
+    asyncpg.TargetServerAttributeNotMatched,
+    OSError,
+    TimeoutError,
+)
+
+
+def retires_connection(error: BaseException) -> bool:
+    """True when `error` (or what it wraps) means the connection's node is gone, refuses
+    connections, or no longer takes writes."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, _CONNECTION_FAULTS):
+            return True
+        if getattr(seen, "sqlstate", None) == READ_ONLY_SQLSTATE:
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def _retire_on_node_fault(context: ExceptionContext) -> None:
+    # A disconnect for SQLAlchemy: it invalidates the connection and the pool's older ones,
+    # and the error comes out with connection_invalidated set.
+    if not context.is_disconnect and retires_connection(context.original_exception):
+        context.is_disconnect = True
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -65,7 +116,7 @@ _FAULTS = (OperationalError, InterfaceError, PoolTimeoutError, OSError, asyncio.
 
 
 def _is_fault(error: BaseException) -> bool:
-    if isinstance(error, _FAULTS):
+    if isinstance(error, _FAULTS) or retires_connection(error):
         return True
     return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
 

@@ -7,8 +7,14 @@ version) and on SQLite (transactions are serialized by BEGIN IMMEDIATE). No meth
 anything from a value it read earlier without holding the row's lock.
 
 Idempotency keys are unique columns: holds.request_id (ReserveCredit), usage_records.request_id
-(Commit), ledger_entries.request_id (Refund, GrantCredit), admin_requests.request_id. A retry
-hits the unique constraint, its transaction rolls back whole, and the stored result is returned.
+(Commit), ledger_entries.request_id (Release, Refund, GrantCredit), admin_requests.request_id. A
+retry hits the unique constraint, its transaction rolls back whole, and the stored result is
+returned.
+
+A hold settles once. Commit, release and expiry each change it only while it is open, under its
+row lock (the conditional UPDATE of the commit and the sweep; SELECT ... FOR UPDATE of a release
+or a refund), and re-read it once they hold the lock: whichever comes second finds it settled and
+says so. What each request may do to a hold in each state is decided in domain.ledger.
 """
 
 from __future__ import annotations
@@ -19,21 +25,30 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Row, bindparam, func, insert, select, update
+from sqlalchemy import Row, bindparam, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billing_service.domain.budgets import DENIAL_REASONS, BudgetUsage, first_exhausted
-from billing_service.domain.commands import Commit, CreateTenant, GrantCredit, Refund, UpdateTenant
+from billing_service.domain.commands import (
+    Commit,
+    CreateTenant,
+    GrantCredit,
+    Refund,
+    Release,
+    UpdateTenant,
+)
 from billing_service.domain.errors import AlreadyExists, ErrorReason, FailedPrecondition, NotFound
 from billing_service.domain.ledger import (
     EntryKind,
+    ReleaseAction,
     Settlement,
     check_committable,
-    check_releasable,
+    check_refundable,
+    decide_release,
+    hold_expired,
     refund_amount,
-    require_reservation,
     settle,
 )
 from billing_service.domain.model import (
@@ -50,6 +65,7 @@ from billing_service.domain.outcomes import (
     CommitOutcome,
     GrantOutcome,
     RefundOutcome,
+    ReleaseOutcome,
     TenantOutcome,
 )
 from billing_service.domain.payments import BillingStatus
@@ -58,6 +74,7 @@ from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
 from billing_service.storage import budget_store, postgres_hot_path
 from billing_service.storage.credit_sql import tenant_admits_sql
 from billing_service.storage.database import Transactions, storage_faults_unavailable
+from billing_service.storage.hold_sql import due_hold_sql, live_hold_sql
 from billing_service.storage.rollups import add_to_rollup
 from billing_service.storage.tables import (
     admin_requests,
@@ -99,11 +116,7 @@ _MOVE = (
 )
 _CLAIM_FOR_COMMIT = (
     update(holds)
-    .where(
-        holds.c.hold_id == bindparam("hold"),
-        holds.c.status == HoldStatus.OPEN,
-        holds.c.expires_at > bindparam("at"),
-    )
+    .where(holds.c.hold_id == bindparam("hold"), live_hold_sql(bindparam("at")))
     .values(status=HoldStatus.COMMITTED, settled_at=bindparam("at"))
     .returning(*holds.c)
 )
@@ -225,23 +238,36 @@ class LedgerStore:
                 raise
             return prior
 
-    # Refund
+    # Release and Refund
+
+    @storage_faults_unavailable
+    async def release(
+        self, command: Release, request_fingerprint: str, now: datetime
+    ) -> ReleaseOutcome:
+        """Releases an open hold. Raises HOLD_EXPIRED after expiring it if its expire time has
+        passed, and the domain's error for a settled hold (a committed one is never touched)."""
+        outcome = await self._release(
+            command.request_id, command.reservation_id, command.reason, request_fingerprint, now
+        )
+        # A stored answer of another kind is another request's: the fingerprints differ.
+        return ReleaseOutcome(
+            outcome.amount_micros, outcome.available_after_micros, outcome.request_fingerprint
+        )
 
     @storage_faults_unavailable
     async def refund(
         self, command: Refund, request_fingerprint: str, now: datetime
     ) -> RefundOutcome:
+        """Refunds part of a committed charge; a Refund without an amount is a release."""
+        if command.asks_release:
+            return await self._release(
+                command.request_id,
+                command.reservation_id,
+                command.reason,
+                request_fingerprint,
+                now,
+            )
         try:
-            if self._hot_path is not None and not command.amount_micros:
-                released = await self._hot_path.release(command, request_fingerprint, now)
-                if released is not None:
-                    return RefundOutcome(
-                        EntryKind.RELEASE,
-                        released.released_micros,
-                        released.available_after_micros,
-                        0,
-                        request_fingerprint,
-                    )
             return await self._db.write(
                 lambda conn: _refund(conn, command, request_fingerprint, now)
             )
@@ -250,6 +276,42 @@ class LedgerStore:
             if prior is None:
                 raise
             return prior
+
+    async def _release(
+        self,
+        request_id: str,
+        reservation_id: str,
+        reason: str,
+        request_fingerprint: str,
+        now: datetime,
+    ) -> RefundOutcome:
+        try:
+            if self._hot_path is not None:
+                released = await self._hot_path.release(
+                    request_id, reservation_id, reason, request_fingerprint, now
+                )
+                if released is not None:
+                    return RefundOutcome(
+                        EntryKind.RELEASE,
+                        released.released_micros,
+                        released.available_after_micros,
+                        0,
+                        request_fingerprint,
+                    )
+            outcome = await self._db.write(
+                lambda conn: _release(
+                    conn, request_id, reservation_id, reason, request_fingerprint, now
+                )
+            )
+        except IntegrityError:
+            prior = await self._db.read(lambda conn: _prior_refund(conn, request_id))
+            if prior is None:
+                raise
+            return prior
+        if outcome is None:
+            # Expired in the transaction above, now committed: the answer is that it expired.
+            raise hold_expired(reservation_id)
+        return outcome
 
     # Expiry
 
@@ -571,27 +633,33 @@ async def _debit(conn: AsyncConnection, hold: Hold, cost_micros: int) -> tuple[S
     return settlement, account
 
 
-async def _refund(
-    conn: AsyncConnection, command: Refund, request_fingerprint: str, now: datetime
-) -> RefundOutcome:
-    found = (
-        await conn.execute(
-            select(holds).where(holds.c.hold_id == command.reservation_id).with_for_update()
-        )
-    ).one_or_none()
-    hold = require_reservation(
-        None if found is None else _hold_from_row(found), command.reservation_id
-    )
+async def _release(
+    conn: AsyncConnection,
+    request_id: str,
+    reservation_id: str,
+    reason: str,
+    request_fingerprint: str,
+    now: datetime,
+) -> RefundOutcome | None:
+    """Releases the hold, or expires it when it is due (returns None); a replay returns the
+    stored answer."""
+    hold = await _locked_hold(conn, reservation_id)
     try:
-        if hold.status is HoldStatus.COMMITTED:
-            return await _refund_charge(conn, hold, command, request_fingerprint, now)
-        check_releasable(hold, command.amount_micros)
+        action = decide_release(hold, reservation_id, now)
     except FailedPrecondition:
-        # A retry of a refund that already happened finds the hold in its new state.
-        prior = await _prior_refund(conn, command.request_id)
+        # A retry of a release that already happened finds the hold in its new state.
+        prior = await _prior_refund(conn, request_id)
         if prior is not None:
             return prior
         raise
+    assert hold is not None
+    if action is ReleaseAction.EXPIRE:
+        # A request_id already used for something else is refused before anything changes.
+        prior = await _prior_refund(conn, request_id)
+        if prior is not None:
+            return prior
+        await _expire(conn, hold_id=hold.hold_id, now=now)
+        return None
     await conn.execute(
         update(holds)
         .where(holds.c.hold_id == hold.hold_id)
@@ -609,13 +677,39 @@ async def _refund(
         now,
         hold_id=hold.hold_id,
         held_delta=-released,
-        request_id=command.request_id,
+        request_id=request_id,
         request_fingerprint=request_fingerprint,
-        memo=command.reason or None,
+        memo=reason or None,
     )
     return RefundOutcome(
         EntryKind.RELEASE, released, account.available_micros, 0, request_fingerprint
     )
+
+
+async def _refund(
+    conn: AsyncConnection, command: Refund, request_fingerprint: str, now: datetime
+) -> RefundOutcome:
+    hold = await _locked_hold(conn, command.reservation_id)
+    try:
+        committed = check_refundable(
+            hold, command.reservation_id, now, refund_all=command.refund_all
+        )
+        return await _refund_charge(conn, committed, command, request_fingerprint, now)
+    except FailedPrecondition:
+        # A retry of a refund that already happened finds less left to refund.
+        prior = await _prior_refund(conn, command.request_id)
+        if prior is not None:
+            return prior
+        raise
+
+
+async def _locked_hold(conn: AsyncConnection, hold_id: str) -> Hold | None:
+    """The hold, its row locked until the transaction ends: a commit, release or sweep of it
+    waits, then finds it as this transaction leaves it."""
+    found = (
+        await conn.execute(select(holds).where(holds.c.hold_id == hold_id).with_for_update())
+    ).one_or_none()
+    return None if found is None else _hold_from_row(found)
 
 
 async def _refund_charge(
@@ -626,7 +720,7 @@ async def _refund_charge(
             select(usage_records.c.charged_micros).where(usage_records.c.hold_id == hold.hold_id)
         )
     ).scalar_one()
-    amount = refund_amount(hold, charged, command.amount_micros)
+    amount = refund_amount(hold, charged, command.amount_micros, command.refund_all)
     await conn.execute(
         update(holds)
         .where(holds.c.hold_id == hold.hold_id)
@@ -659,11 +753,7 @@ async def _expire(conn: AsyncConnection, *, hold_id: str, now: datetime) -> int:
     row = (
         await conn.execute(
             update(holds)
-            .where(
-                holds.c.hold_id == hold_id,
-                holds.c.status == HoldStatus.OPEN,
-                holds.c.expires_at <= now,
-            )
+            .where(holds.c.hold_id == hold_id, due_hold_sql(literal(now, holds.c.expires_at.type)))
             .values(status=HoldStatus.EXPIRED, settled_at=now)
             .returning(holds.c.tenant_id, holds.c.amount_micros, holds.c.billing, holds.c.budgets)
         )
@@ -784,7 +874,7 @@ async def _hold_by_request(conn: AsyncConnection, request_id: str) -> Hold | Non
 async def _due_holds(conn: AsyncConnection, now: datetime, limit: int) -> list[str]:
     due = await conn.execute(
         select(holds.c.hold_id)
-        .where(holds.c.status == HoldStatus.OPEN, holds.c.expires_at <= now)
+        .where(due_hold_sql(literal(now, holds.c.expires_at.type)))
         .order_by(holds.c.expires_at)
         .limit(limit)
     )

@@ -19,10 +19,13 @@ OperationalError, so that callers handle both paths' errors alike.
 
 Rules they apply, and where those rules are defined and tested to agree:
 - the fit rule `available >= amount`: storage.credit_sql (rendered into the text below);
+- only a live hold (open, before its expire time) is committed or released:
+  domain.ledger.is_live, rendered by storage.hold_sql (a release of a hold past its expire time
+  falls back: the general transaction expires it);
 - the cost of a call: domain.pricing.ModelPrice.cost_micros (the SQL `COST` below);
 - what a commit charges: domain.ledger.settle (the SQL `charged_micros` below);
 - the usage rollup of a commit: storage.rollups.add_to_rollup (the `rollup` CTE below).
-tests/ledger/test_hot_path_agrees.py checks the last three against the domain on random inputs.
+tests/ledger/test_hot_path_agrees.py checks them against the domain on random inputs.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from sqlalchemy.types import TypeEngine
 from sqlalchemy.util import greenlet_spawn
 
 from billing_service.domain.budgets import EPOCH, BudgetPeriod, period_start
-from billing_service.domain.commands import Commit, Refund
+from billing_service.domain.commands import Commit
 from billing_service.domain.model import Hold
 from billing_service.storage.budget_store import usages_from_json
 from billing_service.storage.coalescer import Coalescer
@@ -55,6 +58,8 @@ from billing_service.storage.credit_sql import (
     budget_rank_postgres_text,
     tenant_admits_postgres_text,
 )
+from billing_service.storage.database import retires_connection
+from billing_service.storage.hold_sql import live_hold_postgres_text
 from billing_service.storage.postgres_batch import (
     MAX_BATCH,
     BatchFunction,
@@ -65,6 +70,7 @@ from billing_service.storage.postgres_batch import (
 T = TypeVar("T")
 
 _AVAILABLE = available_credit_postgres_text()
+_LIVE = live_hold_postgres_text("now")
 _TENANT_ADMITS = tenant_admits_postgres_text()
 _FITS_SEEN = budget_fits_postgres_text("seen")
 # A period row not written yet: nothing spent or held.
@@ -164,7 +170,7 @@ _COMMIT_SQL = f"""
 WITH claimed AS (
     UPDATE holds
     SET status = 'committed', settled_at = :now
-    WHERE hold_id = :hold_id AND status = 'open' AND expires_at > :now AND budgets IS NULL
+    WHERE hold_id = :hold_id AND {_LIVE} AND budgets IS NULL
     RETURNING hold_id, tenant_id, user_id, model, billing, amount_micros, created_at,
         {_COST} AS cost_micros
 ), locked AS (
@@ -242,7 +248,7 @@ _RELEASE_SQL = f"""
 WITH released AS (
     UPDATE holds
     SET status = 'released', settled_at = :now
-    WHERE hold_id = :hold_id AND status = 'open' AND billing = 'metered' AND budgets IS NULL
+    WHERE hold_id = :hold_id AND {_LIVE} AND billing = 'metered' AND budgets IS NULL
     RETURNING hold_id, tenant_id, amount_micros
 ), moved AS (
     UPDATE tenants
@@ -346,20 +352,6 @@ COMMIT_BATCH = batch_function(
     tenant_of="SELECT holds.tenant_id FROM holds WHERE holds.hold_id = p_hold_id[ord]",
 )
 
-# Errors after which the connection cannot be trusted: it is dropped from the pool, with every
-# connection opened before it, and the call fails as a storage fault (UNAVAILABLE; the client
-# retries with the same request_id). Other asyncpg errors (a value it cannot encode, ...) are
-# not faults: retrying would not help.
-_CONNECTION_FAULTS = (
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.CannotConnectNowError,
-    OSError,
-    TimeoutError,
-)
-
 
 def reserve_params(hold: Hold) -> dict[str, Any]:
     price = hold.price
@@ -459,16 +451,21 @@ class HotPath:
         return await self._commit_one(params)
 
     async def release(
-        self, command: Refund, request_fingerprint: str, now: datetime
+        self,
+        request_id: str,
+        reservation_id: str,
+        reason: str,
+        request_fingerprint: str,
+        now: datetime,
     ) -> Released | None:
-        """Releases an open metered hold that took from no budget, else returns None."""
+        """Releases a live metered hold that took from no budget, else returns None."""
         row = await self._fetchrow(
             _RELEASE,
             {
-                "hold_id": command.reservation_id,
-                "request_id": command.request_id,
+                "hold_id": reservation_id,
+                "request_id": request_id,
                 "request_fingerprint": request_fingerprint,
-                "memo": command.reason or None,
+                "memo": reason or None,
                 "now": now,
             },
         )
@@ -556,7 +553,7 @@ class HotPath:
             # Cancelled mid-statement (the caller's deadline), the connection may still be busy
             # with it: like a broken one, it is not handed to the next caller.
             cancelled = isinstance(error, asyncio.CancelledError)
-            if not (cancelled or isinstance(error, _CONNECTION_FAULTS) or driver.is_closed()):
+            if not (cancelled or retires_connection(error) or driver.is_closed()):
                 raise
             driver.terminate()
             await greenlet_spawn(self._invalidate, pooled, error, not cancelled)

@@ -11,7 +11,12 @@ import grpc.aio
 
 from billing.client._channel import connect_aio_channel
 from billing.client._errors import BillingError, error_from_rpc
-from billing.client._hold import HoldBase, log_release_failure
+from billing.client._hold import (
+    HoldBase,
+    commit_failure,
+    log_release_failure,
+    release_failure,
+)
 from billing.client._model import (
     AccessDecision,
     OnExit,
@@ -20,6 +25,7 @@ from billing.client._model import (
     exit_reason,
     new_request_id,
     refund_request,
+    release_request,
     reserve_request,
 )
 from billing.client._retry import OnRetry, RetryPolicy
@@ -175,7 +181,9 @@ class AsyncBillingClient:
         Entering raises `Denied` if the hold is not granted. Leaving the block by an exception
         releases the hold; leaving it without `hold.commit(...)` releases it too, or with
         `on_exit="commit"` commits the estimate: `input_tokens` uncached input tokens and
-        `max_tokens` output tokens, which costs exactly the amount held.
+        `max_tokens` output tokens, which costs exactly the amount held. A hold whose commit
+        was sent but got no answer (`CommitOutcomeUnknown`, or the call was interrupted) is
+        never released: it is left to its commit's retry or to its expiry.
         """
         if on_exit not in ("release", "commit"):
             raise ValueError('on_exit must be "release" or "commit"')
@@ -191,19 +199,65 @@ class AsyncBillingClient:
         )
         return AsyncHoldContext(self, request, on_exit)
 
+    async def commit(
+        self,
+        reservation_id: str,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        request_id: str | None = None,
+    ) -> types_pb2.UsageRecord:
+        """Settles a hold at the real token counts, outside a `with` block; returns the usage
+        record. Pass the `request_id` (and the same counts) of a commit whose outcome was
+        unknown (`CommitOutcomeUnknown`) to learn its answer instead of committing twice.
+        Raises `CommitOutcomeUnknown` when this call's outcome is unknown."""
+        request = commit_request(
+            request_id or new_request_id(),
+            reservation_id,
+            input_tokens,
+            output_tokens,
+            cached_input_tokens,
+        )
+        try:
+            response = await self.call(
+                self.billing.Commit, request, name="Commit", request_id=request.request_id
+            )
+        except BillingError as error:
+            raise commit_failure(error, request) from error
+        return response.usage_record
+
+    async def release(
+        self, reservation_id: str, *, reason: str = "", request_id: str | None = None
+    ) -> billing_pb2.ReleaseResponse:
+        """Gives an open hold back; nothing is charged. It never refunds: a hold already
+        committed raises `HoldAlreadyCommitted` and nothing changes; one past its expire time
+        raises `HoldExpired` (it is expired, its amount is back in available credit). Raises
+        `ReleaseOutcomeUnknown` when the outcome is unknown."""
+        request = release_request(request_id or new_request_id(), reservation_id, reason)
+        try:
+            return await self.call(
+                self.billing.Release, request, name="Release", request_id=request.request_id
+            )
+        except BillingError as error:
+            raise release_failure(error, request) from error
+
     async def refund(
         self,
         reservation_id: str,
         *,
-        amount_micros: int = 0,
+        amount_micros: int | None = None,
+        refund_all: bool = False,
         reason: str = "",
         request_id: str | None = None,
     ) -> billing_pb2.RefundResponse:
-        """Releases an open hold, or refunds `amount_micros` (0: all that is left) of a
-        committed charge. Pass your own `request_id` (e.g. a support ticket's) to make a refund
+        """Refunds `amount_micros` of a committed charge, or all that is left of it with
+        `refund_all=True` (exactly one of the two). It never releases a hold: an open one
+        raises `HoldNotCommitted` (or `FailedPrecondition` PARTIAL_RELEASE_NOT_ALLOWED for an
+        amount). Pass your own `request_id` (e.g. a support ticket's) to make a refund
         idempotent across processes."""
         rid = request_id or new_request_id()
-        request = refund_request(rid, reservation_id, amount_micros, reason)
+        request = refund_request(rid, reservation_id, amount_micros, refund_all, reason)
         return await self.call(self.billing.Refund, request, name="Refund", request_id=rid)
 
 
@@ -229,40 +283,40 @@ class AsyncHold(HoldBase):
         self, *, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
     ) -> types_pb2.UsageRecord:
         """Settles the hold at the real token counts; returns the usage record. Raises
-        `HoldExpired` if the hold expired first (nothing was charged)."""
-        request = commit_request(
-            self._commit_request_id,
-            self.reservation_id,
-            input_tokens,
-            output_tokens,
-            cached_input_tokens,
-        )
+        `HoldExpired` if the hold expired first (nothing was charged), and
+        `CommitOutcomeUnknown` if no attempt got an answer: the hold is then never released;
+        calling `commit()` again with the same counts retries the same commit."""
         try:
-            response = await self._client.call(
-                self._client.billing.Commit,
-                request,
-                name="Commit",
+            record = await self._client.commit(
+                self.reservation_id,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cached_input_tokens=cached_input_tokens,
                 request_id=self._commit_request_id,
             )
         except BillingError as error:
             self._note_failure(error)
             raise
-        self.record = response.usage_record
+        except BaseException:
+            self._interrupted()
+            raise
+        self.record = record
         self.state = "committed"
-        return response.usage_record
+        return record
 
-    async def release(self, reason: str = "") -> billing_pb2.RefundResponse:
-        """Gives the hold back; nothing is charged."""
-        request = refund_request(self._release_request_id, self.reservation_id, 0, reason)
+    async def release(self, reason: str = "") -> billing_pb2.ReleaseResponse:
+        """Gives the hold back; nothing is charged. It never refunds: if the hold was
+        committed meanwhile it raises `HoldAlreadyCommitted` and changes nothing. Raises
+        `ReleaseOutcomeUnknown` if no attempt got an answer."""
         try:
-            response = await self._client.call(
-                self._client.billing.Refund,
-                request,
-                name="Refund",
-                request_id=self._release_request_id,
+            response = await self._client.release(
+                self.reservation_id, reason=reason, request_id=self._release_request_id
             )
         except BillingError as error:
             self._note_failure(error)
+            raise
+        except BaseException:
+            self._interrupted()
             raise
         self.state = "released"
         return response

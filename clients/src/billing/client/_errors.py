@@ -22,14 +22,18 @@ __all__ = [
     "AlreadyExists",
     "BillingError",
     "BillingUnavailable",
+    "CommitOutcomeUnknown",
     "Denied",
     "FailedPrecondition",
     "HoldAlreadyCommitted",
     "HoldExpired",
+    "HoldNotCommitted",
     "HoldReleased",
     "InvalidArgument",
     "NotFound",
+    "OutcomeUnknown",
     "PermissionDenied",
+    "ReleaseOutcomeUnknown",
     "RequestIdReused",
     "Unauthenticated",
 ]
@@ -118,7 +122,12 @@ class FailedPrecondition(BillingError):
 
 
 class HoldAlreadyCommitted(FailedPrecondition):
-    """The hold was committed already (by another request id)."""
+    """The hold was committed already (by another request id). A release of it fails so and
+    refunds nothing."""
+
+
+class HoldNotCommitted(FailedPrecondition):
+    """A refund of a hold that is still open: there is no charge to refund (release it)."""
 
 
 class HoldReleased(FailedPrecondition):
@@ -144,6 +153,70 @@ class BillingUnavailable(BillingError):
     """
 
 
+class OutcomeUnknown(BillingUnavailable):
+    """A commit or release of a hold got no answer (UNAVAILABLE, DEADLINE_EXCEEDED on every
+    attempt, or another failure that does not say the call changed nothing): it may or may not
+    have been applied. Nothing was guessed: send the same request again with `request_id` to
+    learn its answer; meanwhile the hold is left as it is (it expires at its expire time if
+    nothing settled it)."""
+
+    def __init__(self, cause: BillingError, *, reservation_id: str, request_id: str) -> None:
+        super().__init__(
+            cause.code,
+            cause.message,
+            reason=cause.reason,
+            domain=cause.domain,
+            metadata=cause.metadata,
+            field_violations=cause.field_violations,
+        )
+        self.reservation_id = reservation_id
+        self.request_id = request_id
+
+
+class CommitOutcomeUnknown(OutcomeUnknown):
+    """A Commit whose outcome is unknown. The hold was not released: retry the same commit
+    with `hold.commit(...)` (same usage) or `client.commit(error.reservation_id,
+    request_id=error.request_id, **error.usage)`."""
+
+    def __init__(
+        self,
+        cause: BillingError,
+        *,
+        reservation_id: str,
+        request_id: str,
+        usage: Mapping[str, int],
+    ) -> None:
+        super().__init__(cause, reservation_id=reservation_id, request_id=request_id)
+        # The token counts the commit sent: a retry must send exactly these.
+        self.usage: dict[str, int] = dict(usage)
+
+
+class ReleaseOutcomeUnknown(OutcomeUnknown):
+    """A Release whose outcome is unknown. Retry it with `client.release(error.reservation_id,
+    request_id=error.request_id)`, or leave the hold to expire."""
+
+
+# Answers after which a commit or release certainly changed nothing, or the hold's final state
+# is known: any other failure leaves its outcome unknown.
+_DECIDED_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+
+def outcome_unknown(error: BillingError) -> bool:
+    """Whether a failed mutating call may still have been applied."""
+    return error.code not in _DECIDED_CODES
+
+
 @dataclass
 class _Rich:
     reason: str = ""
@@ -167,6 +240,7 @@ _BY_CODE: dict[grpc.StatusCode, type[BillingError]] = {
 _BY_REASON: dict[str, type[BillingError]] = {
     "REQUEST_ID_REUSED": RequestIdReused,
     "HOLD_ALREADY_COMMITTED": HoldAlreadyCommitted,
+    "HOLD_NOT_COMMITTED": HoldNotCommitted,
     "HOLD_RELEASED": HoldReleased,
     "HOLD_EXPIRED": HoldExpired,
 }

@@ -1,4 +1,5 @@
-"""What the sync and asyncio holds share: the granted reservation and its request ids."""
+"""What the sync and asyncio holds share: the granted reservation, its request ids, and what a
+failed commit or release leaves known."""
 
 from __future__ import annotations
 
@@ -7,21 +8,26 @@ from typing import Literal
 
 from billing.client._errors import (
     BillingError,
+    CommitOutcomeUnknown,
     HoldAlreadyCommitted,
     HoldExpired,
     HoldReleased,
+    ReleaseOutcomeUnknown,
+    outcome_unknown,
 )
-from billing.client._model import AccessDecision, OnExit, new_request_id
-from billing.v1 import types_pb2
+from billing.client._model import AccessDecision, OnExit, new_request_id, usage_of
+from billing.v1 import billing_pb2, types_pb2
 
 logger = logging.getLogger("billing.client")
 
-HoldState = Literal["open", "committed", "released", "expired"]
+# "unknown": a commit or release was sent and its outcome is unknown (no answer, or the call
+# was interrupted): the hold may be settled or still open. It is never released after that.
+HoldState = Literal["open", "committed", "released", "expired", "unknown"]
 
 
 class HoldBase:
     """A granted hold. Its commit and its release each get one request id, made here, so a
-    second `commit()` after an unknown outcome (BillingUnavailable) is a retry, not a second
+    second `commit()` after an unknown outcome (CommitOutcomeUnknown) is a retry, not a second
     charge."""
 
     def __init__(
@@ -52,14 +58,45 @@ class HoldBase:
         return self.reservation.amount_micros
 
     def _note_failure(self, error: BillingError) -> None:
-        """Remembers a final state the server reported, so leaving the block does not act on
-        a hold that is no longer open."""
-        if isinstance(error, HoldAlreadyCommitted):
+        """Remembers what a failed commit or release says of the hold, so leaving the block
+        does not act on a hold that is no longer open, or that may not be."""
+        if isinstance(error, CommitOutcomeUnknown | ReleaseOutcomeUnknown):
+            self.state = "unknown"
+        elif isinstance(error, HoldAlreadyCommitted):
             self.state = "committed"
         elif isinstance(error, HoldReleased):
             self.state = "released"
         elif isinstance(error, HoldExpired):
             self.state = "expired"
+
+    def _interrupted(self) -> None:
+        """A commit or release stopped by something else (a cancelled task, Ctrl-C) may have
+        reached the service: its outcome is unknown."""
+        if self.state == "open":
+            self.state = "unknown"
+
+
+def commit_failure(error: BillingError, request: billing_pb2.CommitRequest) -> BillingError:
+    """The error to raise for a failed Commit: CommitOutcomeUnknown unless the answer says
+    what happened."""
+    if not outcome_unknown(error):
+        return error
+    return CommitOutcomeUnknown(
+        error,
+        reservation_id=request.reservation_id,
+        request_id=request.request_id,
+        usage=usage_of(request),
+    )
+
+
+def release_failure(error: BillingError, request: billing_pb2.ReleaseRequest) -> BillingError:
+    """The error to raise for a failed Release: ReleaseOutcomeUnknown unless the answer says
+    what happened."""
+    if not outcome_unknown(error):
+        return error
+    return ReleaseOutcomeUnknown(
+        error, reservation_id=request.reservation_id, request_id=request.request_id
+    )
 
 
 def log_release_failure(hold: HoldBase, error: BillingError) -> None:

@@ -139,14 +139,48 @@ def commit_request(
 
 
 def refund_request(
-    request_id: str, reservation_id: str, amount_micros: int, reason: str
+    request_id: str,
+    reservation_id: str,
+    amount_micros: int | None,
+    refund_all: bool,
+    reason: str,
 ) -> billing_pb2.RefundRequest:
+    """A Refund that says what it refunds: a positive `amount_micros`, or `refund_all`. Never
+    neither: that shape of the request releases a hold, which is `release()`'s job."""
+    if refund_all == (amount_micros is not None):
+        raise ValueError(
+            "refund() takes exactly one of amount_micros and refund_all=True "
+            "(to give an open hold back, use release())"
+        )
+    if amount_micros is not None and amount_micros <= 0:
+        raise ValueError(
+            "amount_micros must be positive (to give an open hold back, use release())"
+        )
     return billing_pb2.RefundRequest(
         request_id=request_id,
         reservation_id=reservation_id,
-        amount_micros=amount_micros,
+        amount_micros=amount_micros or 0,
+        refund_all=refund_all,
         reason=reason[:500],
     )
+
+
+def release_request(
+    request_id: str, reservation_id: str, reason: str
+) -> billing_pb2.ReleaseRequest:
+    return billing_pb2.ReleaseRequest(
+        request_id=request_id, reservation_id=reservation_id, reason=reason[:500]
+    )
+
+
+def usage_of(request: billing_pb2.CommitRequest) -> dict[str, int]:
+    """The token counts of a commit, as the keyword arguments of `commit()`."""
+    usage = request.usage
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cached_input_tokens": usage.cached_input_tokens,
+    }
 
 
 def exit_reason(exc_type: type[BaseException] | None) -> str:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -181,14 +181,25 @@ def build_parser() -> argparse.ArgumentParser:
     refund = _command(
         groups,
         "refund",
-        "release an open hold, or refund all or part of a committed charge",
+        "refund all (--all) or part (--amount) of a committed charge; never releases a hold",
         commands.refund,
         common,
         mutating=True,
     )
     refund.add_argument("reservation_id", metavar="RESERVATION_ID")
-    _amount(refund, required=False)
+    _amount(refund, required=True, everything="--all")
     refund.add_argument("--reason", required=True, help="kept in the ledger, e.g. a ticket number")
+
+    release = _command(
+        groups,
+        "release",
+        "give an open hold back (nothing is charged); never refunds a committed charge",
+        commands.release,
+        common,
+        mutating=True,
+    )
+    release.add_argument("reservation_id", metavar="RESERVATION_ID")
+    release.add_argument("--reason", default="", help="kept in the ledger")
     return parser
 
 
@@ -347,24 +358,29 @@ def _tenant_settings(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _amount(parser: argparse.ArgumentParser, *, required: bool) -> None:
+def _amount(parser: argparse.ArgumentParser, *, required: bool, everything: str = "") -> None:
+    """--amount DOLLARS or --amount-micros MICROS; with `everything` (e.g. "--all") also that
+    flag as the third choice, and then the amount must be positive: an amount of 0 would be
+    neither."""
     amount = parser.add_mutually_exclusive_group(required=required)
     amount.add_argument(
         "--amount",
         dest="amount_micros",
-        type=_dollars,
+        type=_positive(_dollars) if everything else _dollars,
         metavar="DOLLARS",
-        help="in dollars, e.g. 10.50" + ("" if required else " (default: all of it)"),
+        help="in dollars, e.g. 10.50",
     )
     amount.add_argument(
         "--amount-micros",
         dest="amount_micros",
-        type=_micros,
+        type=_positive_int if everything else _micros,
         metavar="MICROS",
         help="the same in micros",
     )
-    if not required:
-        parser.set_defaults(amount_micros=0)
+    if everything:
+        amount.add_argument(
+            everything, dest="everything", action="store_true", help="all that is left of it"
+        )
 
 
 def _period(parser: argparse.ArgumentParser, note: str, *, required: bool = False) -> None:
@@ -402,6 +418,16 @@ def _dollars(text: str) -> int:
         return parse_dollars(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive(parse: Callable[[str], int]) -> Callable[[str], int]:
+    def positive(text: str) -> int:
+        value = parse(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"not a positive amount: {text!r}")
+        return value
+
+    return positive
 
 
 def _micros(text: str) -> int:

@@ -197,22 +197,34 @@ def refund(ctx: Context, args: argparse.Namespace) -> None:
     request = billing_pb2.RefundRequest(
         request_id=ctx.request_id,
         reservation_id=args.reservation_id,
-        amount_micros=args.amount_micros,
+        amount_micros=args.amount_micros or 0,
+        refund_all=args.everything,
         reason=args.reason,
     )
     response = ctx.call(ctx.billing.Refund, request)
     if ctx.json:
         print_json(response, ctx.out)
         return
-    amount = format_dollars(response.amount_micros)
-    if response.kind == billing_pb2.REFUND_KIND_RELEASE:
-        ctx.out.write(f"Released the open hold {args.reservation_id} ({amount}).\n")
-    else:
-        ctx.out.write(
-            f"Refunded {amount} of {args.reservation_id} "
-            f"(refunded in all: {format_dollars(response.refunded_total_micros)}).\n"
-        )
-    ctx.out.write(f"Available {format_dollars(response.available_credit_micros)}.\n")
+    ctx.out.write(
+        f"Refunded {format_dollars(response.amount_micros)} of {args.reservation_id} "
+        f"(refunded in all: {format_dollars(response.refunded_total_micros)}).\n"
+        f"Available {format_dollars(response.available_credit_micros)}.\n"
+    )
+
+
+def release(ctx: Context, args: argparse.Namespace) -> None:
+    request = billing_pb2.ReleaseRequest(
+        request_id=ctx.request_id, reservation_id=args.reservation_id, reason=args.reason
+    )
+    response = ctx.call(ctx.billing.Release, request)
+    if ctx.json:
+        print_json(response, ctx.out)
+        return
+    ctx.out.write(
+        f"Released the open hold {args.reservation_id} "
+        f"({format_dollars(response.released_micros)}).\n"
+        f"Available {format_dollars(response.available_credit_micros)}.\n"
+    )
 
 
 # The dashboard: summary, usage, ledger

@@ -28,7 +28,9 @@ class _RefundKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RefundKind
     REFUND_KIND_UNSPECIFIED: _RefundKind.ValueType  # 0
     """Never returned."""
     REFUND_KIND_RELEASE: _RefundKind.ValueType  # 1
-    """An open hold was released; nothing had been charged."""
+    """An open hold was released (a Refund without an amount); nothing had been
+    charged.
+    """
     REFUND_KIND_REFUND: _RefundKind.ValueType  # 2
     """Part or all of a committed charge was credited back."""
 
@@ -38,7 +40,9 @@ class RefundKind(_RefundKind, metaclass=_RefundKindEnumTypeWrapper):
 REFUND_KIND_UNSPECIFIED: RefundKind.ValueType  # 0
 """Never returned."""
 REFUND_KIND_RELEASE: RefundKind.ValueType  # 1
-"""An open hold was released; nothing had been charged."""
+"""An open hold was released (a Refund without an amount); nothing had been
+charged.
+"""
 REFUND_KIND_REFUND: RefundKind.ValueType  # 2
 """Part or all of a committed charge was credited back."""
 Global___RefundKind: _TypeAlias = RefundKind  # noqa: Y015

@@ -625,7 +625,7 @@ class Reservation(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     """Output only. The reservation's id: "rsv_" followed by 32 lowercase hex
-    digits. Pass it to Commit or Refund.
+    digits. Pass it to Commit, Release or Refund.
     """
     tenant_id: _builtins.str
     """Output only. The tenant that holds it."""

@@ -36,7 +36,9 @@ class _LedgerEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ledge
     LEDGER_ENTRY_KIND_HOLD: _LedgerEntryKind.ValueType  # 2
     """A hold taken by ReserveCredit."""
     LEDGER_ENTRY_KIND_RELEASE: _LedgerEntryKind.ValueType  # 3
-    """A hold released by Refund (or by a commit that settles it)."""
+    """A hold released by Release or by a Refund without an amount (or by a
+    commit that settles it).
+    """
     LEDGER_ENTRY_KIND_EXPIRY: _LedgerEntryKind.ValueType  # 4
     """A hold released because it expired."""
     LEDGER_ENTRY_KIND_DEBIT: _LedgerEntryKind.ValueType  # 5
@@ -58,7 +60,9 @@ LEDGER_ENTRY_KIND_GRANT: LedgerEntryKind.ValueType  # 1
 LEDGER_ENTRY_KIND_HOLD: LedgerEntryKind.ValueType  # 2
 """A hold taken by ReserveCredit."""
 LEDGER_ENTRY_KIND_RELEASE: LedgerEntryKind.ValueType  # 3
-"""A hold released by Refund (or by a commit that settles it)."""
+"""A hold released by Release or by a Refund without an amount (or by a
+commit that settles it).
+"""
 LEDGER_ENTRY_KIND_EXPIRY: LedgerEntryKind.ValueType  # 4
 """A hold released because it expired."""
 LEDGER_ENTRY_KIND_DEBIT: LedgerEntryKind.ValueType  # 5
