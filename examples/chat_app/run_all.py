@@ -17,8 +17,8 @@ import uvicorn
 from billing.client import BillingClient
 from billing.v1 import admin_pb2
 from examples.chat_app.app import create_app
-from examples.chat_app.localstripe import start_localstripe
 from examples.chat_app.settings import ChatSettings
+from examples.chat_app.stripe_emulator import start_localstripe
 
 _READY_TIMEOUT_S = 60.0
 

@@ -140,11 +140,10 @@ class Load:
                     ),
                 )
             else:
-                # Refund with neither amount nor refund_all: a release of the open hold.
                 await self.send(
                     replica,
-                    "Refund",
-                    billing_pb2.RefundRequest(
+                    "Release",
+                    billing_pb2.ReleaseRequest(
                         request_id=f"release-{uuid.uuid4()}", reservation_id=reservation_id
                     ),
                 )

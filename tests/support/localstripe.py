@@ -1,21 +1,20 @@
 """localstripe (a stateful Stripe emulator) as a real child process on a free port.
 
-Each instance runs `--from-scratch`: without it localstripe loads and saves one fixed
-/tmp/localstripe.pickle, shared by every instance on the machine.
+Each instance serves on 127.0.0.1 only and keeps its objects in memory (the worked example's
+launcher, examples/chat_app/stripe_emulator.py): localstripe's own command binds every interface and
+saves one fixed /tmp/localstripe.pickle, shared by every instance on the machine.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
 from types import TracebackType
 
 import httpx
 
+from examples.chat_app.stripe_emulator import loopback_command
 from tests.support.ports import free_port
 
 API_KEY = "sk_test_localstripe"
@@ -27,10 +26,8 @@ class LocalStripe:
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        executable = shutil.which("localstripe", path=str(Path(sys.executable).parent))
-        command = [executable] if executable else [sys.executable, "-m", "localstripe"]
         self.process = subprocess.Popen(
-            [*command, "--port", str(self.port), "--from-scratch"],
+            loopback_command(self.port),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -1,10 +1,15 @@
 """localstripe (a Stripe emulator, in the dev extra) as a child process, so the example's card
 form works offline: the billing service talks to it as Stripe, and the billing page loads the
-test Stripe.js it serves at /js.stripe.com/v3/."""
+test Stripe.js it serves at /js.stripe.com/v3/.
+
+Run as a program (`python examples/chat_app/stripe_emulator.py --port N`; the tests start it so
+too), it serves localstripe's application on 127.0.0.1 only and in memory: localstripe's own
+command binds every interface, and pickles its whole store to one /tmp file, shared by every
+instance on the machine, on every write."""
 
 from __future__ import annotations
 
-import shutil
+import argparse
 import socket
 import subprocess
 import sys
@@ -47,12 +52,8 @@ class LocalStripe:
 def start_localstripe() -> LocalStripe:
     """Starts it on a port free a moment ago; fails loudly if it does not come up as ours."""
     port = _free_port()
-    executable = shutil.which("localstripe", path=str(Path(sys.executable).parent))
-    if executable is None:
-        raise SystemExit("localstripe is not installed (pip install localstripe)")
-    # --from-scratch: otherwise it shares one /tmp/localstripe.pickle with every other instance.
     process = subprocess.Popen(
-        [executable, "--port", str(port), "--from-scratch"],
+        loopback_command(port),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -75,8 +76,29 @@ def start_localstripe() -> LocalStripe:
     raise SystemExit(f"localstripe did not start on port {port}")
 
 
+def loopback_command(port: int) -> list[str]:
+    """The command that serves localstripe on 127.0.0.1:`port`, in memory (this file's main)."""
+    return [sys.executable, str(Path(__file__).resolve()), "--port", str(port)]
+
+
+def _serve_on_loopback(port: int) -> None:
+    try:
+        from aiohttp import web
+        from localstripe import server  # type: ignore[import-untyped]
+    except ImportError:
+        raise SystemExit("localstripe is not installed (pip install localstripe)") from None
+    server.store.dump_to_disk = lambda: None
+    web.run_app(server.app, host="127.0.0.1", port=port, print=None)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    _serve_on_loopback(parser.parse_args().port)
