@@ -1,4 +1,5 @@
-"""The database's floor: pgbench running bench/pgbench/reserve_commit.sql.
+"""The database's floor: pgbench running the service's own reserve + commit statements
+(bench.pgbench_script renders them; bench/pgbench/reserve_commit.sql is the same text).
 
 Run with -M prepared, -c <concurrency>, -j 2 and a per-transaction log, from which the same
 warm-up is cut and the same percentiles are computed as for the service.
@@ -16,16 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import stats
+from bench import pgbench_script, stats
 
-SCRIPT = Path(__file__).with_name("pgbench") / "reserve_commit.sql"
 APPLICATION_NAME = "bench-pgbench"
-_FINGERPRINT = re.compile(r"service-sql-fingerprint:\s*([0-9a-f]+)")
-
-
-def declared_fingerprint() -> str | None:
-    match = _FINGERPRINT.search(SCRIPT.read_text())
-    return match.group(1) if match else None
 
 
 @dataclass(frozen=True)
@@ -47,6 +41,8 @@ class PgbenchRun:
 def run(spec: PgbenchRun) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-pgbench-") as workdir:
         prefix = Path(workdir) / "tx"
+        script = Path(workdir) / "reserve_commit.sql"
+        script.write_text(pgbench_script.render())
         command = [
             str(spec.binary),
             "-h", spec.host,
@@ -56,7 +52,7 @@ def run(spec: PgbenchRun) -> dict[str, Any]:
             "-M", "prepared",
             "-c", str(spec.clients),
             "-j", str(min(2, spec.clients)),
-            "-f", str(SCRIPT),
+            "-f", str(script),
             "-D", f"run={spec.run_id}",
             "-D", f"ntenants={spec.ntenants}",
             "-D", f"zipf_s={spec.zipf_s}",

@@ -397,9 +397,8 @@ def markdown(result: dict[str, Any], plot_name: str) -> str:
     if script is not None and not script["current"]:
         lines += [
             "",
-            "**The pgbench script is stale**: the service's hot-path SQL changed (fingerprint "
-            f"{script['service_fingerprint']}, script {script['declared_fingerprint']}); "
-            "its numbers are not the current floor. Run `python -m bench.capture_sql`.",
+            f"**The committed pgbench script {script['path']} is stale** (pgbench ran the "
+            "statements rendered from the service's own); run `python -m bench.pgbench_script`.",
         ]
     lines += ["", f"Invariant checks: {'all passed' if result['invariants_ok'] else '**FAILED**'}."]
     if result["problems"]:

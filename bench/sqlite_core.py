@@ -4,9 +4,10 @@
 
 Calls the billing core (BillingCore over LedgerStore, what a ReserveCredit and a Commit RPC run)
 on a fresh SQLite file, one query at a time, and prints wall and CPU time per query; then the
-CPU of one bare aiosqlite `execute` (a hop to its worker thread and back), and how many such
-hops a query makes (counted by wrapping aiosqlite's dispatch). The rest of a query's CPU is
-SQLAlchemy and the service's own Python.
+CPU of one bare aiosqlite `execute` (a hop to its worker thread and back), and how many hops a
+query makes: to aiosqlite's thread (counted by wrapping its dispatch) and to the single writer's
+thread (storage.sqlite_writer, one per transaction). The rest of a query's CPU is SQLAlchemy and
+the service's own Python.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import aiosqlite
 from billing_service.core import BillingCore, CoreSettings
 from billing_service.domain.commands import Commit, CreateTenant, Reserve
 from billing_service.domain.pricing import ModelBilling, ModelPrice, PriceTable, TokenUsage
-from billing_service.storage.database import create_engine
+from billing_service.storage.database import create_engine, sqlite_writer
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.migrations import migrate
 
@@ -78,10 +79,13 @@ async def measure(directory: Path, count: int) -> dict[str, Any]:
             return await dispatch(self, fn, *args, **kwargs)  # type: ignore[no-untyped-call]
 
         aiosqlite.Connection._execute = counted  # type: ignore[method-assign]
+        writer = sqlite_writer(engine)
+        writer_hops = writer.hops
         try:
             await _queries(core, "count", 20)
         finally:
             aiosqlite.Connection._execute = dispatch  # type: ignore[method-assign]
+        writer_hops = writer.hops - writer_hops
         wall_ms, cpu_ms = await _queries(core, "measure", count)
     finally:
         await engine.dispose()
@@ -89,6 +93,7 @@ async def measure(directory: Path, count: int) -> dict[str, Any]:
         "wall_ms_per_query": wall_ms,
         "cpu_ms_per_query": cpu_ms,
         "aiosqlite_hops_per_query": hops / 20,
+        "writer_hops_per_query": writer_hops / 20,
         "cpu_ms_per_bare_hop": await _bare_hop_cpu_ms(directory / "hop.db"),
     }
 

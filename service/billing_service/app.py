@@ -132,7 +132,12 @@ class Application:
                 on_failure.callback(tracing.shutdown)
             metrics = Metrics()
             metrics.watch_pool(engine)
-            core = BillingCore(LedgerStore(engine), prices, settings.core_settings(), clock)
+            core = BillingCore(
+                LedgerStore(engine, coalesce=settings.db_coalesce_writes),
+                prices,
+                settings.core_settings(),
+                clock,
+            )
             page_tokens = page_tokens_for(settings, engine)
             account, worker = payments_for(settings, engine, core, clock, page_tokens, metrics)
             guard = CallGuard(authenticator, metrics, access_log=settings.access_log)

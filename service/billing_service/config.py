@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     migrate_on_start: bool = Field(True, description="Run the schema migrations when serving.")
     reflection: bool = Field(True, description="Serve gRPC server reflection.")
     db_pool_size: int = Field(10, ge=1, le=500, description="PostgreSQL connections per process.")
+    db_coalesce_writes: bool = Field(
+        False,
+        description="PostgreSQL: send ReserveCredit and Commit calls that arrive together as one "
+        "round trip.",
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
     )

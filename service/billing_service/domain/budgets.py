@@ -22,6 +22,7 @@ from billing_service.domain.commands import check_id, check_money
 from billing_service.domain.errors import InvalidArgument
 from billing_service.domain.model import DenialReason
 from billing_service.domain.money import AMOUNT_MICROS_MAX, format_micros
+from billing_service.domain.rules import Case, Column, Compare, Const, Expr, Param, Sub, evaluate
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -42,6 +43,27 @@ DENIAL_REASONS = {
     BudgetScope.USER: DenialReason.USER_BUDGET_EXHAUSTED,
     BudgetScope.API_KEY: DenialReason.API_KEY_BUDGET_EXHAUSTED,
 }
+# The order in which the budgets of a call are checked and locked.
+SCOPE_ORDER = (BudgetScope.USER, BudgetScope.API_KEY)
+
+# Rules (domain.rules) over a BudgetUsage: the domain evaluates them, storage compiles them
+# into the statements that take holds.
+BUDGETS = "budgets"
+# A budget's rank in SCOPE_ORDER.
+SCOPE_RANK: Expr = Case(
+    tuple(
+        (Compare("==", Column(BUDGETS, "scope"), Const(scope.value)), Const(rank))
+        for rank, scope in enumerate(SCOPE_ORDER)
+    ),
+    Const(len(SCOPE_ORDER)),
+)
+# The fit of a hold in one budget's period.
+HOLD_AMOUNT = Param("amount_micros")
+BUDGET_REMAINING: Expr = Sub(
+    Sub(Column(BUDGETS, "limit_micros"), Column(BUDGETS, "spent_micros")),
+    Column(BUDGETS, "held_micros"),
+)
+BUDGET_FITS: Expr = Compare("<=", HOLD_AMOUNT, BUDGET_REMAINING)
 
 
 def period_start(period: BudgetPeriod, now: datetime) -> datetime:
@@ -92,15 +114,23 @@ class BudgetUsage:
     held_micros: int = 0
 
     @property
+    def limit_micros(self) -> int:
+        return self.budget.limit_micros
+
+    @property
+    def scope(self) -> BudgetScope:
+        return self.budget.scope
+
+    @property
     def remaining_micros(self) -> int:
-        return self.budget.limit_micros - self.spent_micros - self.held_micros
+        return int(evaluate(BUDGET_REMAINING, {BUDGETS: self}))
 
     @property
     def reset_time(self) -> datetime | None:
         return reset_time(self.budget.period, self.period_start)
 
     def fits(self, amount_micros: int) -> bool:
-        return amount_micros <= self.remaining_micros
+        return bool(evaluate(BUDGET_FITS, {BUDGETS: self}, {HOLD_AMOUNT.name: amount_micros}))
 
     def after_hold(self, amount_micros: int) -> BudgetUsage:
         return BudgetUsage(
@@ -108,9 +138,13 @@ class BudgetUsage:
         )
 
 
+def in_scope_order(usages: tuple[BudgetUsage, ...]) -> tuple[BudgetUsage, ...]:
+    return tuple(sorted(usages, key=lambda usage: int(evaluate(SCOPE_RANK, {BUDGETS: usage}))))
+
+
 def first_exhausted(usages: tuple[BudgetUsage, ...], amount_micros: int) -> BudgetUsage | None:
     """The first budget (user before API key) a hold of `amount_micros` does not fit in."""
-    for usage in usages:
+    for usage in in_scope_order(usages):
         if not usage.fits(amount_micros):
             return usage
     return None

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from billing_service.domain.payments import BillingStatus
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
+from billing_service.domain.rules import Add, Case, Column, Const, Expr, Sub, evaluate
 
 if TYPE_CHECKING:
     from billing_service.domain.budgets import BudgetUsage
@@ -17,6 +18,21 @@ if TYPE_CHECKING:
 class TenantStatus(StrEnum):
     ACTIVE = "active"
     SUSPENDED = "suspended"
+
+
+# A tenant's credit, as rules (domain.rules) over its row: the domain evaluates them on an
+# Account, storage compiles them into every statement that moves or checks credit.
+TENANTS = "tenants"
+# A credit limit is extended only to a tenant with a payment method on file.
+EFFECTIVE_CREDIT_LIMIT: Expr = Case(
+    ((Column(TENANTS, "payment_method_on_file"), Column(TENANTS, "credit_limit_micros")),),
+    Const(0),
+)
+# The most a new hold may take. The exposure cap is `available >= 0`.
+AVAILABLE_CREDIT: Expr = Sub(
+    Add((Column(TENANTS, "balance_micros"), EFFECTIVE_CREDIT_LIMIT)),
+    Column(TENANTS, "held_micros"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +55,11 @@ class Account:
 
     @property
     def effective_credit_limit_micros(self) -> int:
-        """A credit limit is extended only to a tenant with a payment method on file."""
-        return self.credit_limit_micros if self.payment_method_on_file else 0
+        return int(evaluate(EFFECTIVE_CREDIT_LIMIT, {TENANTS: self}))
 
     @property
     def available_micros(self) -> int:
-        """The most a new hold may take. The exposure cap is `available >= 0`."""
-        return self.balance_micros + self.effective_credit_limit_micros - self.held_micros
+        return int(evaluate(AVAILABLE_CREDIT, {TENANTS: self}))
 
     @property
     def exposure_micros(self) -> int:
@@ -151,9 +165,16 @@ class Balance:
     held_micros: int
     effective_credit_limit_micros: int
 
+    # As a row of AVAILABLE_CREDIT: the limit is already the effective one.
+    payment_method_on_file = True
+
+    @property
+    def credit_limit_micros(self) -> int:
+        return self.effective_credit_limit_micros
+
     @property
     def available_micros(self) -> int:
-        return self.balance_micros + self.effective_credit_limit_micros - self.held_micros
+        return int(evaluate(AVAILABLE_CREDIT, {TENANTS: self}))
 
     @property
     def exposure_micros(self) -> int:

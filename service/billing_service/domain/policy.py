@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from billing_service.domain.budgets import (
-    DENIAL_REASONS,
-    BudgetUsage,
-    exhausted_message,
-    first_exhausted,
-)
-from billing_service.domain.model import PAYMENT_DENIALS, Account, DenialReason, TenantStatus
+from billing_service.domain.admission import budget_denial_reason, budget_refusal, tenant_refusal
+from billing_service.domain.budgets import BudgetUsage, exhausted_message
+from billing_service.domain.model import Account, DenialReason
 from billing_service.domain.money import format_micros
 from billing_service.domain.payments import BILLING_STATUS_MESSAGES, BillingStatus
 from billing_service.domain.pricing import ModelBilling, ModelPrice
@@ -36,28 +32,17 @@ def decide(
     """Whether `account` may run a query on `model` that needs a hold of `required_micros`.
 
     This is advice on one snapshot. For a hold, the database statement that takes it applies the
-    same fit rule (Account.available_micros >= required) atomically; this function then only
+    same rule (domain.admission, compiled into its SQL) atomically; this function then only
     explains a refusal.
     """
     available = account.available_micros
     if price is None:
         return denial(DenialReason.MODEL_NOT_OFFERED, model, available, None, 0)
-    if account.status is TenantStatus.SUSPENDED:
-        return denial(
-            DenialReason.ACCOUNT_SUSPENDED, model, available, price.billing, required_micros
-        )
-    if price.billing is ModelBilling.METERED and (
-        payment_denial := PAYMENT_DENIALS.get(account.billing_status)
-    ):
-        return denial(payment_denial, model, available, price.billing, required_micros)
-    if price.billing is ModelBilling.INCLUDED or required_micros <= available:
+    metered = price.billing is ModelBilling.METERED
+    refusal = tenant_refusal(account, metered, required_micros)
+    if refusal is None:
         return Decision(True, None, "", available, price.billing, required_micros)
-    reason = (
-        DenialReason.CREDIT_LIMIT_REACHED
-        if account.payment_method_on_file
-        else DenialReason.PAYMENT_METHOD_REQUIRED
-    )
-    return denial(reason, model, available, price.billing, required_micros)
+    return denial(refusal.reason, model, available, price.billing, required_micros)
 
 
 def denial(
@@ -136,17 +121,17 @@ def within_budgets(decision: Decision, usages: tuple[BudgetUsage, ...]) -> Decis
     decision = replace(decision, budgets=usages)
     if not decision.allowed or decision.billing is not ModelBilling.METERED:
         return decision
-    exhausted = first_exhausted(usages, decision.required_micros)
-    if exhausted is None:
+    refusal = budget_refusal(usages, decision.required_micros)
+    if refusal is None or refusal.budget is None:
         return decision
-    return budget_denial(decision, exhausted)
+    return budget_denial(decision, refusal.budget)
 
 
 def budget_denial(decision: Decision, exhausted: BudgetUsage) -> Decision:
     return replace(
         decision,
         allowed=False,
-        reason=DENIAL_REASONS[exhausted.budget.scope],
+        reason=budget_denial_reason(exhausted),
         message=exhausted_message(exhausted, decision.required_micros),
         exhausted_budget=exhausted,
     )

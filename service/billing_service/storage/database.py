@@ -11,18 +11,20 @@ call connects afresh and, with `target_session_attrs=read-write`, reaches the ne
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 from sqlalchemy import event
-from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.engine import Engine, ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from billing_service.domain.errors import ErrorReason, Unavailable
+from billing_service.storage.sqlite_writer import SqliteWriter
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -144,3 +146,52 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """One transaction: committed when the block ends, rolled back if it raises."""
     async with engine.begin() as connection:
         yield connection
+
+
+_WRITERS: weakref.WeakKeyDictionary[Engine, SqliteWriter] = weakref.WeakKeyDictionary()
+
+
+def sqlite_writer(engine: AsyncEngine) -> SqliteWriter:
+    """The single writer of a SQLite database (storage.sqlite_writer), made on first use;
+    `engine.dispose()` closes it (the next use makes a new one)."""
+    sync_engine = engine.sync_engine
+    writer = _WRITERS.get(sync_engine)
+    if writer is None:
+        writer = SqliteWriter(engine.url, _configure_sqlite)
+        _WRITERS[sync_engine] = writer
+        weakref.finalize(sync_engine, writer.close)
+        if not event.contains(sync_engine, "engine_disposed", _close_writer):
+            event.listen(sync_engine, "engine_disposed", _close_writer)
+    return writer
+
+
+def _close_writer(sync_engine: Engine) -> None:
+    writer = _WRITERS.pop(sync_engine, None)
+    if writer is not None:
+        writer.close()
+
+
+class Transactions:
+    """How a store runs its transaction bodies (async functions of one connection).
+
+    PostgreSQL: on a pooled connection of the engine; reads in autocommit (no BEGIN/ROLLBACK).
+    SQLite: on its single writer's thread, one hop per transaction (storage.sqlite_writer).
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    async def write(self, body: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """`body` in one transaction, committed unless it raises."""
+        if self._sqlite:
+            return await sqlite_writer(self._engine).transaction(body)
+        async with self._engine.begin() as conn:
+            return await body(conn)
+
+    async def read(self, body: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        if self._sqlite:
+            return await sqlite_writer(self._engine).read(body)
+        async with self._autocommit.connect() as conn:
+            return await body(conn)

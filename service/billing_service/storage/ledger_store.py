@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Row, bindparam, func, insert, literal, select, update
@@ -71,8 +72,8 @@ from billing_service.domain.payments import BillingStatus
 from billing_service.domain.policy import decide, explain_refusal
 from billing_service.domain.pricing import ModelBilling, ModelPrice, TokenUsage
 from billing_service.storage import budget_store, postgres_hot_path
-from billing_service.storage.credit_sql import available_credit_sql
-from billing_service.storage.database import storage_faults_unavailable, transaction
+from billing_service.storage.credit_sql import tenant_admits_sql
+from billing_service.storage.database import Transactions, storage_faults_unavailable
 from billing_service.storage.hold_sql import due_hold_sql, live_hold_sql
 from billing_service.storage.rollups import add_to_rollup
 from billing_service.storage.tables import (
@@ -100,12 +101,7 @@ _ACCOUNT_COLUMNS = (
 # statement per call (coercions, cache key) cost more CPU than executing it on SQLite.
 _TAKE_HOLD = (
     update(tenants)
-    .where(
-        tenants.c.tenant_id == bindparam("tenant"),
-        tenants.c.status == TenantStatus.ACTIVE,
-        tenants.c.billing_status == BillingStatus.GOOD_STANDING,
-        available_credit_sql() >= bindparam("amount"),
-    )
+    .where(tenants.c.tenant_id == bindparam("tenant"), tenant_admits_sql(bindparam("amount")))
     .values(held_micros=tenants.c.held_micros + bindparam("amount"))
     .returning(*_ACCOUNT_COLUMNS)
 )
@@ -132,15 +128,22 @@ _APPEND_ENTRY = insert(ledger_entries).returning(ledger_entries.c.entry_id)
 class LedgerStore:
     """Tenants, holds, usage records and the append-only ledger, in one SQL database."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, one_statement: bool = True, coalesce: bool = False
+    ) -> None:
+        """one_statement: on PostgreSQL, ReserveCredit, Commit and release try their one
+        statement first (postgres_hot_path); False sends every call through the general
+        transaction (the tests compare the two). coalesce: those that arrive together go as
+        one round trip (postgres_hot_path.HotPath)."""
         self._engine = engine
+        self._db = Transactions(engine)
         # The one-statement hot path runs without BEGIN/COMMIT round trips.
         self._postgres = engine.dialect.name == "postgresql"
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-        # Reads of one row need no transaction either (no BEGIN/ROLLBACK). SQLite reads keep
-        # theirs: its connection begins every transaction with BEGIN IMMEDIATE.
-        self._reads = self._autocommit if self._postgres else engine
-        self._hot_path = postgres_hot_path.HotPath(engine) if self._postgres else None
+        self._hot_path = (
+            postgres_hot_path.HotPath(engine, coalesce=coalesce)
+            if self._postgres and one_statement
+            else None
+        )
 
     @property
     def engine(self) -> AsyncEngine:
@@ -150,24 +153,25 @@ class LedgerStore:
 
     @storage_faults_unavailable
     async def get_account(self, tenant_id: str) -> Account | None:
-        async with self._reads.connect() as conn:
-            return await _get_account(conn, tenant_id)
+        return await self._db.read(lambda conn: _get_account(conn, tenant_id))
 
     @storage_faults_unavailable
     async def get_hold(self, hold_id: str) -> Hold | None:
-        async with self._reads.connect() as conn:
-            return await _get_hold(conn, hold_id)
+        return await self._db.read(lambda conn: _get_hold(conn, hold_id))
 
     @storage_faults_unavailable
     async def budget_usages(
         self, tenant_id: str, user_id: str, api_key_id: str, now: datetime
     ) -> tuple[BudgetUsage, ...]:
         """The budgets of this user and API key with their use in the period of `now`."""
-        async with self._reads.connect() as conn:
+
+        async def read(conn: AsyncConnection) -> tuple[BudgetUsage, ...]:
             found = await budget_store.applicable_budgets(conn, tenant_id, user_id, api_key_id)
             return tuple(
                 [await budget_store.current_usage(conn, b, now, lock=False) for b in found]
             )
+
+        return await self._db.read(read)
 
     # ReserveCredit
 
@@ -195,21 +199,18 @@ class LedgerStore:
                 taken = await self._hot_path.reserve(hold)
                 if taken is not None:
                     return taken
-            async with transaction(self._engine) as conn:
-                return await _place_hold(
+            return await self._db.write(
+                lambda conn: _place_hold(
                     conn, hold, create_with_limit, defer_credit_denial, credit_denial_reason
                 )
+            )
         except IntegrityError:
             return await self._prior_hold(hold.request_id)
 
     @storage_faults_unavailable
     async def find_hold(self, request_id: str) -> Hold | None:
         """The reservation made by a ReserveCredit with this request_id, if any."""
-        async with self._reads.connect() as conn:
-            row = (
-                await conn.execute(select(holds).where(holds.c.request_id == request_id))
-            ).one_or_none()
-        return None if row is None else _hold_from_row(row)
+        return await self._db.read(lambda conn: _hold_by_request(conn, request_id))
 
     async def _prior_hold(self, request_id: str) -> Hold:
         prior = await self.find_hold(request_id)
@@ -228,11 +229,11 @@ class LedgerStore:
                 row = await self._hot_path.commit(command, request_fingerprint, now)
                 if row is not None:
                     return CommitOutcome(_usage_from_row(row), row["available_after_micros"])
-            async with transaction(self._engine) as conn:
-                return await _commit(conn, command, request_fingerprint, now)
+            return await self._db.write(
+                lambda conn: _commit(conn, command, request_fingerprint, now)
+            )
         except IntegrityError:
-            async with self._reads.connect() as conn:
-                prior = await _prior_commit(conn, command.request_id)
+            prior = await self._db.read(lambda conn: _prior_commit(conn, command.request_id))
             if prior is None:
                 raise
             return prior
@@ -267,11 +268,11 @@ class LedgerStore:
                 now,
             )
         try:
-            async with transaction(self._engine) as conn:
-                return await _refund(conn, command, request_fingerprint, now)
+            return await self._db.write(
+                lambda conn: _refund(conn, command, request_fingerprint, now)
+            )
         except IntegrityError:
-            async with self._reads.connect() as conn:
-                prior = await _prior_refund(conn, command.request_id)
+            prior = await self._db.read(lambda conn: _prior_refund(conn, command.request_id))
             if prior is None:
                 raise
             return prior
@@ -297,13 +298,13 @@ class LedgerStore:
                         0,
                         request_fingerprint,
                     )
-            async with transaction(self._engine) as conn:
-                outcome = await _release(
+            outcome = await self._db.write(
+                lambda conn: _release(
                     conn, request_id, reservation_id, reason, request_fingerprint, now
                 )
+            )
         except IntegrityError:
-            async with self._reads.connect() as conn:
-                prior = await _prior_refund(conn, request_id)
+            prior = await self._db.read(lambda conn: _prior_refund(conn, request_id))
             if prior is None:
                 raise
             return prior
@@ -317,21 +318,11 @@ class LedgerStore:
     @storage_faults_unavailable
     async def release_expired(self, now: datetime, limit: int = 100) -> int:
         """Releases up to `limit` open holds whose expire time has passed; returns how many."""
-        async with self._reads.connect() as conn:
-            due = (
-                await conn.execute(
-                    select(holds.c.hold_id)
-                    .where(due_hold_sql(literal(now, holds.c.expires_at.type)))
-                    .order_by(holds.c.expires_at)
-                    .limit(limit)
-                )
-            ).scalars()
-            due_ids = list(due)
+        due_ids = await self._db.read(lambda conn: _due_holds(conn, now, limit))
         released = 0
         for hold_id in due_ids:
             # One transaction per hold: it locks one tenant row at a time, never two.
-            async with transaction(self._engine) as conn:
-                released += await _expire(conn, hold_id, now)
+            released += await self._db.write(partial(_expire, hold_id=hold_id, now=now))
         return released
 
     # GrantCredit
@@ -340,25 +331,26 @@ class LedgerStore:
     async def grant(
         self, command: GrantCredit, request_fingerprint: str, now: datetime
     ) -> GrantOutcome:
+        async def grant(conn: AsyncConnection) -> GrantOutcome:
+            account = await _move(conn, command.tenant_id, command.amount_micros, 0)
+            if account is None:
+                raise _tenant_not_found(command.tenant_id)
+            entry_id = await _append_entry(
+                conn,
+                account,
+                EntryKind.GRANT,
+                now,
+                balance_delta=command.amount_micros,
+                request_id=command.request_id,
+                request_fingerprint=request_fingerprint,
+                memo=command.reason,
+            )
+            return GrantOutcome(entry_id, Balance.of(account), request_fingerprint)
+
         try:
-            async with transaction(self._engine) as conn:
-                account = await _move(conn, command.tenant_id, command.amount_micros, 0)
-                if account is None:
-                    raise _tenant_not_found(command.tenant_id)
-                entry_id = await _append_entry(
-                    conn,
-                    account,
-                    EntryKind.GRANT,
-                    now,
-                    balance_delta=command.amount_micros,
-                    request_id=command.request_id,
-                    request_fingerprint=request_fingerprint,
-                    memo=command.reason,
-                )
-                return GrantOutcome(entry_id, Balance.of(account), request_fingerprint)
+            return await self._db.write(grant)
         except IntegrityError:
-            async with self._reads.connect() as conn:
-                entry = await _entry_by_request(conn, command.request_id)
+            entry = await self._db.read(lambda conn: _entry_by_request(conn, command.request_id))
             if entry is None:
                 raise
             return GrantOutcome(
@@ -385,13 +377,16 @@ class LedgerStore:
             created_at=now,
             updated_at=now,
         )
+
+        async def create(conn: AsyncConnection) -> TenantOutcome:
+            await conn.execute(insert(tenants).values(_account_row(account)))
+            await _record_admin_request(
+                conn, command.request_id, request_fingerprint, "create_tenant", account, now
+            )
+            return TenantOutcome(account, request_fingerprint)
+
         try:
-            async with transaction(self._engine) as conn:
-                await conn.execute(insert(tenants).values(_account_row(account)))
-                await _record_admin_request(
-                    conn, command.request_id, request_fingerprint, "create_tenant", account, now
-                )
-                return TenantOutcome(account, request_fingerprint)
+            return await self._db.write(create)
         except IntegrityError:
             prior = await self._prior_admin_request(command.request_id)
             if prior is not None:
@@ -411,23 +406,26 @@ class LedgerStore:
             changes["status"] = command.status
         if command.payment_method_on_file is not None:
             changes["payment_method_on_file"] = command.payment_method_on_file
-        try:
-            async with transaction(self._engine) as conn:
-                row = (
-                    await conn.execute(
-                        update(tenants)
-                        .where(tenants.c.tenant_id == command.tenant_id)
-                        .values(changes)
-                        .returning(*_ACCOUNT_COLUMNS)
-                    )
-                ).one_or_none()
-                if row is None:
-                    raise _tenant_not_found(command.tenant_id)
-                account = _account_from_row(row)
-                await _record_admin_request(
-                    conn, command.request_id, request_fingerprint, "update_tenant", account, now
+
+        async def change(conn: AsyncConnection) -> TenantOutcome:
+            row = (
+                await conn.execute(
+                    update(tenants)
+                    .where(tenants.c.tenant_id == command.tenant_id)
+                    .values(changes)
+                    .returning(*_ACCOUNT_COLUMNS)
                 )
-                return TenantOutcome(account, request_fingerprint)
+            ).one_or_none()
+            if row is None:
+                raise _tenant_not_found(command.tenant_id)
+            account = _account_from_row(row)
+            await _record_admin_request(
+                conn, command.request_id, request_fingerprint, "update_tenant", account, now
+            )
+            return TenantOutcome(account, request_fingerprint)
+
+        try:
+            return await self._db.write(change)
         except IntegrityError:
             prior = await self._prior_admin_request(command.request_id)
             if prior is None:
@@ -435,15 +433,7 @@ class LedgerStore:
             return prior
 
     async def _prior_admin_request(self, request_id: str) -> TenantOutcome | None:
-        async with self._reads.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(admin_requests).where(admin_requests.c.request_id == request_id)
-                )
-            ).one_or_none()
-        if row is None:
-            return None
-        return TenantOutcome(_account_from_json(row.result), row.request_fingerprint)
+        return await self._db.read(lambda conn: _prior_admin_request(conn, request_id))
 
 
 # Transaction bodies. Each takes an open connection inside one transaction.
@@ -676,7 +666,7 @@ async def _release(
         prior = await _prior_refund(conn, request_id)
         if prior is not None:
             return prior
-        await _expire(conn, hold.hold_id, now)
+        await _expire(conn, hold_id=hold.hold_id, now=now)
         return None
     await conn.execute(
         update(holds)
@@ -767,7 +757,7 @@ async def _refund_charge(
     )
 
 
-async def _expire(conn: AsyncConnection, hold_id: str, now: datetime) -> int:
+async def _expire(conn: AsyncConnection, *, hold_id: str, now: datetime) -> int:
     row = (
         await conn.execute(
             update(holds)
@@ -890,6 +880,30 @@ async def _record_admin_request(
             created_at=now,
         )
     )
+
+
+async def _hold_by_request(conn: AsyncConnection, request_id: str) -> Hold | None:
+    row = (await conn.execute(select(holds).where(holds.c.request_id == request_id))).one_or_none()
+    return None if row is None else _hold_from_row(row)
+
+
+async def _due_holds(conn: AsyncConnection, now: datetime, limit: int) -> list[str]:
+    due = await conn.execute(
+        select(holds.c.hold_id)
+        .where(due_hold_sql(literal(now, holds.c.expires_at.type)))
+        .order_by(holds.c.expires_at)
+        .limit(limit)
+    )
+    return list(due.scalars())
+
+
+async def _prior_admin_request(conn: AsyncConnection, request_id: str) -> TenantOutcome | None:
+    row = (
+        await conn.execute(select(admin_requests).where(admin_requests.c.request_id == request_id))
+    ).one_or_none()
+    if row is None:
+        return None
+    return TenantOutcome(_account_from_json(row.result), row.request_fingerprint)
 
 
 async def _prior_commit(conn: AsyncConnection, request_id: str) -> CommitOutcome | None:

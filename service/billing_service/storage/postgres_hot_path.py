@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import asyncpg
 from sqlalchemy import BigInteger, DateTime, String, bindparam, text
@@ -51,12 +51,41 @@ from billing_service.domain.budgets import EPOCH, BudgetPeriod, period_start
 from billing_service.domain.commands import Commit
 from billing_service.domain.model import Hold
 from billing_service.storage.budget_store import usages_from_json
-from billing_service.storage.credit_sql import available_credit_postgres_text
+from billing_service.storage.coalescer import Coalescer
+from billing_service.storage.credit_sql import (
+    available_credit_postgres_text,
+    budget_fits_postgres_text,
+    budget_rank_postgres_text,
+    tenant_admits_postgres_text,
+)
 from billing_service.storage.database import retires_connection
 from billing_service.storage.hold_sql import live_hold_postgres_text
+from billing_service.storage.postgres_batch import (
+    MAX_BATCH,
+    BatchFunction,
+    batch_function,
+    install_sql,
+)
+
+T = TypeVar("T")
 
 _AVAILABLE = available_credit_postgres_text()
 _LIVE = live_hold_postgres_text("now")
+_TENANT_ADMITS = tenant_admits_postgres_text()
+_FITS_SEEN = budget_fits_postgres_text("seen")
+# A period row not written yet: nothing spent or held.
+_FITS_EMPTY = budget_fits_postgres_text("seen", overrides={"spent_micros": "0", "held_micros": "0"})
+# The period row as locked by the upsert, with the hold's amount and the budget's limit.
+_FITS_LOCKED = budget_fits_postgres_text(
+    "p",
+    "EXCLUDED.held_micros",
+    overrides={
+        "limit_micros": "(SELECT budgets.limit_micros FROM budgets"
+        " WHERE budgets.tenant_id = p.tenant_id AND budgets.scope = p.scope"
+        " AND budgets.scope_id = p.scope_id)"
+    },
+)
+_RANK_SEEN = budget_rank_postgres_text("seen")
 
 _RESERVE_SQL = f"""
 WITH applying AS (
@@ -76,12 +105,8 @@ WITH applying AS (
 ), account AS (
     UPDATE tenants
     SET held_micros = held_micros + :amount_micros
-    WHERE tenant_id = :tenant_id AND status = 'active' AND billing_status = 'good_standing'
-        AND {_AVAILABLE} >= :amount_micros
-        AND NOT EXISTS (
-            SELECT 1 FROM seen
-            WHERE seen.spent_micros + seen.held_micros + :amount_micros > seen.limit_micros
-        )
+    WHERE tenant_id = :tenant_id AND ({_TENANT_ADMITS})
+        AND NOT EXISTS (SELECT 1 FROM seen WHERE NOT ({_FITS_SEEN}))
     RETURNING tenant_id, balance_micros, held_micros, {_AVAILABLE} AS available_micros
 ), taken AS (
     INSERT INTO budget_periods AS p (
@@ -89,15 +114,12 @@ WITH applying AS (
     )
     SELECT account.tenant_id, seen.scope, seen.scope_id, seen.period_start, 0, :amount_micros
     FROM account, seen
-    WHERE :amount_micros <= seen.limit_micros
+    WHERE {_FITS_EMPTY}
     -- The user's row before the API key's, like the general transaction: no lock cycle.
-    ORDER BY seen.scope DESC
+    ORDER BY {_RANK_SEEN}
     ON CONFLICT (tenant_id, scope, scope_id, period_start) DO UPDATE
     SET held_micros = p.held_micros + EXCLUDED.held_micros
-    WHERE p.spent_micros + p.held_micros + EXCLUDED.held_micros <= (
-        SELECT budgets.limit_micros FROM budgets
-        WHERE budgets.tenant_id = p.tenant_id AND budgets.scope = p.scope
-            AND budgets.scope_id = p.scope_id)
+    WHERE {_FITS_LOCKED}
     RETURNING p.scope, p.scope_id, p.period_start, p.spent_micros, p.held_micros
 ), taken_json AS (
     SELECT json_agg(json_build_object(
@@ -105,7 +127,7 @@ WITH applying AS (
             'limit_micros', seen.limit_micros, 'period', seen.period,
             'period_start', seen.period_start, 'spent_micros', taken.spent_micros,
             'held_micros', taken.held_micros)
-            ORDER BY seen.scope DESC)::text AS budgets,
+            ORDER BY {_RANK_SEEN})::text AS budgets,
         count(*) AS taken_count
     FROM taken JOIN seen ON seen.scope = taken.scope AND seen.scope_id = taken.scope_id
 ), hold AS (
@@ -317,6 +339,19 @@ _RESERVE = DriverStatement.of(RESERVE)
 _COMMIT = DriverStatement.of(COMMIT)
 _RELEASE = DriverStatement.of(RELEASE)
 
+RESERVE_BATCH = batch_function(
+    "reserve",
+    RESERVE,
+    outputs=(("out_available_micros", "bigint"), ("out_budgets", "text")),
+    tenant_of="p_tenant_id[ord]",
+)
+COMMIT_BATCH = batch_function(
+    "commit",
+    COMMIT,
+    outputs=(("out_record", "usage_records"),),
+    tenant_of="SELECT holds.tenant_id FROM holds WHERE holds.hold_id = p_hold_id[ord]",
+)
+
 
 def reserve_params(hold: Hold) -> dict[str, Any]:
     price = hold.price
@@ -364,18 +399,40 @@ class Released(NamedTuple):
 
 
 class HotPath:
-    """Runs the one-statement calls on connections of `engine`'s pool (PostgreSQL only)."""
+    """Runs the one-statement calls on connections of `engine`'s pool (PostgreSQL only).
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    ReserveCredit and Commit calls that arrive while earlier ones are in flight are coalesced
+    (storage.coalescer) and sent together as one call of their batch function
+    (storage.postgres_batch); a lone call is sent as its own statement.
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, *, coalesce: bool = True, max_in_flight: int = 1
+    ) -> None:
+        """coalesce: False sends every call as its own statement at once."""
         self._engine = engine
+        self._coalesce = coalesce
+        self._installed: set[str] = set()
+        self.reserves: Coalescer[Hold, Mapping[str, Any] | None] = Coalescer(
+            self._reserve_one,
+            self._reserve_many,
+            max_in_flight=max_in_flight,
+            max_batch=MAX_BATCH,
+        )
+        self.commits: Coalescer[Mapping[str, Any], Mapping[str, Any] | None] = Coalescer(
+            self._commit_one,
+            self._commit_many,
+            max_in_flight=max_in_flight,
+            max_batch=MAX_BATCH,
+        )
 
     async def reserve(self, hold: Hold) -> Hold | None:
         """Takes a metered hold if it fits in the tenant's credit and in every budget that
         applies; returns the hold as stored, else None."""
-        try:
-            row = await self._fetchrow(_RESERVE, reserve_params(hold))
-        except asyncpg.DivisionByZeroError:
-            return None  # a budget filled up under the statement: the general path decides
+        if self._coalesce:
+            row = await self.reserves.submit(hold)
+        else:
+            row = await self._reserve_one(hold)
         if row is None:
             return None
         return replace(
@@ -388,7 +445,10 @@ class HotPath:
         self, command: Commit, request_fingerprint: str, now: datetime
     ) -> Mapping[str, Any] | None:
         """Settles an open, unexpired hold; returns the usage_records row written, else None."""
-        return await self._fetchrow(_COMMIT, commit_params(command, request_fingerprint, now))
+        params = commit_params(command, request_fingerprint, now)
+        if self._coalesce:
+            return await self.commits.submit(params)
+        return await self._commit_one(params)
 
     async def release(
         self,
@@ -413,15 +473,82 @@ class HotPath:
             return None
         return Released(int(row["released_micros"]), int(row["available_after_micros"]))
 
+    # One call, one statement.
+
+    async def _reserve_one(self, hold: Hold) -> Mapping[str, Any] | None:
+        try:
+            return await self._fetchrow(_RESERVE, reserve_params(hold))
+        except asyncpg.DivisionByZeroError:
+            return None  # a budget filled up under the statement: the general path decides
+
+    async def _commit_one(self, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        return await self._fetchrow(_COMMIT, params)
+
+    # Several calls, one round trip.
+
+    async def _reserve_many(
+        self, holds: Sequence[Hold]
+    ) -> list[Mapping[str, Any] | BaseException | None]:
+        rows = await self._call_batch(RESERVE_BATCH, [reserve_params(hold) for hold in holds])
+        return [
+            _item_result(
+                row,
+                lambda row: {
+                    "available_after_micros": row["out_available_micros"],
+                    "budgets": row["out_budgets"],
+                },
+            )
+            for row in rows
+        ]
+
+    async def _commit_many(
+        self, items: Sequence[Mapping[str, Any]]
+    ) -> list[Mapping[str, Any] | BaseException | None]:
+        rows = await self._call_batch(COMMIT_BATCH, items)
+        return [_item_result(row, lambda row: row["out_record"]) for row in rows]
+
+    async def _call_batch(
+        self, function: BatchFunction, items: Sequence[Mapping[str, Any]]
+    ) -> list[Mapping[str, Any]]:
+        """One row per item, in the items' order."""
+
+        async def call(driver: Any) -> list[Mapping[str, Any]]:
+            if function.name not in self._installed:
+                await self._install(driver, function)
+            try:
+                rows = await driver.fetch(function.call_sql, *function.call_args(items))
+            except asyncpg.UndefinedFunctionError:
+                # Dropped since (a database restored from a dump of another version): again.
+                await self._install(driver, function)
+                rows = await driver.fetch(function.call_sql, *function.call_args(items))
+            return sorted(rows, key=lambda row: int(row["item"]))
+
+        return await self._on_connection(function.call_sql, call)
+
+    async def _install(self, driver: Any, function: BatchFunction) -> None:
+        async with driver.transaction():
+            for sql in install_sql(function):
+                await driver.execute(sql)
+        self._installed.add(function.name)
+
     async def _fetchrow(
         self, statement: DriverStatement, params: Mapping[str, Any]
     ) -> Mapping[str, Any] | None:
+        async def fetchrow(driver: Any) -> Mapping[str, Any] | None:
+            row = await driver.fetchrow(statement.sql, *statement.args(params))
+            return cast("Mapping[str, Any] | None", row)
+
+        return await self._on_connection(statement.sql, fetchrow)
+
+    async def _on_connection(self, sql: str, work: Callable[[Any], Awaitable[T]]) -> T:
+        """`work(driver)` on a pooled connection's asyncpg.Connection, its errors mapped as
+        SQLAlchemy maps them: a unique key as IntegrityError, a fault as OperationalError."""
         pooled = await self._engine.raw_connection()
         driver: Any = pooled.driver_connection  # an asyncpg.Connection
         try:
-            row = await driver.fetchrow(statement.sql, *statement.args(params))
+            return await work(driver)
         except asyncpg.IntegrityConstraintViolationError as error:
-            raise IntegrityError(statement.sql, None, error) from error
+            raise IntegrityError(sql, None, error) from error
         except BaseException as error:
             # Cancelled mid-statement (the caller's deadline), the connection may still be busy
             # with it: like a broken one, it is not handed to the next caller.
@@ -432,14 +559,11 @@ class HotPath:
             await greenlet_spawn(self._invalidate, pooled, error, not cancelled)
             if cancelled or not isinstance(error, Exception):
                 raise
-            raise OperationalError(
-                statement.sql, None, error, connection_invalidated=True
-            ) from error
+            raise OperationalError(sql, None, error, connection_invalidated=True) from error
         finally:
             # Returning it to the pool awaits inside SQLAlchemy (a closing connection's close):
             # hence the greenlet.
             await greenlet_spawn(pooled.close)
-        return cast("Mapping[str, Any] | None", row)
 
     def _invalidate(self, pooled: PoolProxiedConnection, error: BaseException, fault: bool) -> None:
         """Drops `pooled`; after a fault, also marks the connections opened before it to be
@@ -449,3 +573,15 @@ class HotPath:
         if fault:
             self._engine.sync_engine.pool._invalidate(pooled, error, _checkin=False)
         pooled.invalidate(error)
+
+
+def _item_result(
+    row: Mapping[str, Any], done: Callable[[Mapping[str, Any]], Mapping[str, Any]]
+) -> Mapping[str, Any] | BaseException | None:
+    match row["item_outcome"]:
+        case "done":
+            return done(row)
+        case "conflict":
+            return IntegrityError("batch item", None, Exception("unique key of the item exists"))
+        case _:
+            return None

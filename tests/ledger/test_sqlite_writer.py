@@ -1,0 +1,61 @@
+"""The SQLite default's single writer: each ledger transaction is one hop to the writer's
+thread, whole; the caller's loop keeps running while it waits; dispose closes the writer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billing_service.core import BillingCore
+from billing_service.domain.commands import Commit, CreateTenant, Reserve
+from billing_service.domain.pricing import TokenUsage
+from billing_service.storage.database import sqlite_writer
+from tests.ledger.books import money
+from tests.ledger.conftest import TOKENS
+
+
+@pytest.fixture
+def backend() -> str:
+    return "sqlite"
+
+
+async def test_a_query_is_one_hop_per_transaction(core: BillingCore, engine: AsyncEngine) -> None:
+    await core.create_tenant(CreateTenant("c", "acme", 10_000_000, payment_method_on_file=True))
+    writer = sqlite_writer(engine)
+    before = writer.hops
+    reserved = await core.reserve(Reserve("r", "acme", "u", TOKENS, amount_micros=30_000))
+    assert reserved.hold is not None
+    await core.commit(Commit("c1", reserved.hold.hold_id, TokenUsage(1_000, 0, 0)))
+    # ReserveCredit and Commit: one transaction each, one hop each.
+    assert writer.hops - before == 2
+    assert await money(engine, "acme") == (-3_000, 0)
+
+
+async def test_transactions_run_whole_on_the_writer_thread(engine: AsyncEngine) -> None:
+    writer = sqlite_writer(engine)
+    seen: list[tuple[str, str]] = []
+
+    async def body(tag: str) -> str:
+        seen.append((tag, "start"))
+        seen.append((tag, "end"))
+        return threading.current_thread().name
+
+    names = await asyncio.gather(*(writer.run(lambda tag=tag: body(tag)) for tag in "abc"))
+    assert set(names) == {"sqlite-writer"}
+    # One at a time, in the order they were sent.
+    assert seen == [(tag, step) for tag in "abc" for step in ("start", "end")]
+
+
+async def test_dispose_closes_the_writer_and_the_next_use_opens_another(
+    core: BillingCore, engine: AsyncEngine
+) -> None:
+    await core.create_tenant(CreateTenant("c", "acme", 10_000_000, payment_method_on_file=True))
+    first = sqlite_writer(engine)
+    await engine.dispose()
+    assert not any(t.name == "sqlite-writer" and t is first._thread for t in threading.enumerate())
+    reserved = await core.reserve(Reserve("r", "acme", "u", TOKENS, amount_micros=30_000))
+    assert reserved.decision.allowed
+    assert sqlite_writer(engine) is not first
