@@ -29,6 +29,7 @@ from sqlalchemy import insert, select, update
 from billing_service.domain.commands import CreateTenant
 from billing_service.domain.ledger import EntryKind
 from billing_service.domain.model import TenantStatus
+from billing_service.domain.page_tokens import PageTokens
 from billing_service.domain.payments import (
     AutoTopUp,
     BillingStatus,
@@ -265,7 +266,12 @@ class Runner:
         clock = FakeClock(START)
         stripe = FakeStripe()
         worker = ChargeWorker(self.store, stripe, clock)  # type: ignore[arg-type]
-        account = AccountCore(self.store, Payments(stripe, worker), clock)  # type: ignore[arg-type]
+        account = AccountCore(
+            self.store,  # type: ignore[arg-type]
+            Payments(stripe, worker),  # type: ignore[arg-type]
+            clock,
+            PageTokens.random(),
+        )
         tenant_id = f"stale-{uuid.uuid4().hex[:12]}"
         await self.ledger.create_tenant(
             CreateTenant(str(uuid.uuid4()), tenant_id, 25_000_000, TenantStatus.ACTIVE, True),
@@ -355,7 +361,12 @@ class Runner:
         stripe = FakeStripe(customer_id=renamed[story.stripe.customer_id])
         clock = FakeClock(START + timedelta(hours=1))
         worker = ChargeWorker(self.store, stripe, clock)  # type: ignore[arg-type]
-        account = AccountCore(self.store, Payments(stripe, worker), clock)  # type: ignore[arg-type]
+        account = AccountCore(
+            self.store,  # type: ignore[arg-type]
+            Payments(stripe, worker),  # type: ignore[arg-type]
+            clock,
+            PageTokens.random(),
+        )
         return World(
             renamed[story.tenant_id],
             PaymentsEventSink(self.store, account, worker, clock),

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from billing_service.domain.ledger import EntryKind
+from billing_service.domain.page_tokens import PageTokens
 from billing_service.domain.payments import AutoTopUp, Card, ChargeStatus, PaymentOutcome
 from billing_service.payments.account import AccountCore
 from billing_service.payments.events import PaymentIntentFacts
@@ -103,7 +104,10 @@ async def test_a_charge_parked_for_authentication_counts_in_its_month_until_it_f
     assert len(await world.store.charges_of(tenant_id)) == 2
     world.clock.now = datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
     sink = PaymentsEventSink(
-        world.store, AccountCore(world.store, None, world.clock), None, world.clock
+        world.store,
+        AccountCore(world.store, None, world.clock, PageTokens.random()),
+        None,
+        world.clock,
     )
     assert parked.payment_intent_id is not None
     await sink.payment_intent_succeeded(
