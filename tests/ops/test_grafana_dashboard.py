@@ -16,7 +16,7 @@ from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.models.dashboard import Dashboard
 
 from tests.ops.test_alert_rules import promtool, rules
-from tests.support.metric_names import CHARGE_METRICS, exported_metric_names, metric_names_in
+from tests.support.metric_names import exported_metric_names, metric_names_in
 from tests.support.tools import REPO
 
 SOURCE = REPO / "deploy" / "monitoring" / "dashboard.py"
@@ -127,4 +127,4 @@ def test_every_query_reads_an_exported_or_recorded_metric(expression: str, tmp_p
     recorded = {rule["record"] for rule in rules() if "record" in rule}
     used = metric_names_in(expression)
     assert used or any(name in expression for name in recorded)
-    assert used <= exported_metric_names(tmp_path) | CHARGE_METRICS
+    assert used <= exported_metric_names(tmp_path)

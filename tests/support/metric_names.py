@@ -9,8 +9,8 @@ from pathlib import Path
 from billing_service.metrics import Metrics
 from billing_service.storage.database import create_engine
 
-# The charge metrics are written by the payments side of the service; the alerting rules are
-# written against exactly these names.
+# The charge metrics, written by the payments side of the service: the alerting rules and the
+# runbooks name exactly these.
 CHARGE_METRICS = frozenset(
     {
         "billing_charges_total",
