@@ -121,8 +121,12 @@ class TopUpPort(Protocol):
     def credit_seen(self, tenant_id: str, available_micros: int) -> None:
         """Told the credit left after a grant; must not block (it may wake a worker)."""
 
-    async def top_up(self, tenant_id: str, shortfall_micros: int, wait_s: float) -> TopUpAttempt:
-        """Starts or joins a top-up and waits up to `wait_s`; says how it ended."""
+    async def top_up(
+        self, tenant_id: str, hold_micros: int, shortfall_micros: int, wait_s: float
+    ) -> TopUpAttempt:
+        """Starts or joins a top-up for a hold of `hold_micros` that found `shortfall_micros`
+        too little credit, unless the tenant has room for it by now; waits up to `wait_s` and
+        says how it ended. The caller tries the hold again whatever the answer."""
         ...
 
 
@@ -215,7 +219,7 @@ class BillingCore:
             if stored.status is HoldStatus.DENIED and may_wait:
                 # Not stored yet: the answer given after the top-up is the one kept.
                 shortfall = hold.amount_micros - stored.decision_available_micros
-                attempt = await top_up.top_up(hold.tenant_id, shortfall, wait_s)
+                attempt = await top_up.top_up(hold.tenant_id, hold.amount_micros, shortfall, wait_s)
                 stored = await self._ledger.place_hold(
                     hold,
                     create_with_limit=self._creation_limit(),
