@@ -253,6 +253,11 @@ async def _seed_page_tokens(target: Target) -> None:
             admin_pb2.ListTenantsResponse,
         ),
         (
+            "/billing.v1.AdminService/ListOpenHolds",
+            admin_pb2.ListOpenHoldsRequest(tenant_id="acme", page_size=1),
+            admin_pb2.ListOpenHoldsResponse,
+        ),
+        (
             "/billing.v1.UsageService/ListUsageRecords",
             usage_pb2.ListUsageRecordsRequest(tenant_id="acme", page_size=1),
             usage_pb2.ListUsageRecordsResponse,

@@ -24,6 +24,7 @@ METHODS = {
         "ListTenants",
         "ListCharges",
         "ResolveCharge",
+        "ListOpenHolds",
     ],
     "billing.v1.AccountService": [
         "GetBillingProfile",
