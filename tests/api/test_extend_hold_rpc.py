@@ -8,7 +8,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from billing.v1 import admin_pb2, billing_pb2, types_pb2
+from billing.v1 import admin_pb2, billing_pb2, types_pb2, usage_pb2, usage_pb2_grpc
 from billing_service.storage.audit import audit_ledger
 from tests.api.conftest import Client
 from tests.api.test_bad_input import refused
@@ -69,6 +69,23 @@ async def test_a_stream_grows_its_hold_then_commits_its_real_counts(client: Clie
     assert committed.usage_record.held_micros == FIRST_HOLD + 10_000
     assert committed.usage_record.uncollected_micros == 0
     assert await audit_ledger(client.app.engine) == []
+
+    # The statement shows the extension as its own kind of entry, and filters by it.
+    usage = usage_pb2_grpc.UsageServiceStub(client.channel)
+    page = await usage.ListLedgerEntries(
+        usage_pb2.ListLedgerEntriesRequest(tenant_id="acme", page_size=10)
+    )
+    assert sorted((e.kind, e.held_delta_micros) for e in page.ledger_entries) == [
+        (usage_pb2.LEDGER_ENTRY_KIND_HOLD, FIRST_HOLD),
+        (usage_pb2.LEDGER_ENTRY_KIND_DEBIT, -(FIRST_HOLD + 10_000)),
+        (usage_pb2.LEDGER_ENTRY_KIND_EXTENSION, 10_000),
+    ]
+    extensions = await usage.ListLedgerEntries(
+        usage_pb2.ListLedgerEntriesRequest(
+            tenant_id="acme", kinds=[usage_pb2.LEDGER_ENTRY_KIND_EXTENSION]
+        )
+    )
+    assert [e.reservation_id for e in extensions.ledger_entries] == [hold.reservation_id]
 
 
 async def test_a_denied_extension_is_an_answer_that_says_where_to_stop(client: Client) -> None:
