@@ -458,4 +458,5 @@ def test_every_service_of_the_contract_is_covered() -> None:
         "billing.v1.UsageService",
         "billing.v1.BudgetService",
     }
-    assert "/billing.v1.BillingService/Release" in {rpc.path for rpc in RPCS}
+    paths = {rpc.path for rpc in RPCS}
+    assert {"/billing.v1.BillingService/Release", "/billing.v1.BillingService/ExtendHold"} <= paths

@@ -76,6 +76,17 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     ) -> billing_pb2.ReleaseResponse:
         return convert.release_response(await self._core.release(convert.release(request)))
 
+    @maps_errors
+    async def ExtendHold(
+        self,
+        request: billing_pb2.ExtendHoldRequest,
+        context: grpc.aio.ServicerContext[
+            billing_pb2.ExtendHoldRequest, billing_pb2.ExtendHoldResponse
+        ],
+    ) -> billing_pb2.ExtendHoldResponse:
+        result = await self._core.extend_hold(convert.extend_hold(request))
+        return convert.extend_hold_response(result)
+
 
 # A reservation that waits for a card top-up answers this long before its deadline.
 _DEADLINE_MARGIN_S = 0.5
