@@ -36,6 +36,7 @@ from billing_service.api.reflection import enable_reflection
 from billing_service.api.servicers import AdminServicer, BillingServicer
 from billing_service.api.transport import exposure_warning, listen, server_options
 from billing_service.api.usage_servicer import UsageServicer
+from billing_service.books_audit import BooksAuditor
 from billing_service.budget_core import BudgetCore
 from billing_service.config import Settings, load_price_table
 from billing_service.core import BillingCore, Clock, utc_now
@@ -106,7 +107,8 @@ class Application:
     account: AccountCore | None = None
     payments_sink: StripeEventSink | None = None
     charge_worker: ChargeWorker | None = None
-    _payment_tasks: tuple[asyncio.Task[None], ...] = ()
+    books_auditor: BooksAuditor | None = None  # None when the audit is off
+    _background_tasks: tuple[asyncio.Task[None], ...] = ()
 
     @classmethod
     async def start(
@@ -222,7 +224,12 @@ class Application:
                 _sweep_expired_holds(core, metrics, settings.expiry_sweep_interval_s, stopping),
                 name="expiry-sweeper",
             )
-            payment_tasks = _start_payment_tasks(settings, account, worker, stopping)
+            background_tasks = _start_payment_tasks(settings, account, worker, stopping)
+            books_auditor = None
+            if settings.books_audit_interval_s > 0:
+                books_auditor = BooksAuditor(engine, metrics)
+                audit = books_auditor.start(settings.books_audit_interval_s, stopping)
+                background_tasks += (audit,)
             readiness.start()
             on_failure.pop_all()
         if health_server is not None:
@@ -252,7 +259,8 @@ class Application:
             account=account,
             payments_sink=payments_sink,
             charge_worker=worker,
-            _payment_tasks=payment_tasks,
+            books_auditor=books_auditor,
+            _background_tasks=background_tasks,
         )
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -278,7 +286,7 @@ class Application:
             await asyncio.wait_for(self._sweeper, timeout=max(grace, 1.0))
         except TimeoutError:
             _log.warning("the expiry sweeper did not stop in time; its transaction is rolled back")
-        for task in self._payment_tasks:
+        for task in self._background_tasks:
             try:
                 await asyncio.wait_for(task, timeout=max(grace, 1.0))
             except TimeoutError:

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     expiry_sweep_interval_s: float = Field(
         1.0, gt=0, description="How often expired holds are looked for and released."
     )
+    books_audit_interval_s: float = Field(
+        300.0,
+        ge=0,
+        description="How often every tenant's books are audited against the ledger; 0 turns "
+        "the audit off.",
+    )
     migrate_on_start: bool = Field(True, description="Run the schema migrations when serving.")
     reflection: bool = Field(True, description="Serve gRPC server reflection.")
     db_pool_size: int = Field(10, ge=1, le=500, description="PostgreSQL connections per process.")

@@ -2,8 +2,8 @@
 
 Per process: RPC counts and latencies, decisions, money moved (read off the answers the process
 gave), card charge outcomes recorded, database pool usage. Database-wide: open holds and card
-charges without an outcome, read by the readiness check's periodic query, so every replica
-reports the same value (aggregate them with max, not sum).
+charges without an outcome, read by the readiness check's periodic query, and the books
+audit's findings, so every replica reports the same value (aggregate them with max, not sum).
 
 Money counters count answers: a retried call that replays its first answer is counted again.
 They are for rates and dashboards; the ledger is the record of the money.
@@ -155,6 +155,40 @@ class Metrics:
             "billing_charges_needing_operator",
             "Card charges whose outcome could not be learned from Stripe automatically "
             "(UNRESOLVED: AdminService.ResolveCharge), as of the last readiness check.",
+            registry=registry,
+        )
+
+        # The books audit (billing_service.books_audit): database-wide, every replica runs it.
+        self.books_tenants_disagreeing = Gauge(
+            "billing_books_audit_tenants_disagreeing",
+            "Tenants whose balance, held amount or budget periods disagree with their ledger "
+            "entries and open holds, as of the last books audit.",
+            registry=registry,
+        )
+        self.books_tenants_over_credit_limit = Gauge(
+            "billing_books_audit_tenants_over_credit_limit",
+            "Tenants whose exposure is above their credit limit (an operator lowered it), as "
+            "of the last books audit.",
+            registry=registry,
+        )
+        self.books_audit_last_success = Gauge(
+            "billing_books_audit_last_success_timestamp_seconds",
+            "Unix time the last books audit of this process finished, 0 before the first.",
+            registry=registry,
+        )
+        self.books_audit_seconds = Gauge(
+            "billing_books_audit_duration_seconds",
+            "How long the last books audit of this process took.",
+            registry=registry,
+        )
+        self.books_audit_interval = Gauge(
+            "billing_books_audit_interval_seconds",
+            "How often this process audits the books, 0 when it does not.",
+            registry=registry,
+        )
+        self.books_audit_failures = Counter(
+            "billing_books_audit_failures",
+            "Books audits of this process that could not read the database.",
             registry=registry,
         )
 

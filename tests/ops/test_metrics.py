@@ -163,3 +163,24 @@ async def test_metrics_count_calls_decisions_and_money_exactly(
 async def test_the_metrics_port_is_off_by_default(running_server: RunningServer) -> None:
     async with running_server() as app:
         assert app.metrics_server is None
+
+
+async def test_the_service_audits_its_books_at_start_and_exports_the_result(
+    running_server: RunningServer,
+) -> None:
+    async with running_server(metrics_port=free_port(), books_audit_interval_s=120) as app:
+        assert app.books_auditor is not None
+        await asyncio.wait_for(app.books_auditor.audited.wait(), timeout=60)
+        samples = await scrape(app)
+    assert value(samples, "billing_books_audit_interval_seconds") == 120
+    assert value(samples, "billing_books_audit_last_success_timestamp_seconds") > 0
+    assert value(samples, "billing_books_audit_tenants_disagreeing") == 0
+    assert value(samples, "billing_books_audit_failures_total") == 0
+
+
+async def test_the_books_audit_can_be_turned_off(running_server: RunningServer) -> None:
+    async with running_server(metrics_port=free_port(), books_audit_interval_s=0) as app:
+        assert app.books_auditor is None
+        samples = await scrape(app)
+    assert value(samples, "billing_books_audit_interval_seconds") == 0
+    assert value(samples, "billing_books_audit_last_success_timestamp_seconds") == 0

@@ -89,6 +89,11 @@ def _retire_on_node_fault(context: ExceptionContext) -> None:
         context.is_disconnect = True
 
 
+# An execution option for a read-only SQLite transaction: a deferred BEGIN, which in WAL mode
+# reads one snapshot from its first statement on and never blocks the writer.
+SQLITE_SNAPSHOT = "billing_sqlite_snapshot"
+
+
 def _configure_sqlite(engine: AsyncEngine) -> None:
     # SQLite takes its write lock lazily, so two read-then-write transactions could both read
     # before either writes. BEGIN IMMEDIATE takes the lock at the start: transactions are serial.
@@ -104,7 +109,10 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        if connection.get_execution_options().get(SQLITE_SNAPSHOT):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def is_postgres(connection: AsyncConnection | AsyncEngine) -> bool:
