@@ -3,6 +3,10 @@
     check access (optional fast 402) -> reserve the most the call can cost -> call the model
     -> commit the model's real token counts
 
+POST /chat/stream streams the answer instead, with a hold that grows: it reserves the input and a
+first chunk of output, extends the hold ahead of the words it sends, ends the answer cleanly
+where a denied extension leaves the hold, and commits the real counts.
+
 A denial is a 402 naming the reason; a failed model call releases its hold (502); billing
 unreachable is a 503 unless the model is listed in CHAT_FAIL_OPEN_MODELS. docs/integration.md
 walks through each case.
@@ -11,15 +15,17 @@ walks through each case.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from types import TracebackType
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from billing.client import (
     BillingClient,
+    BillingError,
     BillingUnavailable,
     CommitOutcomeUnknown,
     Denied,
@@ -97,6 +103,12 @@ def create_app(settings: ChatSettings | None = None, model: ChatModel | None = N
                 return unbilled_chat(chat_model, request)
             raise
 
+    # A denial (402) or billing down (503) is answered before the first word is sent.
+    @app.post("/chat/stream")
+    def chat_stream(request: ChatRequest) -> StreamingResponse:
+        words = streamed_chat(billing, chat_model, settings, request)
+        return StreamingResponse(words, media_type="text/plain; charset=utf-8")
+
     @app.exception_handler(Denied)
     async def denied(_: Request, denied: Denied) -> JSONResponse:
         status, body = denied.to_http()
@@ -164,6 +176,63 @@ def billed_chat(
         uncollected_micros=record.uncollected_micros,
     )
     return response(completion, outcome)
+
+
+def streamed_chat(
+    billing: BillingClient, model: ChatModel, settings: ChatSettings, request: ChatRequest
+) -> Iterator[str]:
+    """Reserves now (raising Denied or BillingUnavailable before anything is sent); returns the
+    words of the answer, growing the hold ahead of them. docs/integration.md, "Streamed
+    answers"."""
+    first_chunk = min(request.max_tokens, settings.stream_chunk_tokens)
+    context = billing.reserve(
+        request.tenant_id,
+        request.user_id,
+        request.model,
+        input_tokens=count_tokens(request.prompt),
+        max_tokens=first_chunk,
+        ttl_s=settings.hold_ttl_s,
+    )
+    hold = context.__enter__()
+
+    def words() -> Iterator[str]:
+        failure: tuple[type[BaseException], BaseException, TracebackType | None] | None = None
+        stream = model.stream(request.model, request.prompt, request.max_tokens)
+
+        def commit() -> None:
+            # The provider's input count and the words that reached the caller.
+            hold.commit(input_tokens=stream.input_tokens, output_tokens=hold.streamed_output_tokens)
+
+        try:
+            # Each extension also moves the hold's expire time: ttl_s from now.
+            yield from hold.stream(
+                stream.chunks,
+                chunk_tokens=settings.stream_chunk_tokens,
+                commit=False,
+                ttl_s=settings.hold_ttl_s,
+            )
+            denied = hold.denied_extension
+            if denied is not None:
+                # The hold stops here: end the answer cleanly and say why.
+                yield f"\n[answer cut: {denied.decision.message}]\n"
+            commit()
+        except GeneratorExit:
+            # The caller went away: what it was sent was generated, and is billed.
+            commit()
+            raise
+        except (ModelError, BillingError) as error:
+            # The status line is sent already: end the answer saying so. The hold is left by
+            # the hold rules (released, nothing charged; never after a commit of unknown outcome).
+            failure = (type(error), error, error.__traceback__)
+            logger.error("streamed chat failed: reservation=%s: %s", hold.reservation_id, error)
+            yield "\n[answer failed: try again]\n"
+        except BaseException as error:
+            failure = (type(error), error, error.__traceback__)
+            raise
+        finally:
+            context.__exit__(*(failure or (None, None, None)))
+
+    return words()
 
 
 def unbilled_chat(model: ChatModel, request: ChatRequest) -> ChatResponse:

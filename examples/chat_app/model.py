@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,8 +19,19 @@ class Completion:
     output_tokens: int
 
 
+@dataclass(frozen=True)
+class CompletionStream:
+    """A streamed answer: its chunks (here one word, one token each) and the provider's count
+    of input tokens, which providers report as the stream starts."""
+
+    chunks: Iterator[str]
+    input_tokens: int
+
+
 class ChatModel(Protocol):
     def complete(self, model: str, prompt: str, max_tokens: int) -> Completion: ...
+
+    def stream(self, model: str, prompt: str, max_tokens: int) -> CompletionStream: ...
 
 
 def count_tokens(text: str) -> int:
@@ -40,3 +52,14 @@ class EchoModel:
             raise ModelError(f"{model} is overloaded")
         words = f"You said: {prompt}".split()[:max_tokens]
         return Completion(" ".join(words), count_tokens(prompt) + SYSTEM_PROMPT_TOKENS, len(words))
+
+    def stream(self, model: str, prompt: str, max_tokens: int) -> CompletionStream:
+        """The same answer, word by word; "/fail" fails after the first word."""
+
+        def words() -> Iterator[str]:
+            for n, word in enumerate(f"You said: {prompt}".split()[:max_tokens]):
+                if n == 1 and prompt.startswith("/fail"):
+                    raise ModelError(f"{model} stream broke")
+                yield word + " "
+
+        return CompletionStream(words(), count_tokens(prompt) + SYSTEM_PROMPT_TOKENS)

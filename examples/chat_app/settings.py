@@ -26,6 +26,9 @@ class ChatSettings:
     hold_ttl_s: float = 120.0
     """How long a hold lives if this process dies before committing: the model call's
     longest duration plus margin."""
+    stream_chunk_tokens: int = 256
+    """POST /chat/stream: the output tokens its first hold covers, and each extension adds
+    while the answer streams (instead of holding `max_tokens` up front)."""
     billing_page_token: str | None = None
     """Bearer token of the product-backend role, for the billing page's reads and card
     changes (the chat-service role may not call them); unset: `billing_token`."""
@@ -47,6 +50,7 @@ class ChatSettings:
             check_access_first=env.get("CHAT_CHECK_ACCESS_FIRST", "true").lower() != "false",
             fail_open_models=frozenset(m.strip() for m in models.split(",") if m.strip()),
             hold_ttl_s=float(env.get("CHAT_HOLD_TTL_S", cls.hold_ttl_s)),
+            stream_chunk_tokens=int(env.get("CHAT_STREAM_CHUNK_TOKENS", cls.stream_chunk_tokens)),
             billing_page_token=env.get("CHAT_BILLING_PAGE_TOKEN") or None,
             stripe_publishable_key=env.get("CHAT_STRIPE_PUBLISHABLE_KEY", ""),
             stripe_js_url=env.get("CHAT_STRIPE_JS_URL") or cls.stripe_js_url,

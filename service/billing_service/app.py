@@ -43,6 +43,7 @@ from billing_service.domain.errors import Unavailable
 from billing_service.domain.page_tokens import PageTokens
 from billing_service.domain.payments import AutoTopUp
 from billing_service.metrics import Metrics, MetricsServer
+from billing_service.open_holds import OpenHoldListing
 from billing_service.payments.account import AccountCore, Payments
 from billing_service.payments.events import StripeEventSink
 from billing_service.payments.outbox import ChargeOutcomes, ChargeWorker, OnDemandTopUp
@@ -55,6 +56,7 @@ from billing_service.storage.budget_store import BudgetStore
 from billing_service.storage.database import create_engine
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.migrations import migrate
+from billing_service.storage.open_holds import OpenHoldStore
 
 if TYPE_CHECKING:
     from billing_service.payments.webhooks import WebhookServer
@@ -152,7 +154,13 @@ class Application:
                 metrics,
             )
             admin_pb2_grpc.add_AdminServiceServicer_to_server(
-                AdminServicer(core, account, resolution), server
+                AdminServicer(
+                    core,
+                    account,
+                    resolution,
+                    OpenHoldListing(OpenHoldStore(engine), page_tokens),
+                ),
+                server,
             )
             account_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(account), server)
             dashboard = UsageDashboard[account_pb2.BillingProfile](

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from billing_service.domain.budgets import BudgetScope, BudgetUsage
@@ -17,6 +17,7 @@ from billing_service.domain.commands import (
     CheckAccess,
     Commit,
     CreateTenant,
+    ExtendHold,
     GrantCredit,
     Refund,
     Release,
@@ -28,6 +29,7 @@ from billing_service.domain.commands import (
     validate_check_access,
     validate_commit,
     validate_create_tenant,
+    validate_extend_hold,
     validate_grant,
     validate_refund,
     validate_release,
@@ -38,6 +40,7 @@ from billing_service.domain.errors import ErrorReason, NotFound, request_id_reus
 from billing_service.domain.model import Account, DenialReason, Hold, HoldStatus, TenantStatus
 from billing_service.domain.outcomes import (
     CommitOutcome,
+    ExtendOutcome,
     GrantOutcome,
     RefundOutcome,
     ReleaseOutcome,
@@ -92,6 +95,10 @@ class LedgerPort(Protocol):
         self, command: Release, request_fingerprint: str, now: datetime
     ) -> ReleaseOutcome: ...
 
+    async def extend_hold(
+        self, command: ExtendHold, request_fingerprint: str, ttl: timedelta, now: datetime
+    ) -> ExtendOutcome: ...
+
     async def refund(
         self, command: Refund, request_fingerprint: str, now: datetime
     ) -> RefundOutcome: ...
@@ -121,8 +128,12 @@ class TopUpPort(Protocol):
     def credit_seen(self, tenant_id: str, available_micros: int) -> None:
         """Told the credit left after a grant; must not block (it may wake a worker)."""
 
-    async def top_up(self, tenant_id: str, shortfall_micros: int, wait_s: float) -> TopUpAttempt:
-        """Starts or joins a top-up and waits up to `wait_s`; says how it ended."""
+    async def top_up(
+        self, tenant_id: str, hold_micros: int, shortfall_micros: int, wait_s: float
+    ) -> TopUpAttempt:
+        """Starts or joins a top-up for a hold of `hold_micros` that found `shortfall_micros`
+        too little credit, unless the tenant has room for it by now; waits up to `wait_s` and
+        says how it ended. The caller tries the hold again whatever the answer."""
         ...
 
 
@@ -140,6 +151,17 @@ class ReserveResult:
     decision: Decision
     # The hold, when the decision allows.
     hold: Hold | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendResult:
+    decision: Decision
+    # The hold after the call: grown when the decision allows, as it was when it denies.
+    hold: Hold
+    # What was added to the hold, in micros (0 when denied).
+    extended_micros: int
+    # How many more output tokens past the request's usage the hold pays for now.
+    covered_output_tokens: int
 
 
 class BillingCore:
@@ -215,7 +237,7 @@ class BillingCore:
             if stored.status is HoldStatus.DENIED and may_wait:
                 # Not stored yet: the answer given after the top-up is the one kept.
                 shortfall = hold.amount_micros - stored.decision_available_micros
-                attempt = await top_up.top_up(hold.tenant_id, shortfall, wait_s)
+                attempt = await top_up.top_up(hold.tenant_id, hold.amount_micros, shortfall, wait_s)
                 stored = await self._ledger.place_hold(
                     hold,
                     create_with_limit=self._creation_limit(),
@@ -253,6 +275,14 @@ class BillingCore:
         if outcome.request_fingerprint != request_fingerprint:
             raise request_id_reused(command.request_id)
         return outcome
+
+    async def extend_hold(self, command: ExtendHold) -> ExtendResult:
+        ttl = validate_extend_hold(command, self._settings.ttl_bounds)
+        request_fingerprint = fingerprint(command)
+        outcome = await self._ledger.extend_hold(command, request_fingerprint, ttl, self._clock())
+        if outcome.request_fingerprint != request_fingerprint:
+            raise request_id_reused(command.request_id)
+        return _extend_result(outcome, command)
 
     async def refund(self, command: Refund) -> RefundOutcome:
         validate_refund(command)
@@ -335,30 +365,68 @@ def _reserve_result(hold: Hold) -> ReserveResult:
             reason, hold.model, hold.decision_available_micros, billing, hold.amount_micros
         )
         decision = replace(decision, budgets=hold.budgets)
-        exhausted = _exhausted_budget(hold)
+        exhausted = _exhausted_budget(hold.denial_reason, hold.budgets)
         if exhausted is not None:
             decision = budget_denial(decision, exhausted)
         return ReserveResult(decision, None)
+    # A retry replays the grant as it was given, whatever happened to the hold since (its
+    # extensions included).
+    as_granted = hold.as_granted()
     decision = Decision(
         allowed=True,
         reason=None,
         message="",
         available_micros=hold.decision_available_micros,
         billing=billing,
-        required_micros=hold.amount_micros,
+        required_micros=as_granted.amount_micros,
         budgets=hold.budgets,
     )
-    # A retry replays the grant as it was given, whatever happened to the hold since.
-    as_granted = replace(hold, status=HoldStatus.OPEN, settled_at=None, refunded_micros=0)
     return ReserveResult(decision, as_granted)
 
 
-def _exhausted_budget(hold: Hold) -> BudgetUsage | None:
+def _extend_result(outcome: ExtendOutcome, command: ExtendHold) -> ExtendResult:
+    """The answer an extension was first given, rebuilt from what was stored."""
+    hold = outcome.hold
+    assert hold.price is not None
+    billing = hold.price.billing
+    if outcome.denial_reason is None:
+        decision = Decision(
+            allowed=True,
+            reason=None,
+            message="",
+            available_micros=outcome.available_micros,
+            billing=billing,
+            required_micros=outcome.required_micros,
+            budgets=outcome.budgets,
+        )
+    else:
+        decision = denial(
+            outcome.denial_reason,
+            hold.model,
+            outcome.available_micros,
+            billing,
+            outcome.required_micros,
+        )
+        decision = replace(decision, budgets=outcome.budgets)
+        exhausted = _exhausted_budget(outcome.denial_reason, outcome.budgets)
+        if exhausted is not None:
+            decision = budget_denial(decision, exhausted)
+    return ExtendResult(
+        decision,
+        hold,
+        outcome.required_micros if outcome.granted else 0,
+        hold.price.covered_output_tokens(hold.amount_micros, command.usage),
+    )
+
+
+def _exhausted_budget(
+    reason: DenialReason | None, usages: tuple[BudgetUsage, ...]
+) -> BudgetUsage | None:
     scope = {
         DenialReason.USER_BUDGET_EXHAUSTED: BudgetScope.USER,
         DenialReason.API_KEY_BUDGET_EXHAUSTED: BudgetScope.API_KEY,
-    }.get(hold.denial_reason or DenialReason.CREDIT_LIMIT_REACHED)
-    return next((usage for usage in hold.budgets if usage.budget.scope is scope), None)
+    }.get(reason or DenialReason.CREDIT_LIMIT_REACHED)
+    return next((usage for usage in usages if usage.budget.scope is scope), None)
 
 
 def _checked(outcome: TenantOutcome, request_fingerprint: str, request_id: str) -> TenantOutcome:

@@ -69,12 +69,17 @@ class Metrics:
         )
         self.decisions = Counter(
             "billing_decisions",
-            "CheckAccess and ReserveCredit answers: ALLOWED or the denial reason.",
+            "CheckAccess, ReserveCredit and ExtendHold answers: ALLOWED or the denial reason.",
             ["rpc", "decision"],
             registry=registry,
         )
         self.reserved_micros = Counter(
             "billing_reserved_micros", "Micros held by granted reservations.", registry=registry
+        )
+        self.extended_micros = Counter(
+            "billing_extended_micros",
+            "Micros added to open holds by granted extensions (ExtendHold).",
+            registry=registry,
         )
         self.committed_micros = Counter(
             "billing_committed_micros", "Micros charged by commits.", registry=registry
@@ -168,6 +173,9 @@ class Metrics:
             self.decisions.labels(method, _decision(response.decision)).inc()
             if response.decision.allowed:
                 self.reserved_micros.inc(response.reservation.amount_micros)
+        elif isinstance(response, billing_pb2.ExtendHoldResponse):
+            self.decisions.labels(method, _decision(response.decision)).inc()
+            self.extended_micros.inc(response.extended_micros)
         elif isinstance(response, billing_pb2.CommitResponse):
             self.committed_micros.inc(response.usage_record.charged_micros)
             self.uncollected_micros.inc(response.usage_record.uncollected_micros)

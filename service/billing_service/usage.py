@@ -40,7 +40,17 @@ CSV_CHUNK_BYTES = 64 * 1024
 EXPORT_BATCH = 500
 
 LEDGER_KINDS = frozenset(
-    {"grant", "hold", "release", "expiry", "debit", "refund", "top_up", "top_up_reversal"}
+    {
+        "grant",
+        "hold",
+        "extension",
+        "release",
+        "expiry",
+        "debit",
+        "refund",
+        "top_up",
+        "top_up_reversal",
+    }
 )
 
 CSV_HEADER = (

@@ -253,6 +253,11 @@ async def _seed_page_tokens(target: Target) -> None:
             admin_pb2.ListTenantsResponse,
         ),
         (
+            "/billing.v1.AdminService/ListOpenHolds",
+            admin_pb2.ListOpenHoldsRequest(tenant_id="acme", page_size=1),
+            admin_pb2.ListOpenHoldsResponse,
+        ),
+        (
             "/billing.v1.UsageService/ListUsageRecords",
             usage_pb2.ListUsageRecordsRequest(tenant_id="acme", page_size=1),
             usage_pb2.ListUsageRecordsResponse,
@@ -453,4 +458,5 @@ def test_every_service_of_the_contract_is_covered() -> None:
         "billing.v1.UsageService",
         "billing.v1.BudgetService",
     }
-    assert "/billing.v1.BillingService/Release" in {rpc.path for rpc in RPCS}
+    paths = {rpc.path for rpc in RPCS}
+    assert {"/billing.v1.BillingService/Release", "/billing.v1.BillingService/ExtendHold"} <= paths

@@ -15,7 +15,14 @@ from tests.support.tools import tool
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 METHODS = {
-    "billing.v1.BillingService": ["CheckAccess", "ReserveCredit", "Commit", "Refund", "Release"],
+    "billing.v1.BillingService": [
+        "CheckAccess",
+        "ReserveCredit",
+        "Commit",
+        "Refund",
+        "Release",
+        "ExtendHold",
+    ],
     "billing.v1.AdminService": [
         "CreateTenant",
         "UpdateTenant",
@@ -24,6 +31,7 @@ METHODS = {
         "ListTenants",
         "ListCharges",
         "ResolveCharge",
+        "ListOpenHolds",
     ],
     "billing.v1.AccountService": [
         "GetBillingProfile",

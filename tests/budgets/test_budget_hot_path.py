@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing_service.budget_core import BudgetCore
@@ -21,25 +21,12 @@ from billing_service.storage.tables import budget_periods
 from tests.ledger.books import money
 from tests.ledger.conftest import TOKENS
 from tests.support.clock import FakeClock
+from tests.support.postgres import until_a_session_waits_for_a_lock
 
 
 @pytest.fixture
 def backend() -> str:
     return "postgresql"
-
-
-async def _wait_for_a_lock_wait(engine: AsyncEngine) -> None:
-    """Returns once a backend of this database waits on a row lock (bounded: 10 s)."""
-    query = text(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
-    async with asyncio.timeout(10):
-        while True:
-            async with engine.connect() as conn:
-                if (await conn.execute(query)).scalar_one():
-                    return
-            await asyncio.sleep(0.005)
 
 
 async def test_a_budget_filled_after_the_snapshot_aborts_the_statement_and_denies(
@@ -61,7 +48,7 @@ async def test_a_budget_filled_after_the_snapshot_aborts_the_statement_and_denie
         reserving = asyncio.create_task(
             core.reserve(Reserve("r2", "acme", "alice", TOKENS, amount_micros=100_000))
         )
-        await _wait_for_a_lock_wait(engine)
+        await until_a_session_waits_for_a_lock(engine)
         await transaction.commit()
     second = await reserving
 

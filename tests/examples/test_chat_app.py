@@ -14,7 +14,13 @@ from fastapi.testclient import TestClient
 
 from billing.v1 import admin_pb2, admin_pb2_grpc, types_pb2, usage_pb2, usage_pb2_grpc
 from examples.chat_app.app import create_app
-from examples.chat_app.model import SYSTEM_PROMPT_TOKENS, Completion, EchoModel, ModelError
+from examples.chat_app.model import (
+    SYSTEM_PROMPT_TOKENS,
+    Completion,
+    CompletionStream,
+    EchoModel,
+    ModelError,
+)
 from examples.chat_app.settings import ChatSettings
 from tests.support.ports import free_port
 from tests.support.server_process import ServerProcess
@@ -121,6 +127,10 @@ class RecordingModel:
         if self._fail:
             raise ModelError(f"{model} timed out")
         return EchoModel().complete(model, prompt, max_tokens)
+
+    def stream(self, model: str, prompt: str, max_tokens: int) -> CompletionStream:
+        self.calls += 1
+        return EchoModel().stream(model, prompt, max_tokens)
 
 
 def chat_client(target: str, model: RecordingModel, **settings: object) -> TestClient:
@@ -280,3 +290,90 @@ def test_billing_lost_during_the_model_call_serves_the_answer_unbilled(
     # left alone (never released after a commit that may have been applied).
     assert f"reservation={reservation_id} commit_request_id=" in line
     assert "commit_request_id= " not in line
+
+
+# POST /chat/stream: a hold that grows while the answer streams.
+
+
+def ask_streamed(client: TestClient, tenant_id: str, prompt: str = PROMPT) -> tuple[int, str]:
+    body = {"tenant_id": tenant_id, "user_id": "alice", "model": "unit-priced", "prompt": prompt}
+    response = client.post("/chat/stream", json={**body, "max_tokens": 50})
+    return response.status_code, response.text
+
+
+def test_a_streamed_answer_grows_its_hold_and_is_billed_at_the_real_counts(
+    billing: ServerProcess, books: Books
+) -> None:
+    tenant_id = books.tenant_with_card()
+    with chat_client(billing.address, RecordingModel(), stream_chunk_tokens=3) as client:
+        status, text = ask_streamed(client, tenant_id)
+    assert status == 200
+    assert text == f"You said: {PROMPT} "
+    [record] = books.usage_records(tenant_id)
+    assert (record.usage.input_tokens, record.usage.output_tokens) == (9, 8)
+    # The app's 6 input tokens and a first chunk of 3, then two extensions of 3: not max_tokens.
+    assert record.held_micros == 6 + 3 + 3 + 3
+    assert record.charged_micros == 17
+    assert books.ledger_kinds(tenant_id)[-4:] == [
+        "LEDGER_ENTRY_KIND_HOLD",
+        "LEDGER_ENTRY_KIND_EXTENSION",
+        "LEDGER_ENTRY_KIND_EXTENSION",
+        "LEDGER_ENTRY_KIND_DEBIT",
+    ]
+    assert books.balance(tenant_id).held_micros == 0
+
+
+def test_a_denied_extension_ends_the_streamed_answer_where_the_hold_stops(
+    billing: ServerProcess, books: Books
+) -> None:
+    # No card and 13 micros of credit: the first hold (6 + 3) and one extension of 3 fit.
+    tenant_id = books.tenant_without_card()
+    books.admin.GrantCredit(
+        admin_pb2.GrantCreditRequest(
+            request_id=str(uuid.uuid4()), tenant_id=tenant_id, amount_micros=13, reason="r"
+        ),
+        timeout=10,
+    )
+    with chat_client(billing.address, RecordingModel(), stream_chunk_tokens=3) as client:
+        status, text = ask_streamed(client, tenant_id)
+    assert status == 200
+    words = text.split("\n")[0].split()
+    assert words == f"You said: {PROMPT}".split()[:6]
+    assert "[answer cut: Add a payment method to use unit-priced.]" in text
+    [record] = books.usage_records(tenant_id)
+    assert record.usage.output_tokens == 6
+    assert record.held_micros == 12
+    # The provider counted 3 more input tokens than the app: charged within the credit only.
+    assert (record.charged_micros, record.uncollected_micros) == (13, 2)
+    balance = books.balance(tenant_id)
+    assert (balance.balance_micros, balance.held_micros) == (0, 0)
+
+
+def test_a_broken_model_stream_ends_the_answer_and_releases_the_hold(
+    billing: ServerProcess, books: Books
+) -> None:
+    tenant_id = books.tenant_with_card()
+    with chat_client(billing.address, RecordingModel(), stream_chunk_tokens=1) as client:
+        status, text = ask_streamed(client, tenant_id, prompt="/fail " + PROMPT)
+    # The status line went out with the first word; the answer ends saying it failed.
+    assert status == 200
+    assert text == "You \n[answer failed: try again]\n"
+    assert books.usage_records(tenant_id) == []
+    assert books.ledger_kinds(tenant_id)[-2:] == [
+        "LEDGER_ENTRY_KIND_HOLD",
+        "LEDGER_ENTRY_KIND_RELEASE",
+    ]
+    assert books.balance(tenant_id).held_micros == 0
+
+
+def test_a_streamed_chat_that_is_denied_up_front_is_402(
+    billing: ServerProcess, books: Books
+) -> None:
+    tenant_id = books.tenant_without_card()
+    with chat_client(billing.address, RecordingModel()) as client:
+        response = client.post(
+            "/chat/stream",
+            json={"tenant_id": tenant_id, "user_id": "a", "model": "unit-priced", "prompt": "hi"},
+        )
+    assert response.status_code == 402
+    assert response.json()["error"]["reason"] == "PAYMENT_METHOD_REQUIRED"

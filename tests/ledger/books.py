@@ -73,6 +73,7 @@ def table_problems(tables: Tables, *, cap: bool = True) -> list[str]:
         ok = {
             "grant": balance > 0 and held == 0,
             "hold": balance == 0 and held > 0,
+            "extension": balance == 0 and held > 0,
             "release": balance == 0 and held <= 0,
             "expiry": balance == 0 and held < 0,
             "debit": balance <= 0 and held < 0,
@@ -172,18 +173,30 @@ def _hold_problems(hold: Any, entries: list[Any], usage_rows: dict[str, Any]) ->
         expected = ["hold"]
         if hold.status in _SETTLING_KIND:
             expected.append(_SETTLING_KIND[hold.status])
-        settling = [kind for kind in kinds if kind != "refund"]
+        settling = [kind for kind in kinds if kind not in ("refund", "extension")]
         if settling != expected:
             problems.append(f"{who}: entries {kinds}, expected {expected} then refunds")
+        settled_by = _SETTLING_KIND.get(hold.status)
+        if settled_by in kinds and "extension" in kinds[kinds.index(settled_by) :]:
+            problems.append(f"{who}: extended after it settled: {kinds}")
         held = sum(entry.held_delta_micros for entry in entries)
         if held != (hold.amount_micros if hold.status == "open" else 0):
             problems.append(f"{who}: its entries hold {held}")
-        if entries and entries[0].held_delta_micros != hold.amount_micros:
+        if entries and entries[0].held_delta_micros != hold.amount_micros - hold.extended_micros:
             problems.append(f"{who}: hold entry of {entries[0].held_delta_micros}")
+        extended = sum(e.held_delta_micros for e in entries if e.kind == "extension")
+        if extended != hold.extended_micros:
+            problems.append(
+                f"{who}: extension entries of {extended}, column {hold.extended_micros}"
+            )
         if hold.amount_micros < 1:
             problems.append(f"{who}: a metered hold of {hold.amount_micros}")
     else:
-        if hold.amount_micros != 0 or any(kind not in ("release",) for kind in kinds):
+        if (
+            hold.amount_micros != 0
+            or hold.extended_micros != 0
+            or any(kind not in ("release",) for kind in kinds)
+        ):
             problems.append(f"{who}: an included hold with amount or entries {kinds}")
         if any(entry.held_delta_micros or entry.balance_delta_micros for entry in entries):
             problems.append(f"{who}: an included hold moved money")

@@ -17,13 +17,14 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing_service.core import BillingCore
 from billing_service.domain.commands import Commit, Refund, Release
 from billing_service.domain.errors import ErrorReason, FailedPrecondition, Unavailable
 from billing_service.domain.ledger import EntryKind
+from billing_service.storage.database import storage_faults_unavailable, transaction
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.postgres_hot_path import HotPath
 from billing_service.storage.tables import holds
@@ -177,3 +178,22 @@ async def _until_waiting_for_a_lock(locker: asyncpg.Connection) -> None:
             return
         await asyncio.sleep(0.01)
     pytest.fail("the reservation never waited for the tenant's row")
+
+
+@pytest.mark.parametrize(("sqlstate", "cause"), [("40P01", "deadlock"), ("40001", "serialization")])
+async def test_a_transaction_rolled_back_for_a_conflict_is_unavailable(
+    engine: AsyncEngine, sqlstate: str, cause: str
+) -> None:
+    """PostgreSQL rolls the whole transaction back on a deadlock or a serialization failure:
+    nothing was written, so the caller is told to retry (UNAVAILABLE), never INTERNAL."""
+
+    @storage_faults_unavailable
+    async def conflicting() -> None:
+        async with transaction(engine) as conn:
+            await conn.execute(
+                text(f"DO $$ BEGIN RAISE EXCEPTION '{cause}' USING ERRCODE = '{sqlstate}'; END $$")
+            )
+
+    with pytest.raises(Unavailable) as raised:
+        await conflicting()
+    assert raised.value.reason is ErrorReason.STORAGE_UNAVAILABLE

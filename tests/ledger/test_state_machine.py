@@ -34,7 +34,7 @@ from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing_service.budget_core import BudgetCore
-from billing_service.core import BillingCore, CoreSettings, ReserveResult
+from billing_service.core import BillingCore, CoreSettings, ExtendResult, ReserveResult
 from billing_service.domain.budgets import (
     DENIAL_REASONS,
     Budget,
@@ -43,12 +43,14 @@ from billing_service.domain.budgets import (
     BudgetUsage,
     DeleteBudget,
     SetBudget,
+    in_scope_order,
     period_start,
 )
 from billing_service.domain.commands import (
     CheckAccess,
     Commit,
     CreateTenant,
+    ExtendHold,
     GrantCredit,
     QueryEstimate,
     Refund,
@@ -86,6 +88,7 @@ from billing_service.storage.tables import (
     budget_periods,
     budget_requests,
     budgets,
+    hold_extensions,
     holds,
     ledger_entries,
     tenants,
@@ -168,6 +171,8 @@ class HoldModel:
     refunded: int = 0
     # The budget periods it took from, each with the budget's limit at the decision.
     periods: tuple[tuple[PeriodKey, int], ...] = ()
+    # The budgets it took from as of the decision (each with the period it took from).
+    budgets: tuple[BudgetUsage, ...] = ()
 
     @property
     def metered(self) -> bool:
@@ -186,6 +191,8 @@ def reused(command: Any) -> Any:
     """The same request_id with other content."""
     if isinstance(command, Reserve):
         return replace(command, user_id=command.user_id + "x")
+    if isinstance(command, ExtendHold):
+        return replace(command, additional_output_tokens=command.additional_output_tokens + 1)
     if isinstance(command, Commit):
         usage = command.usage
         return replace(command, usage=replace(usage, input_tokens=usage.input_tokens + 1))
@@ -251,6 +258,7 @@ class LedgerMachine(RuleBasedStateMachine):
             Commit: core.commit,
             Refund: core.refund,
             Release: core.release,
+            ExtendHold: core.extend_hold,
             GrantCredit: core.grant_credit,
             CreateTenant: core.create_tenant,
             UpdateTenant: core.update_tenant,
@@ -462,7 +470,9 @@ class LedgerMachine(RuleBasedStateMachine):
             required,
             expires_at,
         )
-        self.holds[hold.hold_id] = HoldModel(tenant_id, price, required, expires_at, periods=taken)
+        self.holds[hold.hold_id] = HoldModel(
+            tenant_id, price, required, expires_at, periods=taken, budgets=usages
+        )
         return hold.hold_id
 
     def usages(self, tenant_id: str, caller: tuple[str, str]) -> tuple[BudgetUsage, ...]:
@@ -529,6 +539,121 @@ class LedgerMachine(RuleBasedStateMachine):
         assert answer == self.usages(tenant_id, _caller_of(*scope))[0]
         del self.budgets[(tenant_id, *scope)]
         event("delete budget")
+
+    @rule(
+        hold_id=granted,
+        tokens=st.sampled_from([1, 100, 1_000, 20_000, 100_000]),
+        streamed=st.sampled_from([0, 10, 5_000, 70_000]),
+        ttl=ttls,
+    )
+    def extend(self, hold_id: str, tokens: int, streamed: int, ttl: timedelta | None) -> None:
+        self.extend_hold(hold_id, tokens, streamed, ttl)
+
+    @rule(
+        target=granted,
+        tenant_id=tenant_ids,
+        model=st.sampled_from([TOKENS, TOKENS, FLAT, INCLUDED]),
+        chunks=st.lists(st.sampled_from([100, 1_000, 20_000, 60_000]), min_size=1, max_size=4),
+        caller=callers,
+        share=st.sampled_from([50, 100, 120, CAP]),
+    )
+    def stream(
+        self,
+        tenant_id: str,
+        model: str,
+        chunks: list[int],
+        caller: tuple[str, str],
+        share: int,
+    ) -> Any:
+        """A streamed answer: a small hold, extended chunk by chunk while tokens stream, until
+        an extension is denied; then a commit of what it really used."""
+        hold_id = self.reserve(tenant_id, model, QueryEstimate(1_000, 200), None, caller)
+        if not isinstance(hold_id, str):
+            return hold_id
+        streamed = 200
+        for chunk in chunks:
+            if not self.extend_hold(hold_id, chunk, streamed, None):
+                break
+            streamed += chunk
+        self.commit(hold_id, share, 0)
+        return hold_id
+
+    def extend_hold(self, hold_id: str, tokens: int, streamed: int, ttl: timedelta | None) -> bool:
+        """A streaming call grows its hold by more output tokens (ExtendHold): decided as a
+        reservation of their price is, against the budgets the hold took from. Returns whether
+        it was granted."""
+        hold = self.holds[hold_id]
+        usage = TokenUsage(1_000, 0, streamed)
+        command = ExtendHold(self.request_id("extend"), hold_id, tokens, usage, ttl)
+        answer = self.call(command)
+        settled = {
+            HoldStatus.COMMITTED: ErrorReason.HOLD_ALREADY_COMMITTED,
+            HoldStatus.RELEASED: ErrorReason.HOLD_RELEASED,
+            HoldStatus.EXPIRED: ErrorReason.HOLD_EXPIRED,
+        }.get(hold.status)
+        if settled is None and hold.expires_at <= self.clock.now:
+            self.expire(hold)
+            event("extend: expired instead")
+            settled = ErrorReason.HOLD_EXPIRED
+        if settled is not None:
+            self.expect_error(answer, settled)
+            return False
+        tenant = self.tenants[hold.tenant_id]
+        price = hold.price
+        required = price.output_micros(tokens)
+        refusal = decide(tenant.account(hold.tenant_id), price.model, price, required)
+        reason = refusal.reason
+        usages: tuple[BudgetUsage, ...] = ()
+        exhausted = None
+        if hold.metered:
+            usages = self.hold_usages(hold)
+            if reason is None:
+                exhausted = next((u for u in usages if u.remaining_micros < required), None)
+                if exhausted is not None:
+                    reason = DENIAL_REASONS[exhausted.budget.scope]
+        assert isinstance(answer, ExtendResult), answer
+        event(f"extend: {reason or 'granted'}")
+        if reason is None:
+            tenant.held += required
+            hold.amount += required
+            if hold.metered:
+                self.move(hold, held=required)
+                usages = tuple(usage.after_hold(required) for usage in usages)
+            hold.expires_at = max(hold.expires_at, self.clock.now + (ttl or timedelta(minutes=5)))
+            expected = Decision(True, None, "", tenant.available, price.billing, required, usages)
+        else:
+            expected = replace(
+                denial(reason, price.model, tenant.available, price.billing, required),
+                budgets=usages,
+            )
+            if exhausted is not None:
+                expected = budget_denial(expected, exhausted)
+        assert answer.decision == expected
+        assert (answer.hold.amount_micros, answer.hold.expires_at) == (
+            hold.amount,
+            hold.expires_at,
+        )
+        assert answer.extended_micros == (required if reason is None else 0)
+        assert answer.covered_output_tokens == price.covered_output_tokens(hold.amount, usage)
+        return reason is None
+
+    def hold_usages(self, hold: HoldModel) -> tuple[BudgetUsage, ...]:
+        """The budgets a hold took from as its extension sees them: each one's limit now (one
+        deleted since does not apply) and the use of the period the hold took from."""
+        found = []
+        for usage in in_scope_order(hold.budgets):
+            budget = usage.budget
+            setting = self.budgets.get((budget.tenant_id, budget.scope, budget.scope_id))
+            if setting is None:
+                continue
+            key = (budget.tenant_id, budget.scope.value, budget.scope_id, usage.period_start)
+            spent, held = self.periods[key]
+            found.append(
+                BudgetUsage(
+                    replace(budget, limit_micros=setting[0]), usage.period_start, spent, held
+                )
+            )
+        return tuple(found)
 
     @rule(hold_id=granted, share=st.sampled_from([0, 50, 100]), cached=st.integers(0, 20))
     def commit_within(self, hold_id: str, share: int, cached: int) -> None:
@@ -831,12 +956,13 @@ class LedgerMachine(RuleBasedStateMachine):
             for tenant_id, tenant in self.tenants.items()
         }
         stored_holds = {
-            row.hold_id: (HoldStatus(row.status), row.refunded_micros)
+            row.hold_id: (HoldStatus(row.status), row.refunded_micros, row.amount_micros)
             for row in tables.holds
             if row.status != HoldStatus.DENIED
         }
         assert stored_holds == {
-            hold_id: (hold.status, hold.refunded) for hold_id, hold in self.holds.items()
+            hold_id: (hold.status, hold.refunded, hold.amount)
+            for hold_id, hold in self.holds.items()
         }
         stored_periods = {
             (row.tenant_id, row.scope, row.scope_id, row.period_start): [
@@ -876,6 +1002,7 @@ async def _reset(engine: AsyncEngine) -> None:
             usage_rollups,
             usage_records,
             ledger_entries,
+            hold_extensions,
             holds,
             admin_requests,
             budget_requests,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import pytest
@@ -10,7 +11,7 @@ import stripe
 
 from billing.v1 import account_pb2, admin_pb2, billing_pb2, types_pb2
 from billing_service.domain.ledger import EntryKind
-from billing_service.domain.payments import ChargeStatus, ChargeTrigger
+from billing_service.domain.payments import ChargeStatus, ChargeTrigger, TopUpAttempt
 from billing_service.payments.events import PaymentIntentFacts
 from billing_service.payments.reconcile import CardReconciler
 from billing_service.storage.tables import ledger_entries
@@ -344,6 +345,48 @@ async def test_a_reservation_without_room_waits_for_an_on_demand_top_up(
     [charge] = await payments.charges(tenant_id)
     assert (charge.trigger, charge.status) == (ChargeTrigger.ON_DEMAND, ChargeStatus.SUCCEEDED)
     assert charge.amount_micros == 20_000_000
+    money = await balance(payments, tenant_id)
+    assert (money.balance_micros, money.held_micros) == (20_000_000, 3_000_000)
+
+
+async def test_a_reservation_denied_before_credit_landed_takes_it_without_a_second_charge(
+    payments: Payments,
+) -> None:
+    """Concurrent reservations without room: the first one's top-up can land between another's
+    denial and that one's own call for a top-up. That call must find the room, not charge the
+    card again."""
+    tenant_id = await payments.create_tenant(credit_limit_micros=1_000_000)
+    await payments.save_card(tenant_id, CARD_OK)
+    await payments.account.UpdateAutoTopUp(
+        account_pb2.UpdateAutoTopUpRequest(
+            request_id=new_id("auto"), tenant_id=tenant_id, threshold_micros=0
+        )
+    )
+    on_demand = payments.app.core.top_up
+    assert on_demand is not None
+
+    class CreditLandsFirst:
+        def credit_seen(self, tenant_id: str, available_micros: int) -> None:
+            on_demand.credit_seen(tenant_id, available_micros)
+
+        async def top_up(self, *args: Any, **kwargs: Any) -> TopUpAttempt:
+            # Stands for the other reservation's $20 top-up, landing just before this call.
+            await payments.admin.GrantCredit(
+                admin_pb2.GrantCreditRequest(
+                    request_id=new_id("grant"),
+                    tenant_id=tenant_id,
+                    amount_micros=20_000_000,
+                    reason="the other reservation's top-up",
+                )
+            )
+            return await on_demand.top_up(*args, **kwargs)
+
+    payments.app.core.top_up = CreditLandsFirst()
+
+    decision = await reserve(payments, tenant_id, METERED, 3_000_000)
+
+    assert decision.allowed
+    assert await payments.charges(tenant_id) == []
     money = await balance(payments, tenant_id)
     assert (money.balance_micros, money.held_micros) == (20_000_000, 3_000_000)
 

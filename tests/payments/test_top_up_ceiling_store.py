@@ -8,15 +8,22 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import func, select, update
 
 from billing_service.domain.ledger import EntryKind
+from billing_service.domain.money import AMOUNT_MICROS_MAX
 from billing_service.domain.page_tokens import PageTokens
 from billing_service.domain.payments import AutoTopUp, Card, ChargeStatus, PaymentOutcome
 from billing_service.payments.account import AccountCore
 from billing_service.payments.events import PaymentIntentFacts
 from billing_service.payments.outbox import new_charge_id
 from billing_service.payments.sink import PaymentsEventSink
+from billing_service.storage.charge_sql import charge_from_row
+from billing_service.storage.charge_store import _credit_top_up
+from billing_service.storage.database import transaction
+from billing_service.storage.tables import charges
 from tests.payments.test_outbox_and_sink import World, world_on
+from tests.support.postgres import until_a_session_waits_for_a_lock
 
 TOP_UP = 5_000_000
 CEILING = 10_000_000
@@ -69,8 +76,11 @@ async def test_a_charge_counts_in_the_month_it_was_made_pending_or_not(world: Wo
     tenant_id = await world.tenant_with_card()
     await world.worker().run_once()  # November: $5 of $10
     assert await world.store.enqueue_automatic(tenant_id, new_charge_id(), world.clock())
-    # In flight, the second $5 already fills November: an on-demand $5 more would not fit.
-    assert await world.store.ceiling_blocks_top_up(tenant_id, world.clock(), at_least_micros=1)
+    # In flight, the second $5 already fills November: an on-demand $5 more, for a hold the
+    # tenant's credit does not cover, would not fit.
+    assert await world.store.ceiling_blocks_top_up(
+        tenant_id, world.clock(), at_least_micros=1, hold_micros=AMOUNT_MICROS_MAX
+    )
 
     world.clock.now = datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
     await world.worker().run_once()  # sends November's second one
@@ -156,3 +166,70 @@ async def test_only_the_tenants_own_manual_top_up_resumes_its_automatic_ones(wor
         + [(EntryKind.TOP_UP, 1_000_000)]
         + [(EntryKind.TOP_UP, TOP_UP)] * 2
     )
+
+
+async def test_an_on_demand_top_up_is_made_only_while_the_hold_still_has_no_room(
+    world: World,
+) -> None:
+    """The store decides it in the statement that writes the charge: a hold that fits the
+    tenant's credit by now (to the micro) gets no charge; one micro more does."""
+    fits, short = await world.tenant_with_card(), await world.tenant_with_card()
+    account = await world.store.get_account(fits)
+    assert account is not None
+    room = account.available_micros
+    assert room > 0
+
+    assert not await world.store.enqueue_automatic(
+        fits, new_charge_id(), world.clock(), at_least_micros=1, hold_micros=room
+    )
+    assert await world.store.pending_charge(fits) is None
+    assert await world.store.enqueue_automatic(
+        short, new_charge_id(), world.clock(), at_least_micros=1, hold_micros=room + 1
+    )
+    pending = await world.store.pending_charge(short)
+    assert pending is not None
+    assert pending.amount_micros == TOP_UP
+
+
+async def test_an_on_demand_top_up_decided_while_a_charge_lands_sees_its_credit(
+    world: World,
+) -> None:
+    """PostgreSQL, read committed: the statement that writes a charge must decide on the
+    tenant row as it is once the charge landing at that moment commits, not on the snapshot
+    taken before (where the landing charge still looked pending and the credit absent)."""
+    if world.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer: no charge lands while a statement runs")
+    tenant_id = await world.tenant_with_card()
+    account = await world.store.get_account(tenant_id)
+    assert account is not None
+    hold = account.available_micros + 1
+    assert await world.store.enqueue_automatic(
+        tenant_id, new_charge_id(), world.clock(), at_least_micros=1, hold_micros=hold
+    )
+    first = await world.store.pending_charge(tenant_id)
+    assert first is not None
+
+    async with transaction(world.engine) as conn:  # the worker recording its success
+        landed = (
+            await conn.execute(
+                update(charges)
+                .where(charges.c.charge_id == first.charge_id)
+                .values(status=ChargeStatus.SUCCEEDED, updated_at=world.clock())
+                .returning(*charges.c)
+            )
+        ).one()
+        await _credit_top_up(conn, charge_from_row(landed), world.clock())
+        second = asyncio.create_task(
+            world.store.enqueue_automatic(
+                tenant_id, new_charge_id(), world.clock(), at_least_micros=1, hold_micros=hold
+            )
+        )
+        await until_a_session_waits_for_a_lock(world.engine)
+
+    assert not await second
+    async with world.engine.connect() as conn:
+        made = await conn.execute(
+            select(func.count()).select_from(charges).where(charges.c.tenant_id == tenant_id)
+        )
+        assert made.scalar_one() == 1
+    assert await world.balance(tenant_id) == TOP_UP

@@ -17,6 +17,7 @@ the tests themselves stay root and connect over TCP. ``scripts/ensure-tools`` in
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import re
@@ -30,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["PostgresBinaries", "PostgresServer", "PostgresServerError"]
 
@@ -361,3 +365,18 @@ def _is_executable(path: Path) -> bool:
 def _version_key(bindir: Path) -> tuple[int, ...]:
     """``/usr/lib/postgresql/15/bin`` -> ``(15,)``; sorts 9.6 before 10."""
     return tuple(int(part) for part in re.findall(r"\d+", bindir.parent.name))
+
+
+async def until_a_session_waits_for_a_lock(engine: AsyncEngine, timeout_s: float = 10.0) -> None:
+    """Returns once a backend of this database waits on a lock (bounded by `timeout_s`): the
+    moment a concurrent statement has reached the row another transaction holds."""
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    async with asyncio.timeout(timeout_s):
+        while True:
+            async with engine.connect() as conn:
+                if (await conn.execute(query)).scalar_one():
+                    return
+            await asyncio.sleep(0.005)

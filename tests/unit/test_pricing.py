@@ -339,3 +339,55 @@ def test_the_shipped_price_table_parses() -> None:
     # Every shipped cached price is at most the uncached one, so an estimate's hold covers it.
     for price in table.models.values():
         assert price.cached_input_micros_per_mtok <= price.input_micros_per_mtok
+
+
+# Holds that grow (ExtendHold)
+
+
+@given(model_prices(), tokens, st.integers(1, TOKENS_MAX), st.integers(1, TOKENS_MAX))
+def test_a_hold_grown_by_extensions_covers_what_one_hold_of_the_sum_would(
+    price: ModelPrice, input_tokens: int, first: int, more: int
+) -> None:
+    grown = price.hold_micros(input_tokens, first) + price.output_micros(more)
+    assert grown >= price.hold_micros(input_tokens, first + more)
+    # Rounded up once per extension: never more than one micro above it per extension.
+    assert grown <= price.hold_micros(input_tokens, first + more) + 1
+
+
+@given(model_prices(), tokens)
+def test_an_extension_is_the_price_of_its_output_tokens_rounded_up(
+    price: ModelPrice, output_tokens: int
+) -> None:
+    exact = Fraction(output_tokens * price.output_micros_per_mtok, 1_000_000)
+    assert exact <= price.output_micros(output_tokens) < exact + 1
+
+
+@given(
+    model_prices(),
+    st.integers(0, 10**13),
+    st.builds(TokenUsage, tokens, tokens, tokens),
+)
+def test_covered_output_tokens_is_the_most_that_still_fits_in_the_hold(
+    price: ModelPrice, held: int, usage: TokenUsage
+) -> None:
+    covered = price.covered_output_tokens(held, usage)
+    assert 0 <= covered <= TOKENS_MAX
+    if price.output_micros_per_mtok == 0:
+        assert covered == TOKENS_MAX
+        return
+
+    def with_more(more: int) -> TokenUsage:
+        return TokenUsage(usage.input_tokens, usage.cached_input_tokens, usage.output_tokens + more)
+
+    if price.cost_micros(usage) > held:
+        assert covered == 0
+        return
+    assert price.cost_micros(with_more(covered)) <= held
+    if covered < TOKENS_MAX:
+        assert price.cost_micros(with_more(covered + 1)) > held
+
+
+def test_an_included_model_covers_any_count_and_its_extension_costs_nothing() -> None:
+    price = ModelPrice("free", ModelBilling.INCLUDED, output_micros_per_mtok=5_000_000)
+    assert price.output_micros(1_000) == 0
+    assert price.covered_output_tokens(0, TokenUsage(10, 0, 10)) == TOKENS_MAX

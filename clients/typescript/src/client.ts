@@ -8,6 +8,8 @@ import {
   BillingService,
   type CommitRequest,
   type CommitResponse,
+  type ExtendHoldRequest,
+  type ExtendHoldResponse,
   type RefundResponse,
   type ReleaseRequest,
   type ReleaseResponse,
@@ -20,11 +22,13 @@ import { Denied, billingErrorFrom, codeName } from "./errors.js";
 import { Hold, type HoldClient } from "./hold.js";
 import {
   type CheckAccessArgs,
+  type ExtendArgs,
   type RefundArgs,
   type ReserveArgs,
   type TokenCounts,
   checkAccessRequest,
   commitRequest,
+  extendHoldRequest,
   newRequestId,
   refundRequest,
   releaseRequest,
@@ -87,6 +91,7 @@ export class BillingClient implements AsyncDisposable {
     this.#holds = {
       commitCall: (request) => this.#commit(request),
       releaseCall: (request) => this.#release(request),
+      extendCall: (request) => this.#extend(request),
       warn: (message) => this.#logger.warn(message),
     };
   }
@@ -186,6 +191,14 @@ export class BillingClient implements AsyncDisposable {
   }
 
   /**
+   * Grows an open hold by more output tokens, outside its Hold (see `Hold.extend`). A denial is
+   * an answer with `decision.allowed` false and `coveredOutputTokens`, not an error.
+   */
+  async extendHold(args: { reservationId: string } & ExtendArgs): Promise<ExtendHoldResponse> {
+    return this.#extend(extendHoldRequest(args.reservationId, args));
+  }
+
+  /**
    * Refunds part (`{ amountMicros }`) or all that is left (`{ all: true }`) of a committed
    * charge. Pass your own `requestId` (a support ticket's) to make it idempotent across processes.
    */
@@ -205,6 +218,10 @@ export class BillingClient implements AsyncDisposable {
 
   async #commit(request: CommitRequest): Promise<CommitResponse> {
     return this.call("Commit", request.requestId, (o) => this.billing.commit(request, o));
+  }
+
+  async #extend(request: ExtendHoldRequest): Promise<ExtendHoldResponse> {
+    return this.call("ExtendHold", request.requestId, (o) => this.billing.extendHold(request, o));
   }
 
   async #release(request: ReleaseRequest): Promise<ReleaseResponse> {

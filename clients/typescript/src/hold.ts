@@ -4,6 +4,8 @@
 import type {
   CommitRequest,
   CommitResponse,
+  ExtendHoldRequest,
+  ExtendHoldResponse,
   ReleaseRequest,
   ReleaseResponse,
 } from "./gen/billing/v1/billing_pb.js";
@@ -16,7 +18,14 @@ import {
   HoldExpired,
   HoldReleased,
 } from "./errors.js";
-import { type TokenCounts, commitRequest, newRequestId, releaseRequest } from "./requests.js";
+import {
+  type ExtendArgs,
+  type TokenCounts,
+  commitRequest,
+  extendHoldRequest,
+  newRequestId,
+  releaseRequest,
+} from "./requests.js";
 
 /**
  * - "open": granted, neither committed nor released;
@@ -30,6 +39,7 @@ export type HoldState = "open" | "committed" | "released" | "expired" | "commit-
 export interface HoldClient {
   commitCall(request: CommitRequest): Promise<CommitResponse>;
   releaseCall(request: ReleaseRequest): Promise<ReleaseResponse>;
+  extendCall(request: ExtendHoldRequest): Promise<ExtendHoldResponse>;
   warn(message: string): void;
 }
 
@@ -41,7 +51,8 @@ export interface HoldClient {
  * a CommitOutcomeUnknown is a retry of the same commit, never a second charge.
  */
 export class Hold implements AsyncDisposable {
-  readonly reservation: Reservation;
+  /** The hold as last answered: a granted extension replaces it (its amount and expire time). */
+  reservation: Reservation;
   readonly decision: Decision;
   readonly commitRequestId: string = newRequestId();
   readonly releaseRequestId: string = newRequestId();
@@ -101,6 +112,27 @@ export class Hold implements AsyncDisposable {
       throw new TypeError(`Commit of ${this.reservationId} answered without a usage record`);
     }
     return this.record;
+  }
+
+  /**
+   * Grows the hold by `additionalOutputTokens` more output tokens (ExtendHold), decided like a
+   * reservation of their price. A denial is an answer (`decision.allowed` false), not an error:
+   * stop the stream after `coveredOutputTokens` more tokens (past the counts sent) and commit.
+   * A granted extension updates `reservation`. Throws HoldAlreadyCommitted, HoldReleased or
+   * HoldExpired on a settled hold.
+   */
+  async extend(args: ExtendArgs): Promise<ExtendHoldResponse> {
+    let response: ExtendHoldResponse;
+    try {
+      response = await this.#client.extendCall(extendHoldRequest(this.reservationId, args));
+    } catch (error) {
+      this.#noteFailure(error);
+      throw error;
+    }
+    if (response.decision?.allowed === true && response.reservation !== undefined) {
+      this.reservation = response.reservation;
+    }
+    return response;
   }
 
   /**

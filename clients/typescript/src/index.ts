@@ -44,6 +44,7 @@ export { Hold, type HoldState } from "./hold.js";
 export {
   type CheckAccessArgs,
   type Count,
+  type ExtendArgs,
   type RefundAmount,
   type RefundArgs,
   type ReserveArgs,

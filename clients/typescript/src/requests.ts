@@ -8,6 +8,8 @@ import {
   CheckAccessRequestSchema,
   type CommitRequest,
   CommitRequestSchema,
+  type ExtendHoldRequest,
+  ExtendHoldRequestSchema,
   type RefundRequest,
   RefundRequestSchema,
   type ReleaseRequest,
@@ -120,6 +122,37 @@ export function commitRequest(
       outputTokens: int64("outputTokens", counts.outputTokens),
       cachedInputTokens: int64("cachedInputTokens", counts.cachedInputTokens ?? 0),
     },
+  });
+}
+
+/** An extension of an open hold by more output tokens, priced at the hold's output price. */
+export interface ExtendArgs {
+  /** How many more output tokens the hold should pay for, 1 to 100,000,000. */
+  readonly additionalOutputTokens: Count;
+  /** The call's counts so far, to learn how many more output tokens the hold covers past them. */
+  readonly inputTokens?: Count | undefined;
+  readonly outputTokens?: Count | undefined;
+  readonly cachedInputTokens?: Count | undefined;
+  /** How long the hold lives from now once extended; whole seconds. Server default 300 s. */
+  readonly ttlSeconds?: number | undefined;
+  /** Your own idempotency key; default a new UUID (one per extension). */
+  readonly requestId?: string | undefined;
+}
+
+export function extendHoldRequest(reservationId: string, args: ExtendArgs): ExtendHoldRequest {
+  if (args.ttlSeconds !== undefined && !Number.isSafeInteger(args.ttlSeconds)) {
+    throw new RangeError(`ttlSeconds must be a whole number, not ${args.ttlSeconds}`);
+  }
+  return create(ExtendHoldRequestSchema, {
+    requestId: args.requestId ?? newRequestId(),
+    reservationId,
+    additionalOutputTokens: int64("additionalOutputTokens", args.additionalOutputTokens),
+    usage: {
+      inputTokens: int64("inputTokens", args.inputTokens ?? 0),
+      outputTokens: int64("outputTokens", args.outputTokens ?? 0),
+      cachedInputTokens: int64("cachedInputTokens", args.cachedInputTokens ?? 0),
+    },
+    ...(args.ttlSeconds !== undefined && { ttl: { seconds: BigInt(args.ttlSeconds) } }),
   });
 }
 

@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from billing.v1 import admin_pb2, billing_pb2, budget_pb2, types_pb2
 from billing_service.api.fields import optional_duration, optional_enum
+from billing_service.core import ExtendResult
 from billing_service.domain import budgets, commands
 from billing_service.domain.ledger import EntryKind
 from billing_service.domain.model import (
@@ -137,6 +138,17 @@ def refund(request: billing_pb2.RefundRequest) -> commands.Refund:
 
 def release(request: billing_pb2.ReleaseRequest) -> commands.Release:
     return commands.Release(request.request_id, request.reservation_id, request.reason)
+
+
+def extend_hold(request: billing_pb2.ExtendHoldRequest) -> commands.ExtendHold:
+    usage = request.usage
+    return commands.ExtendHold(
+        request_id=request.request_id,
+        reservation_id=request.reservation_id,
+        additional_output_tokens=request.additional_output_tokens,
+        usage=TokenUsage(usage.input_tokens, usage.cached_input_tokens, usage.output_tokens),
+        ttl=optional_duration(request, "ttl"),
+    )
 
 
 def create_tenant(request: admin_pb2.CreateTenantRequest) -> commands.CreateTenant:
@@ -306,6 +318,15 @@ def release_response(outcome: ReleaseOutcome) -> billing_pb2.ReleaseResponse:
     return billing_pb2.ReleaseResponse(
         released_micros=outcome.released_micros,
         available_credit_micros=outcome.available_after_micros,
+    )
+
+
+def extend_hold_response(result: ExtendResult) -> billing_pb2.ExtendHoldResponse:
+    return billing_pb2.ExtendHoldResponse(
+        decision=decision(result.decision),
+        reservation=reservation(result.hold),
+        extended_micros=result.extended_micros,
+        covered_output_tokens=result.covered_output_tokens,
     )
 
 

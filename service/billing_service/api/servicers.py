@@ -13,6 +13,7 @@ from billing_service.api.errors import maps_errors
 from billing_service.core import BillingCore
 from billing_service.domain.errors import InvalidArgument
 from billing_service.domain.payments import ChargeStatus
+from billing_service.open_holds import OpenHoldListing
 from billing_service.payments.account import AccountCore
 from billing_service.payments.resolution import ChargeResolution
 
@@ -75,6 +76,17 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     ) -> billing_pb2.ReleaseResponse:
         return convert.release_response(await self._core.release(convert.release(request)))
 
+    @maps_errors
+    async def ExtendHold(
+        self,
+        request: billing_pb2.ExtendHoldRequest,
+        context: grpc.aio.ServicerContext[
+            billing_pb2.ExtendHoldRequest, billing_pb2.ExtendHoldResponse
+        ],
+    ) -> billing_pb2.ExtendHoldResponse:
+        result = await self._core.extend_hold(convert.extend_hold(request))
+        return convert.extend_hold_response(result)
+
 
 # A reservation that waits for a card top-up answers this long before its deadline.
 _DEADLINE_MARGIN_S = 0.5
@@ -92,10 +104,46 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         core: BillingCore,
         account: AccountCore | None = None,
         charges: ChargeResolution | None = None,
+        open_holds: OpenHoldListing | None = None,
     ) -> None:
         self._core = core
         self._account = account
         self._charges = charges
+        self._open_holds = open_holds
+
+    @maps_errors
+    async def ListOpenHolds(
+        self,
+        request: admin_pb2.ListOpenHoldsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ListOpenHoldsRequest, admin_pb2.ListOpenHoldsResponse
+        ],
+    ) -> admin_pb2.ListOpenHoldsResponse:
+        if self._open_holds is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListOpenHolds is not wired")
+        assert self._open_holds is not None
+        found, next_token = await self._open_holds.list_open_holds(
+            request.tenant_id,
+            request.user_id,
+            request.api_key_id,
+            request.page_size,
+            request.page_token,
+        )
+        return admin_pb2.ListOpenHoldsResponse(
+            holds=[
+                admin_pb2.OpenHold(
+                    hold_id=hold.hold_id,
+                    user_id=hold.user_id,
+                    api_key_id=hold.api_key_id,
+                    model=hold.model,
+                    amount_micros=hold.amount_micros,
+                    create_time=convert.timestamp(hold.created_at),
+                    expire_time=convert.timestamp(hold.expires_at),
+                )
+                for hold in found
+            ],
+            next_page_token=next_token,
+        )
 
     @maps_errors
     async def ListCharges(

@@ -24,6 +24,7 @@ _KINDS = {
     usage_pb2.LEDGER_ENTRY_KIND_REFUND: "refund",
     usage_pb2.LEDGER_ENTRY_KIND_TOP_UP: "top_up",
     usage_pb2.LEDGER_ENTRY_KIND_TOP_UP_REVERSAL: "top_up_reversal",
+    usage_pb2.LEDGER_ENTRY_KIND_EXTENSION: "extension",
 }
 _KINDS_OUT = {name: kind for kind, name in _KINDS.items()}
 

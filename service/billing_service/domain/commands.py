@@ -92,6 +92,19 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
+class ExtendHold:
+    """Grows an open hold by the price of `additional_output_tokens` more output tokens."""
+
+    request_id: str
+    reservation_id: str
+    additional_output_tokens: int
+    # The call's counts so far: only to say how many more output tokens the hold covers.
+    usage: TokenUsage = dataclasses.field(default_factory=TokenUsage)
+    # None: the server's default time to live, counted from the extension.
+    ttl: timedelta | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CreateTenant:
     request_id: str
     tenant_id: str
@@ -117,7 +130,9 @@ class GrantCredit:
     reason: str
 
 
-Command = Reserve | Commit | Refund | Release | CreateTenant | UpdateTenant | GrantCredit
+Command = (
+    Reserve | Commit | Refund | Release | ExtendHold | CreateTenant | UpdateTenant | GrantCredit
+)
 
 
 def _fields(instance: Any) -> dict[str, Any]:
@@ -230,6 +245,18 @@ def validate_check_access(command: CheckAccess) -> None:
         check_id("api_key_id", command.api_key_id)
 
 
+def check_ttl(ttl: timedelta | None, ttl_bounds: TtlBounds) -> timedelta:
+    """The time to live asked (the default when None), within the server's bounds."""
+    ttl = ttl_bounds.default if ttl is None else ttl
+    if not ttl_bounds.minimum <= ttl <= ttl_bounds.maximum:
+        raise InvalidArgument(
+            "ttl",
+            f"must be between {ttl_bounds.minimum.total_seconds():g}s and "
+            f"{ttl_bounds.maximum.total_seconds():g}s",
+        )
+    return ttl
+
+
 def validate_reserve(command: Reserve, ttl_bounds: TtlBounds) -> timedelta:
     """Checks a reservation request and returns the time to live of its hold."""
     check_id("request_id", command.request_id)
@@ -244,20 +271,22 @@ def validate_reserve(command: Reserve, ttl_bounds: TtlBounds) -> timedelta:
         check_estimate(command.estimate)
     if command.amount_micros is not None:
         check_amount("amount_micros", command.amount_micros)
-    ttl = ttl_bounds.default if command.ttl is None else command.ttl
-    if not ttl_bounds.minimum <= ttl <= ttl_bounds.maximum:
-        raise InvalidArgument(
-            "ttl",
-            f"must be between {ttl_bounds.minimum.total_seconds():g}s and "
-            f"{ttl_bounds.maximum.total_seconds():g}s",
-        )
-    return ttl
+    return check_ttl(command.ttl, ttl_bounds)
 
 
 def validate_commit(command: Commit) -> None:
     check_id("request_id", command.request_id)
     check_reservation_id(command.reservation_id)
     check_usage(command.usage)
+
+
+def validate_extend_hold(command: ExtendHold, ttl_bounds: TtlBounds) -> timedelta:
+    """Checks an extension request and returns the time to live it gives the hold."""
+    check_id("request_id", command.request_id)
+    check_reservation_id(command.reservation_id)
+    check_range("additional_output_tokens", command.additional_output_tokens, 1, TOKENS_MAX)
+    check_usage(command.usage)
+    return check_ttl(command.ttl, ttl_bounds)
 
 
 def validate_refund(command: Refund) -> None:

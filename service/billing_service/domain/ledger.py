@@ -23,6 +23,7 @@ class EntryKind(StrEnum):
 
     GRANT = "grant"  # operator credit: balance +
     HOLD = "hold"  # held +
+    EXTENSION = "extension"  # held + (an open hold grown by ExtendHold)
     RELEASE = "release"  # held - (released by a Release before commit)
     EXPIRY = "expiry"  # held - (released at its expire time)
     DEBIT = "debit"  # held - the hold, balance - the charge (a commit)
@@ -83,6 +84,15 @@ def decide_release(hold: Hold | None, reservation_id: str, now: datetime) -> Rel
     hold = require_reservation(hold, reservation_id)
     _check_not_settled(hold, "committed: a release never refunds a charge")
     return ReleaseAction.RELEASE if is_live(hold, now) else ReleaseAction.EXPIRE
+
+
+def check_extendable(hold: Hold | None, reservation_id: str, now: datetime) -> bool:
+    """Whether `hold` can grow: True while it is live; False when it is open past its expire
+    time (the request expires it, as the sweep would, and answers HOLD_EXPIRED); raises why
+    not when it is settled or unknown. Only a live hold is ever extended."""
+    hold = require_reservation(hold, reservation_id)
+    _check_not_settled(hold, "committed: a committed hold no longer grows")
+    return is_live(hold, now)
 
 
 def check_refundable(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -126,10 +126,27 @@ class Hold:
     # The budgets that applied, as of the decision. For a granted hold: each one's use after
     # the hold, and the period it took from (its commit, release or expiry moves that period).
     budgets: tuple[BudgetUsage, ...] = ()
+    # What extensions (ExtendHold) added to the amount granted; amount_micros includes it.
+    extended_micros: int = 0
+    # The expire time as granted, once an extension moved it; None while it never moved.
+    granted_expires_at: datetime | None = None
 
     @property
     def metered(self) -> bool:
         return self.price is not None and self.price.billing is ModelBilling.METERED
+
+    def as_granted(self) -> Hold:
+        """The hold as ReserveCredit granted it, before any extension or settlement."""
+        return replace(
+            self,
+            status=HoldStatus.OPEN,
+            settled_at=None,
+            refunded_micros=0,
+            amount_micros=self.amount_micros - self.extended_micros,
+            expires_at=self.granted_expires_at or self.expires_at,
+            extended_micros=0,
+            granted_expires_at=None,
+        )
 
 
 class PaymentSource(StrEnum):

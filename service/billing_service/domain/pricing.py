@@ -72,6 +72,32 @@ class ModelPrice:
         )
         return max(1, cost)
 
+    def output_micros(self, output_tokens: int) -> int:
+        """What an extension of a hold by `output_tokens` more output tokens adds: their price,
+        rounded up on its own (0 for an included model). A hold grown by extensions therefore
+        covers at least what one hold of the summed tokens would."""
+        if self.billing is ModelBilling.INCLUDED:
+            return 0
+        return ceil_div(output_tokens * self.output_micros_per_mtok, TOKENS_PER_PRICE_UNIT)
+
+    def covered_output_tokens(self, held_micros: int, usage: TokenUsage) -> int:
+        """How many output tokens can be added to `usage` while its cost stays within
+        `held_micros`: the largest n with cost(usage + n output tokens) <= held_micros, 0 when
+        even `usage` costs more, and TOKENS_MAX when output costs nothing (an included model or
+        no output price)."""
+        if self.billing is ModelBilling.INCLUDED or self.output_micros_per_mtok == 0:
+            return TOKENS_MAX
+        # cost <= held  <=>  variable + n x p_out <= (held - flat) x 1e6, as ceil(y / d) <= k
+        # <=> y <= k x d for integers.
+        room = (held_micros - self.flat_micros_per_call) * TOKENS_PER_PRICE_UNIT - (
+            usage.input_tokens * self.input_micros_per_mtok
+            + usage.cached_input_tokens * self.cached_input_micros_per_mtok
+            + usage.output_tokens * self.output_micros_per_mtok
+        )
+        if room < 0:
+            return 0
+        return min(TOKENS_MAX, room // self.output_micros_per_mtok)
+
 
 def ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)

@@ -420,20 +420,25 @@ class OnDemandTopUp:
         if available_micros < self._nudge_below_micros:
             self._worker.nudge()
 
-    async def top_up(self, tenant_id: str, shortfall_micros: int, wait_s: float) -> TopUpAttempt:
+    async def top_up(
+        self, tenant_id: str, hold_micros: int, shortfall_micros: int, wait_s: float
+    ) -> TopUpAttempt:
         """Starts (or joins) a top-up of the tenant and waits for it."""
         if wait_s <= 0:
             return TopUpAttempt.NOT_ELIGIBLE
         at_least = on_demand_amount(0, shortfall_micros)
         now = self._clock()
         await self._store.enqueue_automatic(
-            tenant_id, new_charge_id(), now, at_least_micros=at_least
+            tenant_id, new_charge_id(), now, at_least_micros=at_least, hold_micros=hold_micros
         )
         pending = await self._store.pending_charge(tenant_id)
         if pending is None:
-            if await self._store.ceiling_blocks_top_up(tenant_id, now, at_least_micros=at_least):
+            if await self._store.ceiling_blocks_top_up(
+                tenant_id, now, at_least_micros=at_least, hold_micros=hold_micros
+            ):
                 return TopUpAttempt.LIMIT_REACHED
-            return TopUpAttempt.NOT_ELIGIBLE  # no card, payment problem, auto top-up off
+            # No card, a payment problem, auto top-up off; or credit landed since the denial.
+            return TopUpAttempt.NOT_ELIGIBLE
         self._worker.nudge()
         settled = await self._worker.wait_until_settled(pending.charge_id, wait_s)
         if settled is not None and settled.status is ChargeStatus.SUCCEEDED:

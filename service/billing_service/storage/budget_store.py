@@ -8,6 +8,7 @@ periods (user before API key), so two transactions never wait on each other in a
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +22,7 @@ from billing_service.domain.budgets import (
     BudgetPeriod,
     BudgetScope,
     BudgetUsage,
+    in_scope_order,
     period_start,
 )
 from billing_service.storage.database import storage_faults_unavailable, transaction
@@ -150,6 +152,39 @@ async def relock(conn: AsyncConnection, usages: tuple[BudgetUsage, ...]) -> tupl
         ).one()
         remaining.append(budget.limit_micros - row.spent_micros - row.held_micros)
     return tuple(remaining)
+
+
+async def locked_hold_usages(
+    conn: AsyncConnection, usages: tuple[BudgetUsage, ...]
+) -> tuple[BudgetUsage, ...]:
+    """The budgets a hold took from, as they apply to its extension: each one's limit now (a
+    budget deleted since no longer applies) and its use in the period the hold took from, that
+    period's row locked until the transaction ends (user before API key)."""
+    found = []
+    for usage in in_scope_order(usages):
+        budget = usage.budget
+        row = (
+            await conn.execute(select(budgets.c.limit_micros).where(*_budget_where(budget)))
+        ).one_or_none()
+        key = _period_key(budget.tenant_id, budget.scope, budget.scope_id, usage.period_start)
+        period = (
+            await conn.execute(
+                select(budget_periods.c.spent_micros, budget_periods.c.held_micros)
+                .where(*_period_where(key))
+                .with_for_update()
+            )
+        ).one()
+        if row is None:
+            continue
+        found.append(
+            BudgetUsage(
+                replace(budget, limit_micros=row.limit_micros),
+                usage.period_start,
+                period.spent_micros,
+                period.held_micros,
+            )
+        )
+    return tuple(found)
 
 
 async def move_periods(

@@ -135,19 +135,27 @@ class ChargeOutbox:
 
     @storage_faults_unavailable
     async def enqueue_automatic(
-        self, tenant_id: str, charge_id: str, now: datetime, *, at_least_micros: int | None = None
+        self,
+        tenant_id: str,
+        charge_id: str,
+        now: datetime,
+        *,
+        at_least_micros: int | None = None,
+        hold_micros: int = 0,
     ) -> bool:
         """Decides and writes a top-up in one statement: only for an active tenant with a card
         in good standing and auto top-up on, only if no charge of the tenant is pending, and
         only if the charge fits whole under the tenant's monthly ceiling.
 
         at_least_micros None: an automatic top-up, only when available credit is under the
-        tenant's threshold. Else an on-demand top-up (a reservation found no room) of the
-        tenant's top-up amount or `at_least_micros` if that is more (whole cents).
+        tenant's threshold. Else an on-demand top-up (a reservation of `hold_micros` found no
+        room) of the tenant's top-up amount or `at_least_micros` if that is more (whole cents),
+        only while the tenant still has no room for that hold: credit that landed since the
+        denial (another reservation's top-up) is used, not charged for again.
         """
         amount = self._charge_amount_sql(at_least_micros)
         conditions = (
-            *self._top_up_rule(on_demand=at_least_micros is not None),
+            *self._top_up_rule(on_demand_hold_micros=_on_demand(at_least_micros, hold_micros)),
             self._under_ceiling_sql(amount, now),
         )
         trigger = ChargeTrigger.AUTOMATIC if at_least_micros is None else ChargeTrigger.ON_DEMAND
@@ -162,7 +170,13 @@ class ChargeOutbox:
             tenants.c.stripe_customer_id,
             tenants.c.payment_method_id,
             literal(self._currency),
-        ).where(tenants.c.tenant_id == tenant_id, *conditions)
+        )
+        # FOR UPDATE: on PostgreSQL a charge landing meanwhile (its credit and its leaving
+        # pending commit together) makes this re-read the tenant row once it commits, instead
+        # of deciding on the snapshot where that charge was still pending and uncredited.
+        chosen = chosen.where(tenants.c.tenant_id == tenant_id, *conditions).with_for_update(
+            of=tenants
+        )
         statement = insert(charges).from_select(
             [
                 "charge_id",
@@ -184,7 +198,12 @@ class ChargeOutbox:
 
     @storage_faults_unavailable
     async def ceiling_blocks_top_up(
-        self, tenant_id: str, now: datetime, *, at_least_micros: int | None = None
+        self,
+        tenant_id: str,
+        now: datetime,
+        *,
+        at_least_micros: int | None = None,
+        hold_micros: int = 0,
     ) -> bool:
         """True if the tenant would get a top-up (as enqueue_automatic decides it) but for the
         monthly ceiling. Only explains a refusal; the decision itself is enqueue_automatic's."""
@@ -193,7 +212,9 @@ class ChargeOutbox:
             found = await conn.execute(
                 select(tenants.c.tenant_id).where(
                     tenants.c.tenant_id == tenant_id,
-                    *self._top_up_rule(on_demand=at_least_micros is not None),
+                    *self._top_up_rule(
+                        on_demand_hold_micros=_on_demand(at_least_micros, hold_micros)
+                    ),
                     ~self._under_ceiling_sql(amount, now),
                 )
             )
@@ -208,7 +229,7 @@ class ChargeOutbox:
             found = await conn.execute(
                 select(tenants.c.tenant_id)
                 .where(
-                    *self._top_up_rule(on_demand=False),
+                    *self._top_up_rule(on_demand_hold_micros=None),
                     tenants.c.tenant_id.not_in(pending),
                     self._under_ceiling_sql(amount, now or datetime.now(UTC)),
                 )
@@ -216,13 +237,16 @@ class ChargeOutbox:
             )
             return [str(tenant_id) for tenant_id in found.scalars()]
 
-    def _top_up_rule(self, *, on_demand: bool) -> tuple[Any, ...]:
-        threshold = _or_default(
-            tenants.c.auto_top_up_threshold_micros, self._defaults.threshold_micros
-        )
-        conditions = _auto_top_up_due(threshold)
-        # On demand, a reservation found no room: the threshold does not matter.
-        return conditions[:-1] if on_demand else conditions
+    def _top_up_rule(self, *, on_demand_hold_micros: int | None) -> tuple[Any, ...]:
+        """Automatic (None): credit under the threshold. On demand: credit still short of the
+        hold that found no room, whatever the threshold."""
+        if on_demand_hold_micros is None:
+            threshold = _or_default(
+                tenants.c.auto_top_up_threshold_micros, self._defaults.threshold_micros
+            )
+        else:
+            threshold = literal(on_demand_hold_micros, tenants.c.balance_micros.type)
+        return _auto_top_up_due(threshold)
 
     def _charge_amount_sql(self, at_least_micros: int | None) -> Any:
         amount = _or_default(tenants.c.auto_top_up_amount_micros, self._defaults.amount_micros)
@@ -449,6 +473,19 @@ class ChargeOutbox:
         if payment_intent_id is not None:
             values["payment_intent_id"] = payment_intent_id
         async with transaction(self._engine) as conn:
+            # The tenant row first, as enqueue_automatic takes it: it locks that row and then
+            # waits on this charge's pending entry, so taking them the other way round here
+            # would deadlock with it.
+            await conn.execute(
+                select(tenants.c.tenant_id)
+                .where(
+                    tenants.c.tenant_id
+                    == select(charges.c.tenant_id)
+                    .where(charges.c.charge_id == charge_id)
+                    .scalar_subquery()
+                )
+                .with_for_update()
+            )
             moved = (
                 await conn.execute(
                     update(charges).where(*conditions).values(values).returning(*charges.c)
@@ -550,6 +587,11 @@ async def _append_reversal(
         memo=f"card charge {charge.payment_intent_id} refunded or disputed",
         charge_id=charge.charge_id,
     )
+
+
+def _on_demand(at_least_micros: int | None, hold_micros: int) -> int | None:
+    """The hold an on-demand top-up is for; None for an automatic one."""
+    return None if at_least_micros is None else hold_micros
 
 
 def _auto_top_up_due(threshold: Any) -> tuple[Any, ...]:

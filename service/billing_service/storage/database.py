@@ -115,10 +115,18 @@ def is_postgres(connection: AsyncConnection | AsyncEngine) -> bool:
 _FAULTS = (OperationalError, InterfaceError, PoolTimeoutError, OSError, asyncio.TimeoutError)
 
 
+# serialization_failure, deadlock_detected: PostgreSQL rolled the whole transaction back, so
+# nothing was written and the same request retried is safe.
+_ROLLED_BACK_SQLSTATES = frozenset({"40001", "40P01"})
+
+
 def _is_fault(error: BaseException) -> bool:
     if isinstance(error, _FAULTS) or retires_connection(error):
         return True
-    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+    if not isinstance(error, DBAPIError):
+        return False
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    return bool(error.connection_invalidated) or sqlstate in _ROLLED_BACK_SQLSTATES
 
 
 def storage_faults_unavailable(

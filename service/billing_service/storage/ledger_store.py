@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -34,6 +34,7 @@ from billing_service.domain.budgets import DENIAL_REASONS, BudgetUsage, first_ex
 from billing_service.domain.commands import (
     Commit,
     CreateTenant,
+    ExtendHold,
     GrantCredit,
     Refund,
     Release,
@@ -45,6 +46,7 @@ from billing_service.domain.ledger import (
     ReleaseAction,
     Settlement,
     check_committable,
+    check_extendable,
     check_refundable,
     decide_release,
     hold_expired,
@@ -63,6 +65,7 @@ from billing_service.domain.model import (
 )
 from billing_service.domain.outcomes import (
     CommitOutcome,
+    ExtendOutcome,
     GrantOutcome,
     RefundOutcome,
     ReleaseOutcome,
@@ -78,6 +81,7 @@ from billing_service.storage.hold_sql import due_hold_sql, live_hold_sql
 from billing_service.storage.rollups import add_to_rollup
 from billing_service.storage.tables import (
     admin_requests,
+    hold_extensions,
     holds,
     ledger_entries,
     tenants,
@@ -237,6 +241,30 @@ class LedgerStore:
             if prior is None:
                 raise
             return prior
+
+    # ExtendHold
+
+    @storage_faults_unavailable
+    async def extend_hold(
+        self, command: ExtendHold, request_fingerprint: str, ttl: timedelta, now: datetime
+    ) -> ExtendOutcome:
+        """Grows an open hold by the price of more output tokens if that amount fits, decided
+        by the admission rule as a reservation of it would be; stores the answer either way.
+        Raises HOLD_EXPIRED after expiring it if its expire time has passed, and the domain's
+        error for a settled hold. A retry returns the stored answer."""
+        try:
+            outcome = await self._db.write(
+                lambda conn: _extend_hold(conn, command, request_fingerprint, ttl, now)
+            )
+        except IntegrityError:
+            prior = await self._db.read(lambda conn: _prior_extension(conn, command.request_id))
+            if prior is None:
+                raise
+            return prior
+        if outcome is None:
+            # Expired in the transaction above, now committed: the answer is that it expired.
+            raise hold_expired(command.reservation_id)
+        return outcome
 
     # Release and Refund
 
@@ -641,6 +669,187 @@ async def _debit(conn: AsyncConnection, hold: Hold, cost_micros: int) -> tuple[S
     return settlement, account
 
 
+async def _extend_hold(
+    conn: AsyncConnection,
+    command: ExtendHold,
+    request_fingerprint: str,
+    ttl: timedelta,
+    now: datetime,
+) -> ExtendOutcome | None:
+    """Grows the hold, or stores why not; expires it when it is due (returns None). Locks the
+    hold, then its tenant, then the budget periods it took from: the order of a commit."""
+    prior = await _prior_extension(conn, command.request_id)
+    if prior is not None:
+        return prior
+    hold = await _locked_hold(conn, command.reservation_id)
+    if not check_extendable(hold, command.reservation_id, now):
+        assert hold is not None
+        await _expire(conn, hold_id=hold.hold_id, now=now)
+        return None
+    assert hold is not None
+    assert hold.price is not None
+    amount = hold.price.output_micros(command.additional_output_tokens)
+    if hold.metered:
+        account = await _take_hold(conn, hold.tenant_id, amount)
+        snapshot = None
+        if account is None:
+            # Decided on the row read under its lock, as for a reservation (see _place_hold).
+            snapshot = await _get_account(conn, hold.tenant_id, lock=True)
+            assert snapshot is not None
+            if decide(snapshot, hold.model, hold.price, amount).allowed:
+                account = await _take_hold(conn, hold.tenant_id, amount)
+        if account is None:
+            assert snapshot is not None
+            refusal = explain_refusal(snapshot, hold.model, hold.price, amount)
+            assert refusal.reason is not None
+            usages = await budget_store.locked_hold_usages(conn, hold.budgets)
+            return await _store_extension(
+                conn,
+                command,
+                request_fingerprint,
+                hold,
+                amount,
+                refusal.reason,
+                refusal.available_micros,
+                usages,
+                now,
+            )
+        usages = await budget_store.locked_hold_usages(conn, hold.budgets)
+        exhausted = first_exhausted(usages, amount)
+        if exhausted is not None:
+            # Gives back the tenant's part just taken (same transaction, row still locked).
+            account = await _move(conn, hold.tenant_id, 0, -amount)
+            assert account is not None
+            return await _store_extension(
+                conn,
+                command,
+                request_fingerprint,
+                hold,
+                amount,
+                DENIAL_REASONS[exhausted.budget.scope],
+                account.available_micros,
+                usages,
+                now,
+            )
+        await budget_store.move_periods(conn, hold.budgets, held_delta=amount)
+        usages = tuple(usage.after_hold(amount) for usage in usages)
+    else:
+        # An included model moves no money: only the tenant's status matters.
+        unchanged = await _get_account(conn, hold.tenant_id)
+        assert unchanged is not None
+        account = unchanged
+        usages = ()
+        decision = decide(account, hold.model, hold.price, amount)
+        if decision.reason is not None:
+            return await _store_extension(
+                conn,
+                command,
+                request_fingerprint,
+                hold,
+                amount,
+                decision.reason,
+                account.available_micros,
+                usages,
+                now,
+            )
+    grown = replace(
+        hold,
+        amount_micros=hold.amount_micros + amount,
+        extended_micros=hold.extended_micros + amount,
+        expires_at=max(hold.expires_at, now + ttl),
+        granted_expires_at=hold.granted_expires_at or hold.expires_at,
+    )
+    await conn.execute(
+        update(holds)
+        .where(holds.c.hold_id == hold.hold_id)
+        .values(
+            amount_micros=grown.amount_micros,
+            extended_micros=grown.extended_micros,
+            expires_at=grown.expires_at,
+            granted_expires_at=grown.granted_expires_at,
+        )
+    )
+    if amount:
+        await _append_entry(
+            conn, account, EntryKind.EXTENSION, now, hold_id=hold.hold_id, held_delta=amount
+        )
+    return await _store_extension(
+        conn,
+        command,
+        request_fingerprint,
+        grown,
+        amount,
+        None,
+        account.available_micros,
+        usages,
+        now,
+    )
+
+
+async def _store_extension(
+    conn: AsyncConnection,
+    command: ExtendHold,
+    request_fingerprint: str,
+    hold_after: Hold,
+    required_micros: int,
+    denial_reason: DenialReason | None,
+    available_micros: int,
+    usages: tuple[BudgetUsage, ...],
+    now: datetime,
+) -> ExtendOutcome:
+    """Keeps the answer so that a retry of the request replays it."""
+    await conn.execute(
+        insert(hold_extensions).values(
+            request_id=command.request_id,
+            request_fingerprint=request_fingerprint,
+            hold_id=hold_after.hold_id,
+            tenant_id=hold_after.tenant_id,
+            required_micros=required_micros,
+            denial_reason=denial_reason,
+            amount_after_micros=hold_after.amount_micros,
+            expires_at_after=hold_after.expires_at,
+            decision_available_micros=available_micros,
+            budgets=budget_store.usages_to_json(usages),
+            created_at=now,
+        )
+    )
+    return ExtendOutcome(
+        _as_left(hold_after, hold_after.amount_micros, hold_after.expires_at),
+        required_micros,
+        denial_reason,
+        available_micros,
+        usages,
+        request_fingerprint,
+    )
+
+
+def _as_left(hold: Hold, amount_micros: int, expires_at: datetime) -> Hold:
+    """The hold an extension answers with: open, with the amount and expire time the decision
+    left it (the rest as granted), the same whether answered first or replayed."""
+    return replace(hold.as_granted(), amount_micros=amount_micros, expires_at=expires_at)
+
+
+async def _prior_extension(conn: AsyncConnection, request_id: str) -> ExtendOutcome | None:
+    row = (
+        await conn.execute(
+            select(hold_extensions).where(hold_extensions.c.request_id == request_id)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    hold = await _get_hold(conn, row.hold_id)
+    assert hold is not None
+    return ExtendOutcome(
+        # The hold as this answer left it, whatever happened to it since.
+        _as_left(hold, row.amount_after_micros, row.expires_at_after),
+        row.required_micros,
+        None if row.denial_reason is None else DenialReason(row.denial_reason),
+        row.decision_available_micros,
+        budget_store.usages_from_json(row.budgets),
+        row.request_fingerprint,
+    )
+
+
 async def _release(
     conn: AsyncConnection,
     request_id: str,
@@ -1034,6 +1243,8 @@ def _hold_row(hold: Hold) -> dict[str, Any]:
         "settled_at": hold.settled_at,
         "api_key_id": hold.api_key_id,
         "budgets": budget_store.usages_to_json(hold.budgets),
+        "extended_micros": hold.extended_micros,
+        "granted_expires_at": hold.granted_expires_at,
     }
 
 
@@ -1066,6 +1277,8 @@ def _hold_from_row(row: Any) -> Hold:
         refunded_micros=row.refunded_micros,
         api_key_id=row.api_key_id,
         budgets=budget_store.usages_from_json(row.budgets),
+        extended_micros=row.extended_micros,
+        granted_expires_at=row.granted_expires_at,
     )
 
 

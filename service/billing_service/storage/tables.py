@@ -4,6 +4,7 @@ Invariants the ledger keeps (checked by tests after every step):
   tenants.balance_micros = sum(ledger_entries.balance_delta_micros) per tenant
   tenants.held_micros    = sum(ledger_entries.held_delta_micros) per tenant
                          = sum(holds.amount_micros) over the tenant's open metered holds
+  holds.amount_micros    = its "hold" entry + its "extension" entries while it is open
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ holds = Table(
     # The budgets that applied, as of the decision, as JSON (storage.budget_store); NULL when
     # none applied. A granted hold's commit, release or expiry moves the periods named there.
     Column("budgets", Text, nullable=True),
+    # What granted extensions (ExtendHold) added to the amount (migration 0009); amount_micros
+    # includes it, so the hold as granted is amount_micros - extended_micros.
+    _micros("extended_micros", server_default=text("0")),
+    # The expire time as granted, once an extension moved it; NULL while it never moved.
+    Column("granted_expires_at", UtcDateTime, nullable=True),
     CheckConstraint("amount_micros >= 0", name="amount_not_negative"),
     CheckConstraint("refunded_micros >= 0", name="refunded_not_negative"),
 )
@@ -161,6 +167,29 @@ ledger_entries = Table(
 Index("ix_ledger_entries_charge_id", ledger_entries.c.charge_id)
 Index("ix_ledger_entries_tenant_id_entry_id", ledger_entries.c.tenant_id, ledger_entries.c.entry_id)
 Index("ix_ledger_entries_hold_id", ledger_entries.c.hold_id)
+
+# ExtendHold answers, granted or denied, kept so that a retry replays the first one
+# (migration 0009). A granted extension is also a ledger entry of kind "extension".
+hold_extensions = Table(
+    "hold_extensions",
+    metadata,
+    Column("request_id", String(128), primary_key=True),
+    Column("request_fingerprint", String(64), nullable=False),
+    Column("hold_id", String(36), ForeignKey("holds.hold_id"), nullable=False),
+    Column("tenant_id", String(128), ForeignKey("tenants.tenant_id"), nullable=False),
+    # The extension's price; added to the hold when granted.
+    _micros("required_micros"),
+    # NULL when granted.
+    Column("denial_reason", String(32), nullable=True),
+    # The hold's amount and expire time right after the decision.
+    _micros("amount_after_micros"),
+    Column("expires_at_after", UtcDateTime, nullable=False),
+    _micros("decision_available_micros"),
+    # The budgets the hold took from, as of the decision, as JSON (storage.budget_store).
+    Column("budgets", Text, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+Index("ix_hold_extensions_hold_id", hold_extensions.c.hold_id)
 
 usage_records = Table(
     "usage_records",

@@ -31,7 +31,7 @@ from billing.client._errors import (
     Unauthenticated,
     error_from_rpc,
 )
-from billing.client._model import AccessDecision, OnExit, new_request_id
+from billing.client._model import AccessDecision, Extension, OnExit, new_request_id
 from billing.client._retry import RETRIED_CODES, OnRetry, RetryEvent, RetryPolicy
 from billing.client._sync import BillingClient, Hold, HoldContext
 
@@ -48,6 +48,7 @@ __all__ = [
     "BillingUnavailable",
     "CommitOutcomeUnknown",
     "Denied",
+    "Extension",
     "FailedPrecondition",
     "FieldViolation",
     "Hold",

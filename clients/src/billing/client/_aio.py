@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
@@ -19,10 +20,12 @@ from billing.client._hold import (
 )
 from billing.client._model import (
     AccessDecision,
+    Extension,
     OnExit,
     check_access_request,
     commit_request,
     exit_reason,
+    extend_request,
     new_request_id,
     refund_request,
     release_request,
@@ -50,6 +53,20 @@ __all__ = ["AsyncBillingClient", "AsyncHold", "AsyncHoldContext"]
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
+_Chunk = TypeVar("_Chunk")
+
+
+def _one_token(chunk: object) -> int:
+    return 1
+
+
+async def _aiter(chunks: AsyncIterable[_Chunk] | Iterable[_Chunk]) -> AsyncIterator[_Chunk]:
+    if isinstance(chunks, AsyncIterable):
+        async for chunk in chunks:
+            yield chunk
+    else:
+        for chunk in chunks:
+            yield chunk
 
 
 class AsyncBillingClient:
@@ -242,6 +259,38 @@ class AsyncBillingClient:
         except BillingError as error:
             raise release_failure(error, request) from error
 
+    async def extend_hold(
+        self,
+        reservation_id: str,
+        *,
+        additional_output_tokens: int,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cached_input_tokens: int = 0,
+        ttl_s: float | None = None,
+        request_id: str | None = None,
+    ) -> Extension:
+        """Grows an open hold by the price of `additional_output_tokens` more output tokens,
+        decided like a reservation of that amount; a granted one also moves its expire time to
+        `ttl_s` (default: the server's) from now. A denial is an `Extension` with
+        `allowed=False`, not an error; its `covered_output_tokens` says how many output tokens
+        past the counts sent here the hold still pays for. A settled hold raises
+        `HoldAlreadyCommitted`, `HoldReleased` or `HoldExpired`. Outside a `with` block; inside
+        one, `hold.extend()` or `hold.stream()`."""
+        request = extend_request(
+            request_id or new_request_id(),
+            reservation_id,
+            additional_output_tokens,
+            input_tokens,
+            output_tokens,
+            cached_input_tokens,
+            ttl_s,
+        )
+        response = await self.call(
+            self.billing.ExtendHold, request, name="ExtendHold", request_id=request.request_id
+        )
+        return Extension.from_proto(response)
+
     async def refund(
         self,
         reservation_id: str,
@@ -320,6 +369,64 @@ class AsyncHold(HoldBase):
             raise
         self.state = "released"
         return response
+
+    async def extend(
+        self,
+        additional_output_tokens: int,
+        *,
+        output_tokens: int | None = None,
+        ttl_s: float | None = None,
+    ) -> Extension:
+        """Grows the hold by `additional_output_tokens` more output tokens (see
+        `AsyncBillingClient.extend_hold`); `output_tokens` is the count streamed so far
+        (default: what `stream()` passed through). A granted extension updates `reservation`;
+        a denial is returned, not raised."""
+        streamed = self.streamed_output_tokens if output_tokens is None else output_tokens
+        request = self._extend_request(additional_output_tokens, streamed, ttl_s)
+        client = self._client
+        try:
+            response = await client.call(
+                client.billing.ExtendHold,
+                request,
+                name="ExtendHold",
+                request_id=request.request_id,
+            )
+        except BillingError as error:
+            self._note_failure(error)
+            raise
+        return self._extended(Extension.from_proto(response), streamed)
+
+    async def stream(
+        self,
+        chunks: AsyncIterable[_Chunk] | Iterable[_Chunk],
+        *,
+        chunk_tokens: int = 256,
+        tokens_of: Callable[[_Chunk], int] | None = None,
+        commit: bool = True,
+        ttl_s: float | None = None,
+    ) -> AsyncIterator[_Chunk]:
+        """`Hold.stream` for asyncio: `async for chunk in hold.stream(model_stream): ...`
+        over an async (or plain) iterable of chunks; the same extensions, stop and commit."""
+        count = tokens_of or _one_token
+        failed = True
+        try:
+            async for chunk in _aiter(chunks):
+                tokens = count(chunk)
+                if self._needs_extension(tokens) and self.denied_extension is None:
+                    extension = await self.extend(max(chunk_tokens, tokens), ttl_s=ttl_s)
+                    if not extension.allowed:
+                        self.denied_extension = extension
+                if self._needs_extension(tokens):
+                    break
+                self.streamed_output_tokens += tokens
+                yield chunk
+            failed = False
+        except GeneratorExit:
+            failed = False
+            raise
+        finally:
+            if commit and not failed and self.state == "open":
+                await self.commit(**self._stream_commit_counts())
 
     async def _leave(self, exc_type: type[BaseException] | None) -> None:
         if self.state != "open":

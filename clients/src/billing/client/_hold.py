@@ -15,7 +15,14 @@ from billing.client._errors import (
     ReleaseOutcomeUnknown,
     outcome_unknown,
 )
-from billing.client._model import AccessDecision, OnExit, new_request_id, usage_of
+from billing.client._model import (
+    AccessDecision,
+    Extension,
+    OnExit,
+    extend_request,
+    new_request_id,
+    usage_of,
+)
 from billing.v1 import billing_pb2, types_pb2
 
 logger = logging.getLogger("billing.client")
@@ -47,6 +54,11 @@ class HoldBase:
         self._on_exit = on_exit
         self._commit_request_id = new_request_id()
         self._release_request_id = new_request_id()
+        # Streaming (`stream()`): the output tokens passed through, how many the hold pays for
+        # in all (it was priced for `max_tokens`), and the extension that ended the stream.
+        self.streamed_output_tokens = 0
+        self.covered_output_tokens = max_tokens
+        self.denied_extension: Extension | None = None
 
     @property
     def reservation_id(self) -> str:
@@ -56,6 +68,37 @@ class HoldBase:
     def amount_micros(self) -> int:
         """The amount held, in micros (0 for an included model)."""
         return self.reservation.amount_micros
+
+    def _extend_request(
+        self, additional_output_tokens: int, output_tokens: int, ttl_s: float | None
+    ) -> billing_pb2.ExtendHoldRequest:
+        """An extension of this hold, with the call's counts so far (the reservation's input
+        tokens and `output_tokens`), so the answer says what the hold covers past them."""
+        return extend_request(
+            new_request_id(),
+            self.reservation_id,
+            additional_output_tokens,
+            self._estimate[0],
+            output_tokens,
+            0,
+            ttl_s,
+        )
+
+    def _extended(self, extension: Extension, output_tokens: int) -> Extension:
+        """Keeps what an extension answered: the hold as it left it, and how many output
+        tokens it covers in all."""
+        self.reservation = extension.reservation
+        self.covered_output_tokens = output_tokens + extension.covered_output_tokens
+        return extension
+
+    def _needs_extension(self, tokens: int) -> bool:
+        """Whether passing `tokens` more output tokens would go past what the hold covers."""
+        return self.streamed_output_tokens + tokens > self.covered_output_tokens
+
+    def _stream_commit_counts(self) -> dict[str, int]:
+        """What a stream commits when it ends: the reservation's input tokens and the output
+        tokens it passed through."""
+        return {"input_tokens": self._estimate[0], "output_tokens": self.streamed_output_tokens}
 
     def _note_failure(self, error: BillingError) -> None:
         """Remembers what a failed commit or release says of the hold, so leaving the block

@@ -12,7 +12,7 @@ from google.protobuf.duration_pb2 import Duration
 from billing.client._errors import Denied
 from billing.v1 import billing_pb2, types_pb2
 
-__all__ = ["AccessDecision", "OnExit", "new_request_id"]
+__all__ = ["AccessDecision", "Extension", "OnExit", "new_request_id"]
 
 OnExit = Literal["release", "commit"]
 
@@ -77,6 +77,35 @@ class AccessDecision:
         return self
 
 
+@dataclass(frozen=True)
+class Extension:
+    """The answer to an extension of a hold (the contract's `ExtendHoldResponse`).
+
+    `decision` says whether it was granted and, if not, why (a denial is an answer, not an
+    error); `extended_micros` is what was added (0 when denied); `covered_output_tokens` how many
+    more output tokens, past the counts sent with it, the hold pays for now: on a denial, stop
+    the stream after that many more tokens and commit. `reservation` is the hold after it.
+    """
+
+    decision: AccessDecision
+    extended_micros: int
+    covered_output_tokens: int
+    reservation: types_pb2.Reservation
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision.allowed
+
+    @classmethod
+    def from_proto(cls, response: billing_pb2.ExtendHoldResponse) -> Extension:
+        return cls(
+            AccessDecision.from_proto(response.decision),
+            response.extended_micros,
+            response.covered_output_tokens,
+            response.reservation,
+        )
+
+
 def check_access_request(
     tenant_id: str,
     model: str,
@@ -117,6 +146,36 @@ def reserve_request(
         ttl = Duration()
         ttl.FromNanoseconds(round(ttl_s * 1_000_000_000))
         request.ttl.CopyFrom(ttl)
+    return request
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(round(seconds * 1_000_000_000))
+    return duration
+
+
+def extend_request(
+    request_id: str,
+    reservation_id: str,
+    additional_output_tokens: int,
+    input_tokens: int,
+    output_tokens: int,
+    cached_input_tokens: int,
+    ttl_s: float | None,
+) -> billing_pb2.ExtendHoldRequest:
+    request = billing_pb2.ExtendHoldRequest(
+        request_id=request_id,
+        reservation_id=reservation_id,
+        additional_output_tokens=additional_output_tokens,
+        usage=types_pb2.TokenUsage(
+            input_tokens=input_tokens,
+            cached_input_tokens=cached_input_tokens,
+            output_tokens=output_tokens,
+        ),
+    )
+    if ttl_s is not None:
+        request.ttl.CopyFrom(_duration(ttl_s))
     return request
 
 

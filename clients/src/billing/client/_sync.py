@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import TypeVar
 
@@ -17,10 +18,12 @@ from billing.client._hold import (
 )
 from billing.client._model import (
     AccessDecision,
+    Extension,
     OnExit,
     check_access_request,
     commit_request,
     exit_reason,
+    extend_request,
     new_request_id,
     refund_request,
     release_request,
@@ -41,6 +44,11 @@ __all__ = ["BillingClient", "Hold", "HoldContext"]
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
+_Chunk = TypeVar("_Chunk")
+
+
+def _one_token(chunk: object) -> int:
+    return 1
 
 
 class BillingClient:
@@ -233,6 +241,38 @@ class BillingClient:
         except BillingError as error:
             raise release_failure(error, request) from error
 
+    def extend_hold(
+        self,
+        reservation_id: str,
+        *,
+        additional_output_tokens: int,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cached_input_tokens: int = 0,
+        ttl_s: float | None = None,
+        request_id: str | None = None,
+    ) -> Extension:
+        """Grows an open hold by the price of `additional_output_tokens` more output tokens,
+        decided like a reservation of that amount; a granted one also moves its expire time to
+        `ttl_s` (default: the server's) from now. A denial is an `Extension` with
+        `allowed=False`, not an error; its `covered_output_tokens` says how many output tokens
+        past the counts sent here the hold still pays for. A settled hold raises
+        `HoldAlreadyCommitted`, `HoldReleased` or `HoldExpired`. Outside a `with` block; inside
+        one, `hold.extend()` or `hold.stream()`."""
+        request = extend_request(
+            request_id or new_request_id(),
+            reservation_id,
+            additional_output_tokens,
+            input_tokens,
+            output_tokens,
+            cached_input_tokens,
+            ttl_s,
+        )
+        response = self.call(
+            self.billing.ExtendHold, request, name="ExtendHold", request_id=request.request_id
+        )
+        return Extension.from_proto(response)
+
     def refund(
         self,
         reservation_id: str,
@@ -311,6 +351,76 @@ class Hold(HoldBase):
             raise
         self.state = "released"
         return response
+
+    def extend(
+        self,
+        additional_output_tokens: int,
+        *,
+        output_tokens: int | None = None,
+        ttl_s: float | None = None,
+    ) -> Extension:
+        """Grows the hold by `additional_output_tokens` more output tokens (see
+        `BillingClient.extend_hold`); `output_tokens` is the count streamed so far (default:
+        what `stream()` passed through). A granted extension updates `reservation`; a denial
+        is returned, not raised."""
+        streamed = self.streamed_output_tokens if output_tokens is None else output_tokens
+        request = self._extend_request(additional_output_tokens, streamed, ttl_s)
+        client = self._client
+        try:
+            response = client.call(
+                client.billing.ExtendHold,
+                request,
+                name="ExtendHold",
+                request_id=request.request_id,
+            )
+        except BillingError as error:
+            self._note_failure(error)
+            raise
+        return self._extended(Extension.from_proto(response), streamed)
+
+    def stream(
+        self,
+        chunks: Iterable[_Chunk],
+        *,
+        chunk_tokens: int = 256,
+        tokens_of: Callable[[_Chunk], int] | None = None,
+        commit: bool = True,
+        ttl_s: float | None = None,
+    ) -> Iterator[_Chunk]:
+        """Passes a model's output through, growing the hold ahead of it.
+
+        Before a chunk would take the output past what the hold covers, the hold is extended
+        by `chunk_tokens` output tokens (at least the chunk's). When an extension is denied the
+        stream ends cleanly at the last chunk the hold still covers, and `denied_extension`
+        says why. `tokens_of(chunk)` counts a chunk's output tokens (default: 1 per chunk).
+
+        When the model's stream ends, is cut by a denial, or the consumer stops reading, the
+        hold is committed at the reservation's input tokens and the output tokens passed
+        through (`commit=False`: the caller commits, e.g. with the counts the model reports).
+        If the model's stream or an extension raises, nothing is committed: the exception ends
+        the `with` block, which releases the hold by the hold rules (never after a commit whose
+        outcome is unknown).
+        """
+        count = tokens_of or _one_token
+        failed = True
+        try:
+            for chunk in chunks:
+                tokens = count(chunk)
+                if self._needs_extension(tokens) and self.denied_extension is None:
+                    extension = self.extend(max(chunk_tokens, tokens), ttl_s=ttl_s)
+                    if not extension.allowed:
+                        self.denied_extension = extension
+                if self._needs_extension(tokens):
+                    break
+                self.streamed_output_tokens += tokens
+                yield chunk
+            failed = False
+        except GeneratorExit:
+            failed = False
+            raise
+        finally:
+            if commit and not failed and self.state == "open":
+                self.commit(**self._stream_commit_counts())
 
     def _leave(self, exc_type: type[BaseException] | None) -> None:
         if self.state != "open":

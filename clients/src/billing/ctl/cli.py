@@ -180,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _paging(ledger_list, default_limit=50)
 
+    holds = _group(groups, "holds", "open holds: credit kept for queries still running")
+    hold_list = _command(
+        holds, "list", "a tenant's open holds, oldest first", commands.list_open_holds, common
+    )
+    hold_list.add_argument("tenant_id", metavar="TENANT")
+    hold_list.add_argument("--user", default="", help="only this end user's")
+    hold_list.add_argument(
+        "--api-key", default="", metavar="KEY", help="only those taken with this API key"
+    )
+    _paging(hold_list, default_limit=None)
+
     charges = _group(groups, "charges", "card charges (top-ups), and those waiting for an operator")
     charge_list = _command(
         charges, "list", "card charges, oldest first", commands.list_charges, common

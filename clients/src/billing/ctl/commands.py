@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import BinaryIO, TextIO, TypeVar
 
 import grpc
@@ -19,6 +19,7 @@ from billing.ctl.money import format_basis_points, format_dollars
 from billing.ctl.output import (
     count,
     enum_label,
+    format_age,
     format_date,
     format_time,
     print_fields,
@@ -225,6 +226,48 @@ def release(ctx: Context, args: argparse.Namespace) -> None:
         f"({format_dollars(response.released_micros)}).\n"
         f"Available {format_dollars(response.available_credit_micros)}.\n"
     )
+
+
+# Open holds
+
+
+def list_open_holds(ctx: Context, args: argparse.Namespace) -> None:
+    merged = admin_pb2.ListOpenHoldsResponse()
+    token = args.page_token
+    while True:
+        request = admin_pb2.ListOpenHoldsRequest(
+            tenant_id=args.tenant_id,
+            user_id=args.user,
+            api_key_id=args.api_key,
+            page_size=_page_size(args.limit, len(merged.holds)),
+            page_token=token,
+        )
+        page = ctx.call(ctx.admin.ListOpenHolds, request)
+        merged.holds.extend(page.holds)
+        token = page.next_page_token
+        if not token or _full(args.limit, len(merged.holds)):
+            break
+    merged.next_page_token = token
+    if ctx.json:
+        print_json(merged, ctx.out)
+        return
+    now = datetime.now(UTC)
+    rows = [
+        [
+            hold.hold_id,
+            hold.user_id or "-",
+            hold.api_key_id or "-",
+            hold.model,
+            format_dollars(hold.amount_micros),
+            format_time(hold.create_time),
+            format_age(hold.create_time, now),
+            format_time(hold.expire_time),
+        ]
+        for hold in merged.holds
+    ]
+    headers = ["HOLD", "USER", "API KEY", "MODEL", "AMOUNT", "CREATED", "AGE", "EXPIRES"]
+    print_table(headers, rows, ctx.out, right={4, 6})
+    _more(ctx, token)
 
 
 # Card charges

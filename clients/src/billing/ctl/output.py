@@ -62,6 +62,18 @@ def format_time(timestamp: Timestamp) -> str:
     return timestamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def format_age(since: Timestamp, now: datetime) -> str:
+    """How long ago `since` was, e.g. `2h05m`, `4m10s`, `12s` (never negative)."""
+    seconds = max(0, int((now - since.ToDatetime(tzinfo=UTC)).total_seconds()))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{seconds}s"
+
+
 def format_date(timestamp: Timestamp) -> str:
     return timestamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d")
 

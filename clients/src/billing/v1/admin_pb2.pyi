@@ -633,3 +633,133 @@ class ResolveChargeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveChargeResponse: _TypeAlias = ResolveChargeResponse  # noqa: Y015
+
+@_typing.final
+class ListOpenHoldsRequest(_message.Message):
+    """Request of AdminService.ListOpenHolds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Required. The tenant whose open holds to list, 1-128 characters."""
+    user_id: _builtins.str
+    """Optional. Only holds taken for this end user, 1-128 characters; empty:
+    every user's.
+    """
+    api_key_id: _builtins.str
+    """Optional. Only holds taken with this API key (or caller label), 1-128
+    characters; empty: every key's.
+    """
+    page_size: _builtins.int
+    """Optional. The most holds to return, 1 to 1,000; 0 means 100."""
+    page_token: _builtins.str
+    """Optional. `next_page_token` of the previous page; empty for the first
+    page. The other fields must be the same as for the first page.
+    """
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        api_key_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "page_size", b"page_size", "page_token", b"page_token", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOpenHoldsRequest: _TypeAlias = ListOpenHoldsRequest  # noqa: Y015
+
+@_typing.final
+class OpenHold(_message.Message):
+    """One open hold, as an operator sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLD_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    hold_id: _builtins.str
+    """Output only. The hold (reservation) id."""
+    user_id: _builtins.str
+    """Output only. The end user the hold was taken for."""
+    api_key_id: _builtins.str
+    """Output only. The API key or caller label that took the hold; empty when
+    none was given.
+    """
+    model: _builtins.str
+    """Output only. The model the hold prices."""
+    amount_micros: _builtins.int
+    """Output only. The credit the hold keeps from the tenant, in micros
+    (1,000,000 = 1 currency unit), 0 or more.
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the hold was taken (its age is the time since)."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the hold expires and its credit returns to the tenant
+        unless it is committed or released before.
+        """
+
+    def __init__(
+        self,
+        *,
+        hold_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        api_key_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        amount_micros: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "api_key_id", b"api_key_id", "create_time", b"create_time", "expire_time", b"expire_time", "hold_id", b"hold_id", "model", b"model", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenHold: _TypeAlias = OpenHold  # noqa: Y015
+
+@_typing.final
+class ListOpenHoldsResponse(_message.Message):
+    """Response of AdminService.ListOpenHolds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Output only. Pass it as `page_token` for the next page; empty on the last
+    page.
+    """
+    @_builtins.property
+    def holds(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpenHold]:
+        """Output only. The open holds of this page, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        holds: _abc.Iterable[Global___OpenHold] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holds", b"holds", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOpenHoldsResponse: _TypeAlias = ListOpenHoldsResponse  # noqa: Y015

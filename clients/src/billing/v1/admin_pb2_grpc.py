@@ -74,6 +74,11 @@ class AdminServiceStub(object):
                 request_serializer=billing_dot_v1_dot_admin__pb2.ResolveChargeRequest.SerializeToString,
                 response_deserializer=billing_dot_v1_dot_admin__pb2.ResolveChargeResponse.FromString,
                 _registered_method=True)
+        self.ListOpenHolds = channel.unary_unary(
+                '/billing.v1.AdminService/ListOpenHolds',
+                request_serializer=billing_dot_v1_dot_admin__pb2.ListOpenHoldsRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_admin__pb2.ListOpenHoldsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer(object):
@@ -154,6 +159,16 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListOpenHolds(self, request, context):
+        """Lists one tenant's open holds (granted, neither committed, released nor
+        expired), oldest first, optionally only one user's or one API key's.
+        Paginated (AIP-158). Errors: INVALID_ARGUMENT (bad tenant id, user id,
+        API key id, page size or page token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +206,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ResolveCharge,
                     request_deserializer=billing_dot_v1_dot_admin__pb2.ResolveChargeRequest.FromString,
                     response_serializer=billing_dot_v1_dot_admin__pb2.ResolveChargeResponse.SerializeToString,
+            ),
+            'ListOpenHolds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOpenHolds,
+                    request_deserializer=billing_dot_v1_dot_admin__pb2.ListOpenHoldsRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_admin__pb2.ListOpenHoldsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +407,33 @@ class AdminService(object):
             '/billing.v1.AdminService/ResolveCharge',
             billing_dot_v1_dot_admin__pb2.ResolveChargeRequest.SerializeToString,
             billing_dot_v1_dot_admin__pb2.ResolveChargeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOpenHolds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/billing.v1.AdminService/ListOpenHolds',
+            billing_dot_v1_dot_admin__pb2.ListOpenHoldsRequest.SerializeToString,
+            billing_dot_v1_dot_admin__pb2.ListOpenHoldsResponse.FromString,
             options,
             channel_credentials,
             insecure,

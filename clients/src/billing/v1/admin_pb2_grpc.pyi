@@ -79,6 +79,12 @@ class AdminServiceStub:
     (STRIPE_UNAVAILABLE: retry with the same request_id), ALREADY_EXISTS
     (request_id reused).
     """
+    ListOpenHolds: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListOpenHoldsRequest, _admin_pb2.ListOpenHoldsResponse]
+    """Lists one tenant's open holds (granted, neither committed, released nor
+    expired), oldest first, optionally only one user's or one API key's.
+    Paginated (AIP-158). Errors: INVALID_ARGUMENT (bad tenant id, user id,
+    API key id, page size or page token).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -130,6 +136,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     right now, retry shortly; STRIPE_NOT_CONFIGURED), UNAVAILABLE
     (STRIPE_UNAVAILABLE: retry with the same request_id), ALREADY_EXISTS
     (request_id reused).
+    """
+    ListOpenHolds: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListOpenHoldsRequest, _admin_pb2.ListOpenHoldsResponse]  # type: ignore[assignment]
+    """Lists one tenant's open holds (granted, neither committed, released nor
+    expired), oldest first, optionally only one user's or one API key's.
+    Paginated (AIP-158). Errors: INVALID_ARGUMENT (bad tenant id, user id,
+    API key id, page size or page token).
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -221,6 +233,18 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         right now, retry shortly; STRIPE_NOT_CONFIGURED), UNAVAILABLE
         (STRIPE_UNAVAILABLE: retry with the same request_id), ALREADY_EXISTS
         (request_id reused).
+        """
+
+    @_abc_1.abstractmethod
+    def ListOpenHolds(
+        self,
+        request: _admin_pb2.ListOpenHoldsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListOpenHoldsResponse, _abc.Awaitable[_admin_pb2.ListOpenHoldsResponse]]:
+        """Lists one tenant's open holds (granted, neither committed, released nor
+        expired), oldest first, optionally only one user's or one API key's.
+        Paginated (AIP-158). Errors: INVALID_ARGUMENT (bad tenant id, user id,
+        API key id, page size or page token).
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -453,3 +453,110 @@ class ReleaseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseResponse: _TypeAlias = ReleaseResponse  # noqa: Y015
+
+@_typing.final
+class ExtendHoldRequest(_message.Message):
+    """Request of BillingService.ExtendHold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    ADDITIONAL_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required. Idempotency key (AIP-155), 1-128 characters. Generate it once
+    per extension and reuse it on every retry of that extension.
+    """
+    reservation_id: _builtins.str
+    """Required. The open reservation to extend, as returned by ReserveCredit."""
+    additional_output_tokens: _builtins.int
+    """Required. How many more output tokens the hold should pay for, 1 to
+    100,000,000. The extension's amount is their price at the hold's output
+    price: ceil(additional_output_tokens x output price per million tokens /
+    1,000,000) micros (0 for an included model).
+    """
+    @_builtins.property
+    def usage(self) -> _types_pb2.TokenUsage:
+        """Optional. The token counts of the call so far (input as sent, output
+        streamed until now), each 0 to 100,000,000. Used only to answer
+        `covered_output_tokens`; nothing is charged for them here. Empty: all
+        counts 0.
+        """
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Optional. How long the hold lives from now once extended. Default 300 s;
+        1 s to 3600 s (the server's bounds are configurable). The expire time
+        never moves earlier than it is.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+        additional_output_tokens: _builtins.int = ...,
+        usage: _types_pb2.TokenUsage | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["additional_output_tokens", b"additional_output_tokens", "request_id", b"request_id", "reservation_id", b"reservation_id", "ttl", b"ttl", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendHoldRequest: _TypeAlias = ExtendHoldRequest  # noqa: Y015
+
+@_typing.final
+class ExtendHoldResponse(_message.Message):
+    """Response of BillingService.ExtendHold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    RESERVATION_FIELD_NUMBER: _builtins.int
+    EXTENDED_MICROS_FIELD_NUMBER: _builtins.int
+    COVERED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    extended_micros: _builtins.int
+    """Output only. The amount added to the hold, in micros: the extension's
+    price when granted, 0 when denied.
+    """
+    covered_output_tokens: _builtins.int
+    """Output only. How many more output tokens, past the counts in the
+    request's `usage`, the hold pays for now (after the extension if
+    granted): the most that can be added to `usage.output_tokens` while its
+    cost stays within the hold. 0 to 100,000,000; 100,000,000 for an included
+    model or a model without an output price (any count is covered). On a
+    denial, the caller stops the stream at this many more tokens and commits.
+    """
+    @_builtins.property
+    def decision(self) -> _types_pb2.Decision:
+        """Output only. Whether the extension was granted and, if not, why:
+        `required_micros` is the extension's amount, `available_credit_micros`
+        and `budgets` are as of the transaction that decided (after the extension
+        if granted), and `exhausted_budget` names the budget that denied it.
+        """
+
+    @_builtins.property
+    def reservation(self) -> _types_pb2.Reservation:
+        """Output only. The hold after the call: its `amount_micros` (the whole
+        hold, extensions included) and `expire_time`. Unchanged by a denial.
+        """
+
+    def __init__(
+        self,
+        *,
+        decision: _types_pb2.Decision | None = ...,
+        reservation: _types_pb2.Reservation | None = ...,
+        extended_micros: _builtins.int = ...,
+        covered_output_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "reservation", b"reservation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["covered_output_tokens", b"covered_output_tokens", "decision", b"decision", "extended_micros", b"extended_micros", "reservation", b"reservation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendHoldResponse: _TypeAlias = ExtendHoldResponse  # noqa: Y015

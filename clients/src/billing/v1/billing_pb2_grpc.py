@@ -28,7 +28,8 @@ if _version_not_supported:
 class BillingServiceStub(object):
     """The hot path a chat service calls around every model query:
     CheckAccess (may it run?), ReserveCredit (hold the most it can cost), then
-    Commit (settle the real cost) or Release (give the hold back). Refund gives
+    Commit (settle the real cost) or Release (give the hold back); a streamed
+    answer may start with a small hold and grow it with ExtendHold. Refund gives
     back part or all of a committed charge; it is a separate request so that a
     release can never turn into a refund.
 
@@ -71,12 +72,18 @@ class BillingServiceStub(object):
                 request_serializer=billing_dot_v1_dot_billing__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=billing_dot_v1_dot_billing__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.ExtendHold = channel.unary_unary(
+                '/billing.v1.BillingService/ExtendHold',
+                request_serializer=billing_dot_v1_dot_billing__pb2.ExtendHoldRequest.SerializeToString,
+                response_deserializer=billing_dot_v1_dot_billing__pb2.ExtendHoldResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer(object):
     """The hot path a chat service calls around every model query:
     CheckAccess (may it run?), ReserveCredit (hold the most it can cost), then
-    Commit (settle the real cost) or Release (give the hold back). Refund gives
+    Commit (settle the real cost) or Release (give the hold back); a streamed
+    answer may start with a small hold and grow it with ExtendHold. Refund gives
     back part or all of a committed charge; it is a separate request so that a
     release can never turn into a refund.
 
@@ -158,6 +165,28 @@ class BillingServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExtendHold(self, request, context):
+        """Grows an open hold while its answer streams: a caller reserves the input
+        plus a first chunk of output, then extends the hold ahead of the tokens it
+        streams, instead of holding `max_output_tokens` up front. The extension
+        adds the price of `additional_output_tokens` at the hold's own output
+        price (as of the reservation) and is decided exactly as ReserveCredit
+        decides a hold of that amount: the tenant's status and billing status, its
+        available credit, and every budget the hold took from. A granted extension
+        also moves the hold's expire time to `ttl` from now (never earlier).
+        A denial is a normal response (`decision.allowed = false`), not an error,
+        and changes nothing: the hold keeps its amount and expire time, and
+        `covered_output_tokens` says how many more output tokens it still pays
+        for, so the caller can end the stream there. Commit settles the real
+        counts as for any hold.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
+        FAILED_PRECONDITION (reason HOLD_ALREADY_COMMITTED, HOLD_RELEASED or
+        HOLD_EXPIRED), ALREADY_EXISTS (request_id reused with other content).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +215,11 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     request_deserializer=billing_dot_v1_dot_billing__pb2.ReleaseRequest.FromString,
                     response_serializer=billing_dot_v1_dot_billing__pb2.ReleaseResponse.SerializeToString,
             ),
+            'ExtendHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendHold,
+                    request_deserializer=billing_dot_v1_dot_billing__pb2.ExtendHoldRequest.FromString,
+                    response_serializer=billing_dot_v1_dot_billing__pb2.ExtendHoldResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'billing.v1.BillingService', rpc_method_handlers)
@@ -197,7 +231,8 @@ def add_BillingServiceServicer_to_server(servicer, server):
 class BillingService(object):
     """The hot path a chat service calls around every model query:
     CheckAccess (may it run?), ReserveCredit (hold the most it can cost), then
-    Commit (settle the real cost) or Release (give the hold back). Refund gives
+    Commit (settle the real cost) or Release (give the hold back); a streamed
+    answer may start with a small hold and grow it with ExtendHold. Refund gives
     back part or all of a committed charge; it is a separate request so that a
     release can never turn into a refund.
 
@@ -334,6 +369,33 @@ class BillingService(object):
             '/billing.v1.BillingService/Release',
             billing_dot_v1_dot_billing__pb2.ReleaseRequest.SerializeToString,
             billing_dot_v1_dot_billing__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/billing.v1.BillingService/ExtendHold',
+            billing_dot_v1_dot_billing__pb2.ExtendHoldRequest.SerializeToString,
+            billing_dot_v1_dot_billing__pb2.ExtendHoldResponse.FromString,
             options,
             channel_credentials,
             insecure,

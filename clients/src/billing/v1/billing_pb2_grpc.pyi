@@ -29,7 +29,8 @@ GRPC_VERSION: str
 class BillingServiceStub:
     """The hot path a chat service calls around every model query:
     CheckAccess (may it run?), ReserveCredit (hold the most it can cost), then
-    Commit (settle the real cost) or Release (give the hold back). Refund gives
+    Commit (settle the real cost) or Release (give the hold back); a streamed
+    answer may start with a small hold and grow it with ExtendHold. Refund gives
     back part or all of a committed charge; it is a separate request so that a
     release can never turn into a refund.
 
@@ -95,12 +96,31 @@ class BillingServiceStub:
     FAILED_PRECONDITION (reason HOLD_ALREADY_COMMITTED, HOLD_RELEASED or
     HOLD_EXPIRED), ALREADY_EXISTS (request_id reused).
     """
+    ExtendHold: _grpc.UnaryUnaryMultiCallable[_billing_pb2.ExtendHoldRequest, _billing_pb2.ExtendHoldResponse]
+    """Grows an open hold while its answer streams: a caller reserves the input
+    plus a first chunk of output, then extends the hold ahead of the tokens it
+    streams, instead of holding `max_output_tokens` up front. The extension
+    adds the price of `additional_output_tokens` at the hold's own output
+    price (as of the reservation) and is decided exactly as ReserveCredit
+    decides a hold of that amount: the tenant's status and billing status, its
+    available credit, and every budget the hold took from. A granted extension
+    also moves the hold's expire time to `ttl` from now (never earlier).
+    A denial is a normal response (`decision.allowed = false`), not an error,
+    and changes nothing: the hold keeps its amount and expire time, and
+    `covered_output_tokens` says how many more output tokens it still pays
+    for, so the caller can end the stream there. Commit settles the real
+    counts as for any hold.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
+    FAILED_PRECONDITION (reason HOLD_ALREADY_COMMITTED, HOLD_RELEASED or
+    HOLD_EXPIRED), ALREADY_EXISTS (request_id reused with other content).
+    """
 
 @_typing.type_check_only
 class BillingServiceAsyncStub(BillingServiceStub):
     """The hot path a chat service calls around every model query:
     CheckAccess (may it run?), ReserveCredit (hold the most it can cost), then
-    Commit (settle the real cost) or Release (give the hold back). Refund gives
+    Commit (settle the real cost) or Release (give the hold back); a streamed
+    answer may start with a small hold and grow it with ExtendHold. Refund gives
     back part or all of a committed charge; it is a separate request so that a
     release can never turn into a refund.
 
@@ -163,11 +183,30 @@ class BillingServiceAsyncStub(BillingServiceStub):
     FAILED_PRECONDITION (reason HOLD_ALREADY_COMMITTED, HOLD_RELEASED or
     HOLD_EXPIRED), ALREADY_EXISTS (request_id reused).
     """
+    ExtendHold: _aio.UnaryUnaryMultiCallable[_billing_pb2.ExtendHoldRequest, _billing_pb2.ExtendHoldResponse]  # type: ignore[assignment]
+    """Grows an open hold while its answer streams: a caller reserves the input
+    plus a first chunk of output, then extends the hold ahead of the tokens it
+    streams, instead of holding `max_output_tokens` up front. The extension
+    adds the price of `additional_output_tokens` at the hold's own output
+    price (as of the reservation) and is decided exactly as ReserveCredit
+    decides a hold of that amount: the tenant's status and billing status, its
+    available credit, and every budget the hold took from. A granted extension
+    also moves the hold's expire time to `ttl` from now (never earlier).
+    A denial is a normal response (`decision.allowed = false`), not an error,
+    and changes nothing: the hold keeps its amount and expire time, and
+    `covered_output_tokens` says how many more output tokens it still pays
+    for, so the caller can end the stream there. Commit settles the real
+    counts as for any hold.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
+    FAILED_PRECONDITION (reason HOLD_ALREADY_COMMITTED, HOLD_RELEASED or
+    HOLD_EXPIRED), ALREADY_EXISTS (request_id reused with other content).
+    """
 
 class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
     """The hot path a chat service calls around every model query:
     CheckAccess (may it run?), ReserveCredit (hold the most it can cost), then
-    Commit (settle the real cost) or Release (give the hold back). Refund gives
+    Commit (settle the real cost) or Release (give the hold back); a streamed
+    answer may start with a small hold and grow it with ExtendHold. Refund gives
     back part or all of a committed charge; it is a separate request so that a
     release can never turn into a refund.
 
@@ -257,6 +296,30 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
         FAILED_PRECONDITION (reason HOLD_ALREADY_COMMITTED, HOLD_RELEASED or
         HOLD_EXPIRED), ALREADY_EXISTS (request_id reused).
+        """
+
+    @_abc_1.abstractmethod
+    def ExtendHold(
+        self,
+        request: _billing_pb2.ExtendHoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_pb2.ExtendHoldResponse, _abc.Awaitable[_billing_pb2.ExtendHoldResponse]]:
+        """Grows an open hold while its answer streams: a caller reserves the input
+        plus a first chunk of output, then extends the hold ahead of the tokens it
+        streams, instead of holding `max_output_tokens` up front. The extension
+        adds the price of `additional_output_tokens` at the hold's own output
+        price (as of the reservation) and is decided exactly as ReserveCredit
+        decides a hold of that amount: the tenant's status and billing status, its
+        available credit, and every budget the hold took from. A granted extension
+        also moves the hold's expire time to `ttl` from now (never earlier).
+        A denial is a normal response (`decision.allowed = false`), not an error,
+        and changes nothing: the hold keeps its amount and expire time, and
+        `covered_output_tokens` says how many more output tokens it still pays
+        for, so the caller can end the stream there. Commit settles the real
+        counts as for any hold.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
+        FAILED_PRECONDITION (reason HOLD_ALREADY_COMMITTED, HOLD_RELEASED or
+        HOLD_EXPIRED), ALREADY_EXISTS (request_id reused with other content).
         """
 
 def add_BillingServiceServicer_to_server(servicer: BillingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -44,17 +44,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     first attempt sent; another operation needs another request_id.
     """
     HOLD_ALREADY_COMMITTED: _ErrorReason.ValueType  # 6
-    """FAILED_PRECONDITION. Commit, Release or a release through Refund on a
-    hold that another request committed already; nothing was changed.
+    """FAILED_PRECONDITION. Commit, Release, ExtendHold or a release through
+    Refund on a hold that another request committed already; nothing was
+    changed.
     """
     HOLD_RELEASED: _ErrorReason.ValueType  # 7
-    """FAILED_PRECONDITION. Commit or Refund on a hold that was released;
-    nothing was charged.
+    """FAILED_PRECONDITION. Commit, ExtendHold or Refund on a hold that was
+    released; nothing was charged.
     """
     HOLD_EXPIRED: _ErrorReason.ValueType  # 8
-    """FAILED_PRECONDITION. Commit, Release or Refund on a hold whose expire time
-    passed before it was committed: its amount is back in available credit and
-    nothing was charged. Reserve again.
+    """FAILED_PRECONDITION. Commit, Release, ExtendHold or Refund on a hold whose
+    expire time passed before it was committed: its amount is back in
+    available credit and nothing was charged. Reserve again.
     """
     HOLD_NOT_COMMITTED: _ErrorReason.ValueType  # 9
     """FAILED_PRECONDITION. Refund with `refund_all` on a hold that is still
@@ -180,17 +181,18 @@ content (AIP-155); nothing was changed. A retry must send exactly what the
 first attempt sent; another operation needs another request_id.
 """
 HOLD_ALREADY_COMMITTED: ErrorReason.ValueType  # 6
-"""FAILED_PRECONDITION. Commit, Release or a release through Refund on a
-hold that another request committed already; nothing was changed.
+"""FAILED_PRECONDITION. Commit, Release, ExtendHold or a release through
+Refund on a hold that another request committed already; nothing was
+changed.
 """
 HOLD_RELEASED: ErrorReason.ValueType  # 7
-"""FAILED_PRECONDITION. Commit or Refund on a hold that was released;
-nothing was charged.
+"""FAILED_PRECONDITION. Commit, ExtendHold or Refund on a hold that was
+released; nothing was charged.
 """
 HOLD_EXPIRED: ErrorReason.ValueType  # 8
-"""FAILED_PRECONDITION. Commit, Release or Refund on a hold whose expire time
-passed before it was committed: its amount is back in available credit and
-nothing was charged. Reserve again.
+"""FAILED_PRECONDITION. Commit, Release, ExtendHold or Refund on a hold whose
+expire time passed before it was committed: its amount is back in
+available credit and nothing was charged. Reserve again.
 """
 HOLD_NOT_COMMITTED: ErrorReason.ValueType  # 9
 """FAILED_PRECONDITION. Refund with `refund_all` on a hold that is still

@@ -524,8 +524,8 @@ class Decision(_message.Message):
     BUDGETS_FIELD_NUMBER: _builtins.int
     EXHAUSTED_BUDGET_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
-    """Output only. True when the query may run (CheckAccess) or the hold was
-    granted (ReserveCredit).
+    """Output only. True when the query may run (CheckAccess), the hold was
+    granted (ReserveCredit) or the extension was granted (ExtendHold).
     """
     reason: Global___DenialReason.ValueType
     """Output only. Why the query was denied; DENIAL_REASON_UNSPECIFIED when
@@ -633,7 +633,7 @@ class Reservation(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     """Output only. The reservation's id: "rsv_" followed by 32 lowercase hex
-    digits. Pass it to Commit, Release or Refund.
+    digits. Pass it to Commit, ExtendHold, Release or Refund.
     """
     tenant_id: _builtins.str
     """Output only. The tenant that holds it."""
@@ -642,7 +642,9 @@ class Reservation(_message.Message):
     model: _builtins.str
     """Output only. The model, as named in the price table."""
     amount_micros: _builtins.int
-    """Output only. The amount held, in micros. Zero for included models."""
+    """Output only. The amount held, in micros, extensions (ExtendHold)
+    included. Zero for included models.
+    """
     status: Global___ReservationStatus.ValueType
     """Output only. Where the reservation is in its lifecycle."""
     @_builtins.property
@@ -651,7 +653,9 @@ class Reservation(_message.Message):
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When an uncommitted hold is released automatically."""
+        """Output only. When an uncommitted hold is released automatically; a granted
+        ExtendHold moves it later.
+        """
 
     def __init__(
         self,

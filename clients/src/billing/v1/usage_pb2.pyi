@@ -51,6 +51,8 @@ class _LedgerEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ledge
     """A successful card charge (top-up) credited to the balance."""
     LEDGER_ENTRY_KIND_TOP_UP_REVERSAL: _LedgerEntryKind.ValueType  # 8
     """A top-up refunded or disputed at Stripe, taken back from the balance."""
+    LEDGER_ENTRY_KIND_EXTENSION: _LedgerEntryKind.ValueType  # 9
+    """An open hold grown by ExtendHold: held goes up by the extension's price."""
 
 class LedgerEntryKind(_LedgerEntryKind, metaclass=_LedgerEntryKindEnumTypeWrapper):
     """What a ledger entry records."""
@@ -77,6 +79,8 @@ LEDGER_ENTRY_KIND_TOP_UP: LedgerEntryKind.ValueType  # 7
 """A successful card charge (top-up) credited to the balance."""
 LEDGER_ENTRY_KIND_TOP_UP_REVERSAL: LedgerEntryKind.ValueType  # 8
 """A top-up refunded or disputed at Stripe, taken back from the balance."""
+LEDGER_ENTRY_KIND_EXTENSION: LedgerEntryKind.ValueType  # 9
+"""An open hold grown by ExtendHold: held goes up by the extension's price."""
 Global___LedgerEntryKind: _TypeAlias = LedgerEntryKind  # noqa: Y015
 
 @_typing.final

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file billing/v1/admin.proto.
  */
 export const file_billing_v1_admin: GenFile = /*@__PURE__*/
-  fileDesc("ChZiaWxsaW5nL3YxL2FkbWluLnByb3RvEgpiaWxsaW5nLnYxIpcBCgdCYWxhbmNlEhYKDmJhbGFuY2VfbWljcm9zGAEgASgDEhMKC2hlbGRfbWljcm9zGAIgASgDEiUKHWVmZmVjdGl2ZV9jcmVkaXRfbGltaXRfbWljcm9zGAMgASgDEh8KF2F2YWlsYWJsZV9jcmVkaXRfbWljcm9zGAQgASgDEhcKD2V4cG9zdXJlX21pY3JvcxgFIAEoAyK9AgoGVGVuYW50EhEKCXRlbmFudF9pZBgBIAEoCRIoCgZzdGF0dXMYAiABKA4yGC5iaWxsaW5nLnYxLlRlbmFudFN0YXR1cxIbChNjcmVkaXRfbGltaXRfbWljcm9zGAMgASgDEh4KFnBheW1lbnRfbWV0aG9kX29uX2ZpbGUYBCABKAgSJAoHYmFsYW5jZRgFIAEoCzITLmJpbGxpbmcudjEuQmFsYW5jZRIvCgtjcmVhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDmJpbGxpbmdfc3RhdHVzGAggASgOMhkuYmlsbGluZy52MS5CaWxsaW5nU3RhdHVzIsABChNDcmVhdGVUZW5hbnRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEiAKE2NyZWRpdF9saW1pdF9taWNyb3MYAyABKANIAIgBARIoCgZzdGF0dXMYBCABKA4yGC5iaWxsaW5nLnYxLlRlbmFudFN0YXR1cxIeChZwYXltZW50X21ldGhvZF9vbl9maWxlGAUgASgIQhYKFF9jcmVkaXRfbGltaXRfbWljcm9zIjoKFENyZWF0ZVRlbmFudFJlc3BvbnNlEiIKBnRlbmFudBgBIAEoCzISLmJpbGxpbmcudjEuVGVuYW50IuABChNVcGRhdGVUZW5hbnRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEiAKE2NyZWRpdF9saW1pdF9taWNyb3MYAyABKANIAIgBARIoCgZzdGF0dXMYBCABKA4yGC5iaWxsaW5nLnYxLlRlbmFudFN0YXR1cxIjChZwYXltZW50X21ldGhvZF9vbl9maWxlGAUgASgISAGIAQFCFgoUX2NyZWRpdF9saW1pdF9taWNyb3NCGQoXX3BheW1lbnRfbWV0aG9kX29uX2ZpbGUiOgoUVXBkYXRlVGVuYW50UmVzcG9uc2USIgoGdGVuYW50GAEgASgLMhIuYmlsbGluZy52MS5UZW5hbnQiJQoQR2V0VGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiNwoRR2V0VGVuYW50UmVzcG9uc2USIgoGdGVuYW50GAEgASgLMhIuYmlsbGluZy52MS5UZW5hbnQiYgoSR3JhbnRDcmVkaXRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEhUKDWFtb3VudF9taWNyb3MYAyABKAMSDgoGcmVhc29uGAQgASgJIlQKE0dyYW50Q3JlZGl0UmVzcG9uc2USFwoPbGVkZ2VyX2VudHJ5X2lkGAEgASgDEiQKB2JhbGFuY2UYAiABKAsyEy5iaWxsaW5nLnYxLkJhbGFuY2UibgoSTGlzdFRlbmFudHNSZXF1ZXN0EjEKDmJpbGxpbmdfc3RhdHVzGAEgASgOMhkuYmlsbGluZy52MS5CaWxsaW5nU3RhdHVzEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlMKE0xpc3RUZW5hbnRzUmVzcG9uc2USIwoHdGVuYW50cxgBIAMoCzISLmJpbGxpbmcudjEuVGVuYW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJ4ChJMaXN0Q2hhcmdlc1JlcXVlc3QSKAoGc3RhdHVzGAEgASgOMhguYmlsbGluZy52MS5DaGFyZ2VTdGF0dXMSEQoJdGVuYW50X2lkGAIgASgJEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlMKE0xpc3RDaGFyZ2VzUmVzcG9uc2USIwoHY2hhcmdlcxgBIAMoCzISLmJpbGxpbmcudjEuQ2hhcmdlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKXAQoUUmVzb2x2ZUNoYXJnZVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIRCgljaGFyZ2VfaWQYAiABKAkSLQoHb3V0Y29tZRgDIAEoDjIcLmJpbGxpbmcudjEuQ2hhcmdlUmVzb2x1dGlvbhIZChFwYXltZW50X2ludGVudF9pZBgEIAEoCRIOCgZyZWFzb24YBSABKAkiOwoVUmVzb2x2ZUNoYXJnZVJlc3BvbnNlEiIKBmNoYXJnZRgBIAEoCzISLmJpbGxpbmcudjEuQ2hhcmdlKnQKEENoYXJnZVJlc29sdXRpb24SIQodQ0hBUkdFX1JFU09MVVRJT05fVU5TUEVDSUZJRUQQABIfChtDSEFSR0VfUkVTT0xVVElPTl9TVUNDRUVERUQQARIcChhDSEFSR0VfUkVTT0xVVElPTl9GQUlMRUQQAipkCgxUZW5hbnRTdGF0dXMSHQoZVEVOQU5UX1NUQVRVU19VTlNQRUNJRklFRBAAEhgKFFRFTkFOVF9TVEFUVVNfQUNUSVZFEAESGwoXVEVOQU5UX1NUQVRVU19TVVNQRU5ERUQQAjLEBAoMQWRtaW5TZXJ2aWNlElEKDENyZWF0ZVRlbmFudBIfLmJpbGxpbmcudjEuQ3JlYXRlVGVuYW50UmVxdWVzdBogLmJpbGxpbmcudjEuQ3JlYXRlVGVuYW50UmVzcG9uc2USUQoMVXBkYXRlVGVuYW50Eh8uYmlsbGluZy52MS5VcGRhdGVUZW5hbnRSZXF1ZXN0GiAuYmlsbGluZy52MS5VcGRhdGVUZW5hbnRSZXNwb25zZRJICglHZXRUZW5hbnQSHC5iaWxsaW5nLnYxLkdldFRlbmFudFJlcXVlc3QaHS5iaWxsaW5nLnYxLkdldFRlbmFudFJlc3BvbnNlEk4KC0dyYW50Q3JlZGl0Eh4uYmlsbGluZy52MS5HcmFudENyZWRpdFJlcXVlc3QaHy5iaWxsaW5nLnYxLkdyYW50Q3JlZGl0UmVzcG9uc2USTgoLTGlzdFRlbmFudHMSHi5iaWxsaW5nLnYxLkxpc3RUZW5hbnRzUmVxdWVzdBofLmJpbGxpbmcudjEuTGlzdFRlbmFudHNSZXNwb25zZRJOCgtMaXN0Q2hhcmdlcxIeLmJpbGxpbmcudjEuTGlzdENoYXJnZXNSZXF1ZXN0Gh8uYmlsbGluZy52MS5MaXN0Q2hhcmdlc1Jlc3BvbnNlElQKDVJlc29sdmVDaGFyZ2USIC5iaWxsaW5nLnYxLlJlc29sdmVDaGFyZ2VSZXF1ZXN0GiEuYmlsbGluZy52MS5SZXNvbHZlQ2hhcmdlUmVzcG9uc2ViBnByb3RvMw", [file_billing_v1_account, file_billing_v1_types, file_google_protobuf_timestamp]);
+  fileDesc("ChZiaWxsaW5nL3YxL2FkbWluLnByb3RvEgpiaWxsaW5nLnYxIpcBCgdCYWxhbmNlEhYKDmJhbGFuY2VfbWljcm9zGAEgASgDEhMKC2hlbGRfbWljcm9zGAIgASgDEiUKHWVmZmVjdGl2ZV9jcmVkaXRfbGltaXRfbWljcm9zGAMgASgDEh8KF2F2YWlsYWJsZV9jcmVkaXRfbWljcm9zGAQgASgDEhcKD2V4cG9zdXJlX21pY3JvcxgFIAEoAyK9AgoGVGVuYW50EhEKCXRlbmFudF9pZBgBIAEoCRIoCgZzdGF0dXMYAiABKA4yGC5iaWxsaW5nLnYxLlRlbmFudFN0YXR1cxIbChNjcmVkaXRfbGltaXRfbWljcm9zGAMgASgDEh4KFnBheW1lbnRfbWV0aG9kX29uX2ZpbGUYBCABKAgSJAoHYmFsYW5jZRgFIAEoCzITLmJpbGxpbmcudjEuQmFsYW5jZRIvCgtjcmVhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDmJpbGxpbmdfc3RhdHVzGAggASgOMhkuYmlsbGluZy52MS5CaWxsaW5nU3RhdHVzIsABChNDcmVhdGVUZW5hbnRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEiAKE2NyZWRpdF9saW1pdF9taWNyb3MYAyABKANIAIgBARIoCgZzdGF0dXMYBCABKA4yGC5iaWxsaW5nLnYxLlRlbmFudFN0YXR1cxIeChZwYXltZW50X21ldGhvZF9vbl9maWxlGAUgASgIQhYKFF9jcmVkaXRfbGltaXRfbWljcm9zIjoKFENyZWF0ZVRlbmFudFJlc3BvbnNlEiIKBnRlbmFudBgBIAEoCzISLmJpbGxpbmcudjEuVGVuYW50IuABChNVcGRhdGVUZW5hbnRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEiAKE2NyZWRpdF9saW1pdF9taWNyb3MYAyABKANIAIgBARIoCgZzdGF0dXMYBCABKA4yGC5iaWxsaW5nLnYxLlRlbmFudFN0YXR1cxIjChZwYXltZW50X21ldGhvZF9vbl9maWxlGAUgASgISAGIAQFCFgoUX2NyZWRpdF9saW1pdF9taWNyb3NCGQoXX3BheW1lbnRfbWV0aG9kX29uX2ZpbGUiOgoUVXBkYXRlVGVuYW50UmVzcG9uc2USIgoGdGVuYW50GAEgASgLMhIuYmlsbGluZy52MS5UZW5hbnQiJQoQR2V0VGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiNwoRR2V0VGVuYW50UmVzcG9uc2USIgoGdGVuYW50GAEgASgLMhIuYmlsbGluZy52MS5UZW5hbnQiYgoSR3JhbnRDcmVkaXRSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEhUKDWFtb3VudF9taWNyb3MYAyABKAMSDgoGcmVhc29uGAQgASgJIlQKE0dyYW50Q3JlZGl0UmVzcG9uc2USFwoPbGVkZ2VyX2VudHJ5X2lkGAEgASgDEiQKB2JhbGFuY2UYAiABKAsyEy5iaWxsaW5nLnYxLkJhbGFuY2UibgoSTGlzdFRlbmFudHNSZXF1ZXN0EjEKDmJpbGxpbmdfc3RhdHVzGAEgASgOMhkuYmlsbGluZy52MS5CaWxsaW5nU3RhdHVzEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlMKE0xpc3RUZW5hbnRzUmVzcG9uc2USIwoHdGVuYW50cxgBIAMoCzISLmJpbGxpbmcudjEuVGVuYW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJ4ChJMaXN0Q2hhcmdlc1JlcXVlc3QSKAoGc3RhdHVzGAEgASgOMhguYmlsbGluZy52MS5DaGFyZ2VTdGF0dXMSEQoJdGVuYW50X2lkGAIgASgJEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlMKE0xpc3RDaGFyZ2VzUmVzcG9uc2USIwoHY2hhcmdlcxgBIAMoCzISLmJpbGxpbmcudjEuQ2hhcmdlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKXAQoUUmVzb2x2ZUNoYXJnZVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIRCgljaGFyZ2VfaWQYAiABKAkSLQoHb3V0Y29tZRgDIAEoDjIcLmJpbGxpbmcudjEuQ2hhcmdlUmVzb2x1dGlvbhIZChFwYXltZW50X2ludGVudF9pZBgEIAEoCRIOCgZyZWFzb24YBSABKAkiOwoVUmVzb2x2ZUNoYXJnZVJlc3BvbnNlEiIKBmNoYXJnZRgBIAEoCzISLmJpbGxpbmcudjEuQ2hhcmdlInUKFExpc3RPcGVuSG9sZHNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIPCgd1c2VyX2lkGAIgASgJEhIKCmFwaV9rZXlfaWQYAyABKAkSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiyAEKCE9wZW5Ib2xkEg8KB2hvbGRfaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRISCgphcGlfa2V5X2lkGAMgASgJEg0KBW1vZGVsGAQgASgJEhUKDWFtb3VudF9taWNyb3MYBSABKAMSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2V4cGlyZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJVChVMaXN0T3BlbkhvbGRzUmVzcG9uc2USIwoFaG9sZHMYASADKAsyFC5iaWxsaW5nLnYxLk9wZW5Ib2xkEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSp0ChBDaGFyZ2VSZXNvbHV0aW9uEiEKHUNIQVJHRV9SRVNPTFVUSU9OX1VOU1BFQ0lGSUVEEAASHwobQ0hBUkdFX1JFU09MVVRJT05fU1VDQ0VFREVEEAESHAoYQ0hBUkdFX1JFU09MVVRJT05fRkFJTEVEEAIqZAoMVGVuYW50U3RhdHVzEh0KGVRFTkFOVF9TVEFUVVNfVU5TUEVDSUZJRUQQABIYChRURU5BTlRfU1RBVFVTX0FDVElWRRABEhsKF1RFTkFOVF9TVEFUVVNfU1VTUEVOREVEEAIymgUKDEFkbWluU2VydmljZRJRCgxDcmVhdGVUZW5hbnQSHy5iaWxsaW5nLnYxLkNyZWF0ZVRlbmFudFJlcXVlc3QaIC5iaWxsaW5nLnYxLkNyZWF0ZVRlbmFudFJlc3BvbnNlElEKDFVwZGF0ZVRlbmFudBIfLmJpbGxpbmcudjEuVXBkYXRlVGVuYW50UmVxdWVzdBogLmJpbGxpbmcudjEuVXBkYXRlVGVuYW50UmVzcG9uc2USSAoJR2V0VGVuYW50EhwuYmlsbGluZy52MS5HZXRUZW5hbnRSZXF1ZXN0Gh0uYmlsbGluZy52MS5HZXRUZW5hbnRSZXNwb25zZRJOCgtHcmFudENyZWRpdBIeLmJpbGxpbmcudjEuR3JhbnRDcmVkaXRSZXF1ZXN0Gh8uYmlsbGluZy52MS5HcmFudENyZWRpdFJlc3BvbnNlEk4KC0xpc3RUZW5hbnRzEh4uYmlsbGluZy52MS5MaXN0VGVuYW50c1JlcXVlc3QaHy5iaWxsaW5nLnYxLkxpc3RUZW5hbnRzUmVzcG9uc2USTgoLTGlzdENoYXJnZXMSHi5iaWxsaW5nLnYxLkxpc3RDaGFyZ2VzUmVxdWVzdBofLmJpbGxpbmcudjEuTGlzdENoYXJnZXNSZXNwb25zZRJUCg1SZXNvbHZlQ2hhcmdlEiAuYmlsbGluZy52MS5SZXNvbHZlQ2hhcmdlUmVxdWVzdBohLmJpbGxpbmcudjEuUmVzb2x2ZUNoYXJnZVJlc3BvbnNlElQKDUxpc3RPcGVuSG9sZHMSIC5iaWxsaW5nLnYxLkxpc3RPcGVuSG9sZHNSZXF1ZXN0GiEuYmlsbGluZy52MS5MaXN0T3BlbkhvbGRzUmVzcG9uc2ViBnByb3RvMw", [file_billing_v1_account, file_billing_v1_types, file_google_protobuf_timestamp]);
 
 /**
  * A tenant's money, as of one read.
@@ -615,6 +615,153 @@ export const ResolveChargeResponseSchema: GenMessage<ResolveChargeResponse> = /*
   messageDesc(file_billing_v1_admin, 15);
 
 /**
+ * Request of AdminService.ListOpenHolds.
+ *
+ * @generated from message billing.v1.ListOpenHoldsRequest
+ */
+export type ListOpenHoldsRequest = Message<"billing.v1.ListOpenHoldsRequest"> & {
+  /**
+   * Required. The tenant whose open holds to list, 1-128 characters.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * Optional. Only holds taken for this end user, 1-128 characters; empty:
+   * every user's.
+   *
+   * @generated from field: string user_id = 2;
+   */
+  userId: string;
+
+  /**
+   * Optional. Only holds taken with this API key (or caller label), 1-128
+   * characters; empty: every key's.
+   *
+   * @generated from field: string api_key_id = 3;
+   */
+  apiKeyId: string;
+
+  /**
+   * Optional. The most holds to return, 1 to 1,000; 0 means 100.
+   *
+   * @generated from field: int32 page_size = 4;
+   */
+  pageSize: number;
+
+  /**
+   * Optional. `next_page_token` of the previous page; empty for the first
+   * page. The other fields must be the same as for the first page.
+   *
+   * @generated from field: string page_token = 5;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message billing.v1.ListOpenHoldsRequest.
+ * Use `create(ListOpenHoldsRequestSchema)` to create a new message.
+ */
+export const ListOpenHoldsRequestSchema: GenMessage<ListOpenHoldsRequest> = /*@__PURE__*/
+  messageDesc(file_billing_v1_admin, 16);
+
+/**
+ * One open hold, as an operator sees it.
+ *
+ * @generated from message billing.v1.OpenHold
+ */
+export type OpenHold = Message<"billing.v1.OpenHold"> & {
+  /**
+   * Output only. The hold (reservation) id.
+   *
+   * @generated from field: string hold_id = 1;
+   */
+  holdId: string;
+
+  /**
+   * Output only. The end user the hold was taken for.
+   *
+   * @generated from field: string user_id = 2;
+   */
+  userId: string;
+
+  /**
+   * Output only. The API key or caller label that took the hold; empty when
+   * none was given.
+   *
+   * @generated from field: string api_key_id = 3;
+   */
+  apiKeyId: string;
+
+  /**
+   * Output only. The model the hold prices.
+   *
+   * @generated from field: string model = 4;
+   */
+  model: string;
+
+  /**
+   * Output only. The credit the hold keeps from the tenant, in micros
+   * (1,000,000 = 1 currency unit), 0 or more.
+   *
+   * @generated from field: int64 amount_micros = 5;
+   */
+  amountMicros: bigint;
+
+  /**
+   * Output only. When the hold was taken (its age is the time since).
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 6;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * Output only. When the hold expires and its credit returns to the tenant
+   * unless it is committed or released before.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 7;
+   */
+  expireTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message billing.v1.OpenHold.
+ * Use `create(OpenHoldSchema)` to create a new message.
+ */
+export const OpenHoldSchema: GenMessage<OpenHold> = /*@__PURE__*/
+  messageDesc(file_billing_v1_admin, 17);
+
+/**
+ * Response of AdminService.ListOpenHolds.
+ *
+ * @generated from message billing.v1.ListOpenHoldsResponse
+ */
+export type ListOpenHoldsResponse = Message<"billing.v1.ListOpenHoldsResponse"> & {
+  /**
+   * Output only. The open holds of this page, oldest first.
+   *
+   * @generated from field: repeated billing.v1.OpenHold holds = 1;
+   */
+  holds: OpenHold[];
+
+  /**
+   * Output only. Pass it as `page_token` for the next page; empty on the last
+   * page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message billing.v1.ListOpenHoldsResponse.
+ * Use `create(ListOpenHoldsResponseSchema)` to create a new message.
+ */
+export const ListOpenHoldsResponseSchema: GenMessage<ListOpenHoldsResponse> = /*@__PURE__*/
+  messageDesc(file_billing_v1_admin, 18);
+
+/**
  * The outcome an operator records for a charge.
  *
  * @generated from enum billing.v1.ChargeResolution
@@ -784,6 +931,19 @@ export const AdminService: GenService<{
     methodKind: "unary";
     input: typeof ResolveChargeRequestSchema;
     output: typeof ResolveChargeResponseSchema;
+  },
+  /**
+   * Lists one tenant's open holds (granted, neither committed, released nor
+   * expired), oldest first, optionally only one user's or one API key's.
+   * Paginated (AIP-158). Errors: INVALID_ARGUMENT (bad tenant id, user id,
+   * API key id, page size or page token).
+   *
+   * @generated from rpc billing.v1.AdminService.ListOpenHolds
+   */
+  listOpenHolds: {
+    methodKind: "unary";
+    input: typeof ListOpenHoldsRequestSchema;
+    output: typeof ListOpenHoldsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_billing_v1_admin, 0);

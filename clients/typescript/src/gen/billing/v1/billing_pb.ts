@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file billing/v1/billing.proto.
  */
 export const file_billing_v1_billing: GenFile = /*@__PURE__*/
-  fileDesc("ChhiaWxsaW5nL3YxL2JpbGxpbmcucHJvdG8SCmJpbGxpbmcudjEiQAoNUXVlcnlFc3RpbWF0ZRIUCgxpbnB1dF90b2tlbnMYASABKAMSGQoRbWF4X291dHB1dF90b2tlbnMYAiABKAMiiAEKEkNoZWNrQWNjZXNzUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDQoFbW9kZWwYAiABKAkSKwoIZXN0aW1hdGUYAyABKAsyGS5iaWxsaW5nLnYxLlF1ZXJ5RXN0aW1hdGUSDwoHdXNlcl9pZBgEIAEoCRISCgphcGlfa2V5X2lkGAUgASgJIj0KE0NoZWNrQWNjZXNzUmVzcG9uc2USJgoIZGVjaXNpb24YASABKAsyFC5iaWxsaW5nLnYxLkRlY2lzaW9uIukBChRSZXNlcnZlQ3JlZGl0UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhEKCXRlbmFudF9pZBgCIAEoCRIPCgd1c2VyX2lkGAMgASgJEg0KBW1vZGVsGAQgASgJEi0KCGVzdGltYXRlGAUgASgLMhkuYmlsbGluZy52MS5RdWVyeUVzdGltYXRlSAASFwoNYW1vdW50X21pY3JvcxgGIAEoA0gAEiYKA3R0bBgHIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhISCgphcGlfa2V5X2lkGAggASgJQgYKBHNpemUibQoVUmVzZXJ2ZUNyZWRpdFJlc3BvbnNlEiYKCGRlY2lzaW9uGAEgASgLMhQuYmlsbGluZy52MS5EZWNpc2lvbhIsCgtyZXNlcnZhdGlvbhgCIAEoCzIXLmJpbGxpbmcudjEuUmVzZXJ2YXRpb24iYgoNQ29tbWl0UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhYKDnJlc2VydmF0aW9uX2lkGAIgASgJEiUKBXVzYWdlGAMgASgLMhYuYmlsbGluZy52MS5Ub2tlblVzYWdlImAKDkNvbW1pdFJlc3BvbnNlEi0KDHVzYWdlX3JlY29yZBgBIAEoCzIXLmJpbGxpbmcudjEuVXNhZ2VSZWNvcmQSHwoXYXZhaWxhYmxlX2NyZWRpdF9taWNyb3MYAiABKAMidgoNUmVmdW5kUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhYKDnJlc2VydmF0aW9uX2lkGAIgASgJEhUKDWFtb3VudF9taWNyb3MYAyABKAMSDgoGcmVhc29uGAQgASgJEhIKCnJlZnVuZF9hbGwYBSABKAgijQEKDlJlZnVuZFJlc3BvbnNlEiQKBGtpbmQYASABKA4yFi5iaWxsaW5nLnYxLlJlZnVuZEtpbmQSFQoNYW1vdW50X21pY3JvcxgCIAEoAxIfChdhdmFpbGFibGVfY3JlZGl0X21pY3JvcxgDIAEoAxIdChVyZWZ1bmRlZF90b3RhbF9taWNyb3MYBCABKAMiTAoOUmVsZWFzZVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIWCg5yZXNlcnZhdGlvbl9pZBgCIAEoCRIOCgZyZWFzb24YAyABKAkiSwoPUmVsZWFzZVJlc3BvbnNlEhcKD3JlbGVhc2VkX21pY3JvcxgBIAEoAxIfChdhdmFpbGFibGVfY3JlZGl0X21pY3JvcxgCIAEoAypaCgpSZWZ1bmRLaW5kEhsKF1JFRlVORF9LSU5EX1VOU1BFQ0lGSUVEEAASFwoTUkVGVU5EX0tJTkRfUkVMRUFTRRABEhYKElJFRlVORF9LSU5EX1JFRlVORBACMvwCCg5CaWxsaW5nU2VydmljZRJOCgtDaGVja0FjY2VzcxIeLmJpbGxpbmcudjEuQ2hlY2tBY2Nlc3NSZXF1ZXN0Gh8uYmlsbGluZy52MS5DaGVja0FjY2Vzc1Jlc3BvbnNlElQKDVJlc2VydmVDcmVkaXQSIC5iaWxsaW5nLnYxLlJlc2VydmVDcmVkaXRSZXF1ZXN0GiEuYmlsbGluZy52MS5SZXNlcnZlQ3JlZGl0UmVzcG9uc2USPwoGQ29tbWl0EhkuYmlsbGluZy52MS5Db21taXRSZXF1ZXN0GhouYmlsbGluZy52MS5Db21taXRSZXNwb25zZRI/CgZSZWZ1bmQSGS5iaWxsaW5nLnYxLlJlZnVuZFJlcXVlc3QaGi5iaWxsaW5nLnYxLlJlZnVuZFJlc3BvbnNlEkIKB1JlbGVhc2USGi5iaWxsaW5nLnYxLlJlbGVhc2VSZXF1ZXN0GhsuYmlsbGluZy52MS5SZWxlYXNlUmVzcG9uc2ViBnByb3RvMw", [file_billing_v1_types, file_google_protobuf_duration]);
+  fileDesc("ChhiaWxsaW5nL3YxL2JpbGxpbmcucHJvdG8SCmJpbGxpbmcudjEiQAoNUXVlcnlFc3RpbWF0ZRIUCgxpbnB1dF90b2tlbnMYASABKAMSGQoRbWF4X291dHB1dF90b2tlbnMYAiABKAMiiAEKEkNoZWNrQWNjZXNzUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDQoFbW9kZWwYAiABKAkSKwoIZXN0aW1hdGUYAyABKAsyGS5iaWxsaW5nLnYxLlF1ZXJ5RXN0aW1hdGUSDwoHdXNlcl9pZBgEIAEoCRISCgphcGlfa2V5X2lkGAUgASgJIj0KE0NoZWNrQWNjZXNzUmVzcG9uc2USJgoIZGVjaXNpb24YASABKAsyFC5iaWxsaW5nLnYxLkRlY2lzaW9uIukBChRSZXNlcnZlQ3JlZGl0UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhEKCXRlbmFudF9pZBgCIAEoCRIPCgd1c2VyX2lkGAMgASgJEg0KBW1vZGVsGAQgASgJEi0KCGVzdGltYXRlGAUgASgLMhkuYmlsbGluZy52MS5RdWVyeUVzdGltYXRlSAASFwoNYW1vdW50X21pY3JvcxgGIAEoA0gAEiYKA3R0bBgHIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhISCgphcGlfa2V5X2lkGAggASgJQgYKBHNpemUibQoVUmVzZXJ2ZUNyZWRpdFJlc3BvbnNlEiYKCGRlY2lzaW9uGAEgASgLMhQuYmlsbGluZy52MS5EZWNpc2lvbhIsCgtyZXNlcnZhdGlvbhgCIAEoCzIXLmJpbGxpbmcudjEuUmVzZXJ2YXRpb24iYgoNQ29tbWl0UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhYKDnJlc2VydmF0aW9uX2lkGAIgASgJEiUKBXVzYWdlGAMgASgLMhYuYmlsbGluZy52MS5Ub2tlblVzYWdlImAKDkNvbW1pdFJlc3BvbnNlEi0KDHVzYWdlX3JlY29yZBgBIAEoCzIXLmJpbGxpbmcudjEuVXNhZ2VSZWNvcmQSHwoXYXZhaWxhYmxlX2NyZWRpdF9taWNyb3MYAiABKAMidgoNUmVmdW5kUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhYKDnJlc2VydmF0aW9uX2lkGAIgASgJEhUKDWFtb3VudF9taWNyb3MYAyABKAMSDgoGcmVhc29uGAQgASgJEhIKCnJlZnVuZF9hbGwYBSABKAgijQEKDlJlZnVuZFJlc3BvbnNlEiQKBGtpbmQYASABKA4yFi5iaWxsaW5nLnYxLlJlZnVuZEtpbmQSFQoNYW1vdW50X21pY3JvcxgCIAEoAxIfChdhdmFpbGFibGVfY3JlZGl0X21pY3JvcxgDIAEoAxIdChVyZWZ1bmRlZF90b3RhbF9taWNyb3MYBCABKAMiTAoOUmVsZWFzZVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIWCg5yZXNlcnZhdGlvbl9pZBgCIAEoCRIOCgZyZWFzb24YAyABKAkiSwoPUmVsZWFzZVJlc3BvbnNlEhcKD3JlbGVhc2VkX21pY3JvcxgBIAEoAxIfChdhdmFpbGFibGVfY3JlZGl0X21pY3JvcxgCIAEoAyKwAQoRRXh0ZW5kSG9sZFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIWCg5yZXNlcnZhdGlvbl9pZBgCIAEoCRIgChhhZGRpdGlvbmFsX291dHB1dF90b2tlbnMYAyABKAMSJQoFdXNhZ2UYBCABKAsyFi5iaWxsaW5nLnYxLlRva2VuVXNhZ2USJgoDdHRsGAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIqIBChJFeHRlbmRIb2xkUmVzcG9uc2USJgoIZGVjaXNpb24YASABKAsyFC5iaWxsaW5nLnYxLkRlY2lzaW9uEiwKC3Jlc2VydmF0aW9uGAIgASgLMhcuYmlsbGluZy52MS5SZXNlcnZhdGlvbhIXCg9leHRlbmRlZF9taWNyb3MYAyABKAMSHQoVY292ZXJlZF9vdXRwdXRfdG9rZW5zGAQgASgDKloKClJlZnVuZEtpbmQSGwoXUkVGVU5EX0tJTkRfVU5TUEVDSUZJRUQQABIXChNSRUZVTkRfS0lORF9SRUxFQVNFEAESFgoSUkVGVU5EX0tJTkRfUkVGVU5EEAIyyQMKDkJpbGxpbmdTZXJ2aWNlEk4KC0NoZWNrQWNjZXNzEh4uYmlsbGluZy52MS5DaGVja0FjY2Vzc1JlcXVlc3QaHy5iaWxsaW5nLnYxLkNoZWNrQWNjZXNzUmVzcG9uc2USVAoNUmVzZXJ2ZUNyZWRpdBIgLmJpbGxpbmcudjEuUmVzZXJ2ZUNyZWRpdFJlcXVlc3QaIS5iaWxsaW5nLnYxLlJlc2VydmVDcmVkaXRSZXNwb25zZRI/CgZDb21taXQSGS5iaWxsaW5nLnYxLkNvbW1pdFJlcXVlc3QaGi5iaWxsaW5nLnYxLkNvbW1pdFJlc3BvbnNlEj8KBlJlZnVuZBIZLmJpbGxpbmcudjEuUmVmdW5kUmVxdWVzdBoaLmJpbGxpbmcudjEuUmVmdW5kUmVzcG9uc2USQgoHUmVsZWFzZRIaLmJpbGxpbmcudjEuUmVsZWFzZVJlcXVlc3QaGy5iaWxsaW5nLnYxLlJlbGVhc2VSZXNwb25zZRJLCgpFeHRlbmRIb2xkEh0uYmlsbGluZy52MS5FeHRlbmRIb2xkUmVxdWVzdBoeLmJpbGxpbmcudjEuRXh0ZW5kSG9sZFJlc3BvbnNlYgZwcm90bzM", [file_billing_v1_types, file_google_protobuf_duration]);
 
 /**
  * The size of a query, for pricing a hold.
@@ -463,6 +463,116 @@ export const ReleaseResponseSchema: GenMessage<ReleaseResponse> = /*@__PURE__*/
   messageDesc(file_billing_v1_billing, 10);
 
 /**
+ * Request of BillingService.ExtendHold.
+ *
+ * @generated from message billing.v1.ExtendHoldRequest
+ */
+export type ExtendHoldRequest = Message<"billing.v1.ExtendHoldRequest"> & {
+  /**
+   * Required. Idempotency key (AIP-155), 1-128 characters. Generate it once
+   * per extension and reuse it on every retry of that extension.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * Required. The open reservation to extend, as returned by ReserveCredit.
+   *
+   * @generated from field: string reservation_id = 2;
+   */
+  reservationId: string;
+
+  /**
+   * Required. How many more output tokens the hold should pay for, 1 to
+   * 100,000,000. The extension's amount is their price at the hold's output
+   * price: ceil(additional_output_tokens x output price per million tokens /
+   * 1,000,000) micros (0 for an included model).
+   *
+   * @generated from field: int64 additional_output_tokens = 3;
+   */
+  additionalOutputTokens: bigint;
+
+  /**
+   * Optional. The token counts of the call so far (input as sent, output
+   * streamed until now), each 0 to 100,000,000. Used only to answer
+   * `covered_output_tokens`; nothing is charged for them here. Empty: all
+   * counts 0.
+   *
+   * @generated from field: billing.v1.TokenUsage usage = 4;
+   */
+  usage?: TokenUsage | undefined;
+
+  /**
+   * Optional. How long the hold lives from now once extended. Default 300 s;
+   * 1 s to 3600 s (the server's bounds are configurable). The expire time
+   * never moves earlier than it is.
+   *
+   * @generated from field: google.protobuf.Duration ttl = 5;
+   */
+  ttl?: Duration | undefined;
+};
+
+/**
+ * Describes the message billing.v1.ExtendHoldRequest.
+ * Use `create(ExtendHoldRequestSchema)` to create a new message.
+ */
+export const ExtendHoldRequestSchema: GenMessage<ExtendHoldRequest> = /*@__PURE__*/
+  messageDesc(file_billing_v1_billing, 11);
+
+/**
+ * Response of BillingService.ExtendHold.
+ *
+ * @generated from message billing.v1.ExtendHoldResponse
+ */
+export type ExtendHoldResponse = Message<"billing.v1.ExtendHoldResponse"> & {
+  /**
+   * Output only. Whether the extension was granted and, if not, why:
+   * `required_micros` is the extension's amount, `available_credit_micros`
+   * and `budgets` are as of the transaction that decided (after the extension
+   * if granted), and `exhausted_budget` names the budget that denied it.
+   *
+   * @generated from field: billing.v1.Decision decision = 1;
+   */
+  decision?: Decision | undefined;
+
+  /**
+   * Output only. The hold after the call: its `amount_micros` (the whole
+   * hold, extensions included) and `expire_time`. Unchanged by a denial.
+   *
+   * @generated from field: billing.v1.Reservation reservation = 2;
+   */
+  reservation?: Reservation | undefined;
+
+  /**
+   * Output only. The amount added to the hold, in micros: the extension's
+   * price when granted, 0 when denied.
+   *
+   * @generated from field: int64 extended_micros = 3;
+   */
+  extendedMicros: bigint;
+
+  /**
+   * Output only. How many more output tokens, past the counts in the
+   * request's `usage`, the hold pays for now (after the extension if
+   * granted): the most that can be added to `usage.output_tokens` while its
+   * cost stays within the hold. 0 to 100,000,000; 100,000,000 for an included
+   * model or a model without an output price (any count is covered). On a
+   * denial, the caller stops the stream at this many more tokens and commits.
+   *
+   * @generated from field: int64 covered_output_tokens = 4;
+   */
+  coveredOutputTokens: bigint;
+};
+
+/**
+ * Describes the message billing.v1.ExtendHoldResponse.
+ * Use `create(ExtendHoldResponseSchema)` to create a new message.
+ */
+export const ExtendHoldResponseSchema: GenMessage<ExtendHoldResponse> = /*@__PURE__*/
+  messageDesc(file_billing_v1_billing, 12);
+
+/**
  * What a Refund did.
  *
  * @generated from enum billing.v1.RefundKind
@@ -500,7 +610,8 @@ export const RefundKindSchema: GenEnum<RefundKind> = /*@__PURE__*/
 /**
  * The hot path a chat service calls around every model query:
  * CheckAccess (may it run?), ReserveCredit (hold the most it can cost), then
- * Commit (settle the real cost) or Release (give the hold back). Refund gives
+ * Commit (settle the real cost) or Release (give the hold back); a streamed
+ * answer may start with a small hold and grow it with ExtendHold. Refund gives
  * back part or all of a committed charge; it is a separate request so that a
  * release can never turn into a refund.
  *
@@ -598,6 +709,31 @@ export const BillingService: GenService<{
     methodKind: "unary";
     input: typeof ReleaseRequestSchema;
     output: typeof ReleaseResponseSchema;
+  },
+  /**
+   * Grows an open hold while its answer streams: a caller reserves the input
+   * plus a first chunk of output, then extends the hold ahead of the tokens it
+   * streams, instead of holding `max_output_tokens` up front. The extension
+   * adds the price of `additional_output_tokens` at the hold's own output
+   * price (as of the reservation) and is decided exactly as ReserveCredit
+   * decides a hold of that amount: the tenant's status and billing status, its
+   * available credit, and every budget the hold took from. A granted extension
+   * also moves the hold's expire time to `ttl` from now (never earlier).
+   * A denial is a normal response (`decision.allowed = false`), not an error,
+   * and changes nothing: the hold keeps its amount and expire time, and
+   * `covered_output_tokens` says how many more output tokens it still pays
+   * for, so the caller can end the stream there. Commit settles the real
+   * counts as for any hold.
+   * Errors: INVALID_ARGUMENT, NOT_FOUND (unknown reservation),
+   * FAILED_PRECONDITION (reason HOLD_ALREADY_COMMITTED, HOLD_RELEASED or
+   * HOLD_EXPIRED), ALREADY_EXISTS (request_id reused with other content).
+   *
+   * @generated from rpc billing.v1.BillingService.ExtendHold
+   */
+  extendHold: {
+    methodKind: "unary";
+    input: typeof ExtendHoldRequestSchema;
+    output: typeof ExtendHoldResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_billing_v1_billing, 0);

@@ -75,25 +75,26 @@ export enum ErrorReason {
   REQUEST_ID_REUSED = 5,
 
   /**
-   * FAILED_PRECONDITION. Commit, Release or a release through Refund on a
-   * hold that another request committed already; nothing was changed.
+   * FAILED_PRECONDITION. Commit, Release, ExtendHold or a release through
+   * Refund on a hold that another request committed already; nothing was
+   * changed.
    *
    * @generated from enum value: HOLD_ALREADY_COMMITTED = 6;
    */
   HOLD_ALREADY_COMMITTED = 6,
 
   /**
-   * FAILED_PRECONDITION. Commit or Refund on a hold that was released;
-   * nothing was charged.
+   * FAILED_PRECONDITION. Commit, ExtendHold or Refund on a hold that was
+   * released; nothing was charged.
    *
    * @generated from enum value: HOLD_RELEASED = 7;
    */
   HOLD_RELEASED = 7,
 
   /**
-   * FAILED_PRECONDITION. Commit, Release or Refund on a hold whose expire time
-   * passed before it was committed: its amount is back in available credit and
-   * nothing was charged. Reserve again.
+   * FAILED_PRECONDITION. Commit, Release, ExtendHold or Refund on a hold whose
+   * expire time passed before it was committed: its amount is back in
+   * available credit and nothing was charged. Reserve again.
    *
    * @generated from enum value: HOLD_EXPIRED = 8;
    */

@@ -223,8 +223,8 @@ export const AutoTopUpSettingsSchema: GenMessage<AutoTopUpSettings> = /*@__PURE_
  */
 export type Decision = Message<"billing.v1.Decision"> & {
   /**
-   * Output only. True when the query may run (CheckAccess) or the hold was
-   * granted (ReserveCredit).
+   * Output only. True when the query may run (CheckAccess), the hold was
+   * granted (ReserveCredit) or the extension was granted (ExtendHold).
    *
    * @generated from field: bool allowed = 1;
    */
@@ -343,7 +343,7 @@ export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
 export type Reservation = Message<"billing.v1.Reservation"> & {
   /**
    * Output only. The reservation's id: "rsv_" followed by 32 lowercase hex
-   * digits. Pass it to Commit, Release or Refund.
+   * digits. Pass it to Commit, ExtendHold, Release or Refund.
    *
    * @generated from field: string reservation_id = 1;
    */
@@ -371,7 +371,8 @@ export type Reservation = Message<"billing.v1.Reservation"> & {
   model: string;
 
   /**
-   * Output only. The amount held, in micros. Zero for included models.
+   * Output only. The amount held, in micros, extensions (ExtendHold)
+   * included. Zero for included models.
    *
    * @generated from field: int64 amount_micros = 5;
    */
@@ -385,7 +386,8 @@ export type Reservation = Message<"billing.v1.Reservation"> & {
   createTime?: Timestamp | undefined;
 
   /**
-   * Output only. When an uncommitted hold is released automatically.
+   * Output only. When an uncommitted hold is released automatically; a granted
+   * ExtendHold moves it later.
    *
    * @generated from field: google.protobuf.Timestamp expire_time = 7;
    */
