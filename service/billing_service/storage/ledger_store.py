@@ -124,6 +124,31 @@ _CLAIM_FOR_COMMIT = (
     .values(status=HoldStatus.COMMITTED, settled_at=bindparam("at"))
     .returning(*holds.c)
 )
+_RELEASE_HOLD = (
+    update(holds)
+    .where(holds.c.hold_id == bindparam("hold"))
+    .values(status=HoldStatus.RELEASED, settled_at=bindparam("at"))
+)
+_EXPIRE_HOLD = (
+    update(holds)
+    .where(
+        holds.c.hold_id == bindparam("hold"),
+        due_hold_sql(bindparam("at", type_=holds.c.expires_at.type)),
+    )
+    .values(status=HoldStatus.EXPIRED, settled_at=bindparam("at"))
+    .returning(holds.c.tenant_id, holds.c.amount_micros, holds.c.billing, holds.c.budgets)
+)
+_ACCOUNT = select(*_ACCOUNT_COLUMNS).where(tenants.c.tenant_id == bindparam("tenant"))
+_LOCKED_ACCOUNT = _ACCOUNT.with_for_update()
+_HOLD = select(holds).where(holds.c.hold_id == bindparam("hold"))
+_LOCKED_HOLD = _HOLD.with_for_update()
+_HOLD_BY_REQUEST = select(holds).where(holds.c.request_id == bindparam("request"))
+_USAGE_RECORD_BY_REQUEST = select(usage_records).where(
+    usage_records.c.request_id == bindparam("request")
+)
+_ENTRY_BY_REQUEST = select(ledger_entries).where(
+    ledger_entries.c.request_id == bindparam("request")
+)
 _INSERT_HOLD = insert(holds)
 _INSERT_USAGE_RECORD = insert(usage_records)
 _APPEND_ENTRY = insert(ledger_entries).returning(ledger_entries.c.entry_id)
@@ -646,13 +671,7 @@ async def _debit(conn: AsyncConnection, hold: Hold, cost_micros: int) -> tuple[S
         # Within the hold: it was granted inside the cap, so no read is needed to decide.
         settlement = Settlement(charged_micros=cost_micros, uncollected_micros=0)
     else:
-        before = (
-            await conn.execute(
-                select(*_ACCOUNT_COLUMNS)
-                .where(tenants.c.tenant_id == hold.tenant_id)
-                .with_for_update()
-            )
-        ).one()
+        before = (await conn.execute(_LOCKED_ACCOUNT, {"tenant": hold.tenant_id})).one()
         room = _account_from_row(before).available_micros
         # A budget is overshot no more than the tenant: above the hold, only what fits in
         # every budget it took from is charged too.
@@ -877,11 +896,7 @@ async def _release(
             return prior
         await _expire(conn, hold_id=hold.hold_id, now=now)
         return None
-    await conn.execute(
-        update(holds)
-        .where(holds.c.hold_id == hold.hold_id)
-        .values(status=HoldStatus.RELEASED, settled_at=now)
-    )
+    await conn.execute(_RELEASE_HOLD, {"hold": hold.hold_id, "at": now})
     released = hold.amount_micros if hold.metered else 0
     account = await _move(conn, hold.tenant_id, 0, -released)
     assert account is not None
@@ -923,9 +938,7 @@ async def _refund(
 async def _locked_hold(conn: AsyncConnection, hold_id: str) -> Hold | None:
     """The hold, its row locked until the transaction ends: a commit, release or sweep of it
     waits, then finds it as this transaction leaves it."""
-    found = (
-        await conn.execute(select(holds).where(holds.c.hold_id == hold_id).with_for_update())
-    ).one_or_none()
+    found = (await conn.execute(_LOCKED_HOLD, {"hold": hold_id})).one_or_none()
     return None if found is None else _hold_from_row(found)
 
 
@@ -967,14 +980,7 @@ async def _refund_charge(
 
 
 async def _expire(conn: AsyncConnection, *, hold_id: str, now: datetime) -> int:
-    row = (
-        await conn.execute(
-            update(holds)
-            .where(holds.c.hold_id == hold_id, due_hold_sql(literal(now, holds.c.expires_at.type)))
-            .values(status=HoldStatus.EXPIRED, settled_at=now)
-            .returning(holds.c.tenant_id, holds.c.amount_micros, holds.c.billing, holds.c.budgets)
-        )
-    ).one_or_none()
+    row = (await conn.execute(_EXPIRE_HOLD, {"hold": hold_id, "at": now})).one_or_none()
     if row is None:
         return 0
     if row.billing == ModelBilling.METERED and row.amount_micros:
@@ -995,10 +1001,8 @@ async def _expire(conn: AsyncConnection, *, hold_id: str, now: datetime) -> int:
 async def _get_account(
     conn: AsyncConnection, tenant_id: str, *, lock: bool = False
 ) -> Account | None:
-    query = select(*_ACCOUNT_COLUMNS).where(tenants.c.tenant_id == tenant_id)
-    if lock:
-        query = query.with_for_update()
-    row = (await conn.execute(query)).one_or_none()
+    query = _LOCKED_ACCOUNT if lock else _ACCOUNT
+    row = (await conn.execute(query, {"tenant": tenant_id})).one_or_none()
     return None if row is None else _account_from_row(row)
 
 
@@ -1008,7 +1012,7 @@ def _fits(account: Account, hold: Hold) -> bool:
 
 
 async def _get_hold(conn: AsyncConnection, hold_id: str) -> Hold | None:
-    row = (await conn.execute(select(holds).where(holds.c.hold_id == hold_id))).one_or_none()
+    row = (await conn.execute(_HOLD, {"hold": hold_id})).one_or_none()
     return None if row is None else _hold_from_row(row)
 
 
@@ -1092,7 +1096,7 @@ async def _record_admin_request(
 
 
 async def _hold_by_request(conn: AsyncConnection, request_id: str) -> Hold | None:
-    row = (await conn.execute(select(holds).where(holds.c.request_id == request_id))).one_or_none()
+    row = (await conn.execute(_HOLD_BY_REQUEST, {"request": request_id})).one_or_none()
     return None if row is None else _hold_from_row(row)
 
 
@@ -1116,18 +1120,14 @@ async def _prior_admin_request(conn: AsyncConnection, request_id: str) -> Tenant
 
 
 async def _prior_commit(conn: AsyncConnection, request_id: str) -> CommitOutcome | None:
-    row = (
-        await conn.execute(select(usage_records).where(usage_records.c.request_id == request_id))
-    ).one_or_none()
+    row = (await conn.execute(_USAGE_RECORD_BY_REQUEST, {"request": request_id})).one_or_none()
     if row is None:
         return None
     return CommitOutcome(_usage_from_row(row), row.available_after_micros)
 
 
 async def _entry_by_request(conn: AsyncConnection, request_id: str) -> Row[Any] | None:
-    return (
-        await conn.execute(select(ledger_entries).where(ledger_entries.c.request_id == request_id))
-    ).one_or_none()
+    return (await conn.execute(_ENTRY_BY_REQUEST, {"request": request_id})).one_or_none()
 
 
 async def _prior_refund(conn: AsyncConnection, request_id: str) -> RefundOutcome | None:
