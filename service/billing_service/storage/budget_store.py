@@ -12,7 +12,19 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, delete, insert, or_, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -77,8 +89,9 @@ def _usage_from_dict(body: dict[str, Any]) -> BudgetUsage:
 # a Core statement per call (coercions, cache key) cost more CPU than running it on SQLite.
 
 
-def _applicable(user: bool, api_key: bool) -> Select[Any]:
-    """The budgets of a tenant's user and/or API key (bound as :tenant, :user, :api_key)."""
+def applicable_sql(*, user: bool, api_key: bool) -> ColumnElement[bool]:
+    """Which budgets apply to a call: the tenant's (bound as :tenant) budget of its user
+    (:user) and of its API key (:api_key), for the scopes the call names."""
     scopes = []
     if user:
         scopes.append(
@@ -91,7 +104,16 @@ def _applicable(user: bool, api_key: bool) -> Select[Any]:
                 budgets.c.scope_id == bindparam("api_key"),
             )
         )
-    return select(budgets).where(budgets.c.tenant_id == bindparam("tenant"), or_(*scopes))
+    return and_(budgets.c.tenant_id == bindparam("tenant"), or_(*scopes))
+
+
+def any_applicable_sql(*, user: bool, api_key: bool) -> ColumnElement[bool]:
+    """Whether any budget applies (applicable_sql), as a column another statement returns."""
+    return exists().where(applicable_sql(user=user, api_key=api_key))
+
+
+def _applicable(user: bool, api_key: bool) -> Select[Any]:
+    return select(budgets).where(applicable_sql(user=user, api_key=api_key))
 
 
 _APPLICABLE = {
@@ -132,7 +154,8 @@ _MOVE_PERIOD = (
 )
 
 
-def _scope_params(user_id: str, api_key_id: str) -> dict[str, str]:
+def scope_params(user_id: str, api_key_id: str) -> dict[str, str]:
+    """The bound :user and :api_key of applicable_sql, for the scopes a call names."""
     params = {}
     if user_id:
         params["user"] = user_id
@@ -148,7 +171,7 @@ async def applicable_budgets(
     if not (user_id or api_key_id):
         return []
     statement = _APPLICABLE[(bool(user_id), bool(api_key_id))]
-    params = {"tenant": tenant_id, **_scope_params(user_id, api_key_id)}
+    params = {"tenant": tenant_id, **scope_params(user_id, api_key_id)}
     rows = (await conn.execute(statement, params)).all()
     found = [_budget_from_row(row) for row in rows]
     return sorted(found, key=lambda budget: budget.scope is not BudgetScope.USER)

@@ -103,12 +103,26 @@ _ACCOUNT_COLUMNS = (
 
 # Statements of the general transaction that every call runs, built once: building a Core
 # statement per call (coercions, cache key) cost more CPU than executing it on SQLite.
-_TAKE_HOLD = (
+# The exposure cap (see _take_hold), without what it returns.
+_TAKE_HOLD_IF_ADMITTED = (
     update(tenants)
     .where(tenants.c.tenant_id == bindparam("tenant"), tenant_admits_sql(bindparam("amount")))
     .values(held_micros=tenants.c.held_micros + bindparam("amount"))
-    .returning(*_ACCOUNT_COLUMNS)
 )
+_TAKE_HOLD = _TAKE_HOLD_IF_ADMITTED.returning(*_ACCOUNT_COLUMNS)
+
+
+def _take_hold_seeing_budgets(*, user: bool, api_key: bool) -> Any:
+    """_TAKE_HOLD that also returns whether any budget applies to the call (as `budgeted`),
+    read in the same statement: a call that no budget applies to reads no budget."""
+    budgeted = budget_store.any_applicable_sql(user=user, api_key=api_key)
+    return _TAKE_HOLD_IF_ADMITTED.returning(*_ACCOUNT_COLUMNS, budgeted.label("budgeted"))
+
+
+_TAKE_HOLD_SEEING_BUDGETS = {
+    (user, api_key): _take_hold_seeing_budgets(user=user, api_key=api_key)
+    for user, api_key in ((True, False), (False, True), (True, True))
+}
 _MOVE = (
     update(tenants)
     .where(tenants.c.tenant_id == bindparam("tenant"))
@@ -502,19 +516,24 @@ async def _place_hold(
     assert hold.price is not None
     for _ in range(2):
         if hold.metered:
-            account = await _take_hold(conn, hold.tenant_id, hold.amount_micros)
+            taken = await _take_hold_for(conn, hold)
             snapshot = None
-            if account is None:
+            if taken is None:
                 # No room when the UPDATE ran; by the next statement another call may have
                 # freed some (READ COMMITTED). The denial is decided on the row read under its
                 # lock, which stays as read until commit: room found there is taken, and a
                 # denial reports exactly the availability it was decided on.
                 snapshot = await _get_account(conn, hold.tenant_id, lock=True)
                 if snapshot is not None and _fits(snapshot, hold):
-                    account = await _take_hold(conn, hold.tenant_id, hold.amount_micros)
-            if account is not None:
-                usages = await budget_store.locked_usages(
-                    conn, hold.tenant_id, hold.user_id, hold.api_key_id, hold.created_at
+                    taken = await _take_hold_for(conn, hold)
+            if taken is not None:
+                account, budgeted = taken
+                usages = (
+                    await budget_store.locked_usages(
+                        conn, hold.tenant_id, hold.user_id, hold.api_key_id, hold.created_at
+                    )
+                    if budgeted
+                    else ()
                 )
                 exhausted = first_exhausted(usages, hold.amount_micros)
                 if exhausted is not None:
@@ -605,6 +624,21 @@ async def _take_hold(conn: AsyncConnection, tenant_id: str, amount_micros: int) 
     params = {"tenant": tenant_id, "amount": amount_micros}
     row = (await conn.execute(_TAKE_HOLD, params)).one_or_none()
     return None if row is None else _account_from_row(row)
+
+
+async def _take_hold_for(conn: AsyncConnection, hold: Hold) -> tuple[Account, bool] | None:
+    """_take_hold for a reservation; with the account after it, whether any budget applies."""
+    if not (hold.user_id or hold.api_key_id):
+        account = await _take_hold(conn, hold.tenant_id, hold.amount_micros)
+        return None if account is None else (account, False)
+    statement = _TAKE_HOLD_SEEING_BUDGETS[(bool(hold.user_id), bool(hold.api_key_id))]
+    params = {
+        "tenant": hold.tenant_id,
+        "amount": hold.amount_micros,
+        **budget_store.scope_params(hold.user_id, hold.api_key_id),
+    }
+    row = (await conn.execute(statement, params)).one_or_none()
+    return None if row is None else (_account_from_row(row), bool(row.budgeted))
 
 
 async def _commit(
