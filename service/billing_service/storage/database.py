@@ -35,7 +35,7 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_async_engine(url, echo=echo, pool_size=1, max_overflow=0, pool_timeout=60)
-        _configure_sqlite(engine)
+        _configure_sqlite(engine.sync_engine)
         return engine
     # No overflow: a connection opened past the pool size is closed again on return, and
     # opening PostgreSQL connections under load costs more than waiting for a pooled one.
@@ -89,10 +89,10 @@ def _retire_on_node_fault(context: ExceptionContext) -> None:
         context.is_disconnect = True
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: Engine) -> None:
     # SQLite takes its write lock lazily, so two read-then-write transactions could both read
     # before either writes. BEGIN IMMEDIATE takes the lock at the start: transactions are serial.
-    @event.listens_for(engine.sync_engine, "connect")
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -102,7 +102,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
