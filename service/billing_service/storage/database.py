@@ -92,6 +92,17 @@ def _retire_on_node_fault(context: ExceptionContext) -> None:
 def _configure_sqlite(engine: Engine) -> None:
     # SQLite takes its write lock lazily, so two read-then-write transactions could both read
     # before either writes. BEGIN IMMEDIATE takes the lock at the start: transactions are serial.
+    configure_sqlite_connections(engine)
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def configure_sqlite_connections(engine: Engine) -> None:
+    """WAL, a busy timeout, foreign keys, and transactions begun by the caller, on every new
+    connection. (The single writer begins its own: storage.sqlite_writer.)"""
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
@@ -101,10 +112,6 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def is_postgres(connection: AsyncConnection | AsyncEngine) -> bool:
@@ -165,7 +172,7 @@ def sqlite_writer(engine: AsyncEngine) -> SqliteWriter:
     sync_engine = engine.sync_engine
     writer = _WRITERS.get(sync_engine)
     if writer is None:
-        writer = SqliteWriter(engine.url, _configure_sqlite)
+        writer = SqliteWriter(engine.url, configure_sqlite_connections)
         _WRITERS[sync_engine] = writer
         weakref.finalize(sync_engine, writer.close)
         if not event.contains(sync_engine, "engine_disposed", _close_writer):

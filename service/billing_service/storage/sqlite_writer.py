@@ -31,6 +31,7 @@ from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, CursorResult, Engine, Executable, create_engine
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 T = TypeVar("T")
@@ -105,19 +106,28 @@ class SqliteWriter:
 
     async def transaction(self, body: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """`body` in one transaction (BEGIN IMMEDIATE), committed unless it raises."""
-
-        async def work() -> T:
-            with self.engine.begin() as conn:
-                return await body(cast(AsyncConnection, InlineConnection(conn)))
-
-        return await self.run(work)
+        return await self.run(partial(self._in_transaction, "BEGIN IMMEDIATE", body))
 
     async def read(self, body: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        async def work() -> T:
-            with self.engine.connect() as conn:
-                return await body(cast(AsyncConnection, InlineConnection(conn)))
+        """`body` in one read transaction: one snapshot of the database, no write lock."""
+        return await self.run(partial(self._in_transaction, "BEGIN", body))
 
-        return await self.run(work)
+    async def _in_transaction(
+        self, begin: str, body: Callable[[AsyncConnection], Awaitable[T]]
+    ) -> T:
+        # The connection is in autocommit mode (database.configure_sqlite_connections), and the
+        # engine has no event listeners: the transaction is begun here, on the driver's
+        # connection, and SQLAlchemy ends it (COMMIT, or ROLLBACK when the body raises).
+        with self.engine.connect() as conn:
+            driver_connection = conn.connection.driver_connection
+            assert driver_connection is not None
+            try:
+                driver_connection.execute(begin)
+            except sqlite3.Error as error:
+                # As SQLAlchemy would raise it (a lock not obtained in time: OperationalError).
+                raise DBAPIError.instance(begin, None, error, sqlite3.Error) from error
+            with conn.begin():
+                return await body(cast(AsyncConnection, InlineConnection(conn)))
 
     def close(self) -> None:
         """Closes the connection and ends the thread (the work queued before runs first)."""
