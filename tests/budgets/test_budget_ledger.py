@@ -108,6 +108,42 @@ async def test_the_api_key_budget_applies_beside_the_users(
     assert (await core.reserve(reserve("r3", 300_000, user="bob"))).decision.allowed
 
 
+@pytest.mark.parametrize(
+    ("user", "key", "applied"),
+    [
+        ("alice", "", [("alice", 1_000_000)]),
+        ("bob", "", []),
+        ("bob", "key-1", [("key-1", 500_000)]),
+        ("alice", "key-1", [("alice", 1_000_000), ("key-1", 500_000)]),
+        # Another tenant's budgets for the same user and key never apply.
+        ("carol", "key-2", []),
+    ],
+)
+async def test_a_reservation_takes_from_exactly_the_budgets_of_its_user_and_key(
+    core: BillingCore,
+    budgets: BudgetCore,
+    engine: AsyncEngine,
+    user: str,
+    key: str,
+    applied: list[tuple[str, int]],
+) -> None:
+    await set_budget(budgets, "alice", 1_000_000)
+    await set_budget(budgets, "key-1", 500_000, BudgetPeriod.MONTH, BudgetScope.API_KEY)
+    await core.create_tenant(CreateTenant("create-other", "other", 10_000_000))
+    for scope, scope_id in ((BudgetScope.USER, "carol"), (BudgetScope.API_KEY, "key-2")):
+        await budgets.set_budget(
+            SetBudget(f"other-{scope_id}", "other", scope, scope_id, 1, BudgetPeriod.DAY)
+        )
+    granted = await core.reserve(reserve("r1", 300_000, user=user, key=key))
+    assert granted.hold is not None
+    taken = [(u.budget.scope_id, u.budget.limit_micros) for u in granted.decision.budgets]
+    assert taken == applied
+    assert [(u.budget.scope_id, u.held_micros) for u in granted.hold.budgets] == [
+        (scope_id, 300_000) for scope_id, _ in applied
+    ]
+    await assert_books_balance(engine)
+
+
 async def test_commit_release_expiry_and_refund_move_the_budget_like_the_tenant(
     core: BillingCore, budgets: BudgetCore, clock: FakeClock, engine: AsyncEngine
 ) -> None:

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing_service.core import BillingCore
 from billing_service.domain.commands import CreateTenant, GrantCredit, Refund, Reserve
-from billing_service.domain.model import Account, DenialReason, TenantStatus
+from billing_service.domain.model import Account, DenialReason, Hold, TenantStatus
 from billing_service.domain.money import format_micros
 from billing_service.domain.policy import Decision
 from billing_service.storage import ledger_store
@@ -67,18 +67,18 @@ async def test_a_denial_reports_the_availability_it_was_decided_on_when_credit_f
     first = await core.reserve(reserve("acme"))
     assert first.hold is not None
     hold_id = first.hold.hold_id
-    take_hold = ledger_store._take_hold
+    take_hold = ledger_store._take_hold_for
     freed: list[bool] = []
 
-    async def take_then_free(conn: AsyncConnection, tenant_id: str, amount: int) -> Account | None:
-        taken = await take_hold(conn, tenant_id, amount)
+    async def take_then_free(conn: AsyncConnection, hold: Hold) -> tuple[Account, bool] | None:
+        taken = await take_hold(conn, hold)
         if taken is None and not freed:
             freed.append(True)
             # Another call (its own connection) releases the open hold and commits.
             await store.refund(Refund(rid(), hold_id), "release", clock())
         return taken
 
-    monkeypatch.setattr(ledger_store, "_take_hold", take_then_free)
+    monkeypatch.setattr(ledger_store, "_take_hold_for", take_then_free)
     second = await core.reserve(reserve("acme"))
     assert freed, "the injection point was not reached"
     assert_consistent(second.decision)

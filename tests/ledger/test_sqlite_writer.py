@@ -4,6 +4,7 @@ thread, whole; the caller's loop keeps running while it waits; dispose closes th
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 
 import pytest
@@ -11,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing_service.core import BillingCore
 from billing_service.domain.commands import Commit, CreateTenant, Reserve
+from billing_service.domain.errors import ErrorReason, Unavailable
 from billing_service.domain.pricing import TokenUsage
 from billing_service.storage.database import sqlite_writer
 from tests.ledger.books import money
@@ -59,3 +61,30 @@ async def test_dispose_closes_the_writer_and_the_next_use_opens_another(
     reserved = await core.reserve(Reserve("r", "acme", "u", TOKENS, amount_micros=30_000))
     assert reserved.decision.allowed
     assert sqlite_writer(engine) is not first
+
+
+async def test_a_write_lock_held_elsewhere_past_the_busy_timeout_is_unavailable(
+    core: BillingCore, engine: AsyncEngine
+) -> None:
+    await core.create_tenant(CreateTenant("c", "acme", 10_000_000, payment_method_on_file=True))
+    writer = sqlite_writer(engine)
+
+    async def shorten_busy_timeout() -> None:
+        with writer.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA busy_timeout=50")
+
+    await writer.run(shorten_busy_timeout)
+    assert engine.url.database is not None
+    other = sqlite3.connect(engine.url.database, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(Unavailable) as refused:
+            await core.reserve(Reserve("r", "acme", "u", TOKENS, amount_micros=30_000))
+        assert refused.value.reason is ErrorReason.STORAGE_UNAVAILABLE
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    # Nothing was written: the retry is the first reservation.
+    retried = await core.reserve(Reserve("r", "acme", "u", TOKENS, amount_micros=30_000))
+    assert retried.decision.allowed
+    assert await money(engine, "acme") == (0, 30_000)

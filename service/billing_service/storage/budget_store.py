@@ -12,7 +12,19 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -73,33 +85,94 @@ def _usage_from_dict(body: dict[str, Any]) -> BudgetUsage:
     )
 
 
-# Statements run inside the ledger's transactions.
+# Statements run inside the ledger's transactions, built once with bound parameters: building
+# a Core statement per call (coercions, cache key) cost more CPU than running it on SQLite.
 
 
-def _scope_keys(user_id: str, api_key_id: str) -> list[tuple[str, str]]:
-    keys = []
+def applicable_sql(*, user: bool, api_key: bool) -> ColumnElement[bool]:
+    """Which budgets apply to a call: the tenant's (bound as :tenant) budget of its user
+    (:user) and of its API key (:api_key), for the scopes the call names."""
+    scopes = []
+    if user:
+        scopes.append(
+            and_(budgets.c.scope == BudgetScope.USER.value, budgets.c.scope_id == bindparam("user"))
+        )
+    if api_key:
+        scopes.append(
+            and_(
+                budgets.c.scope == BudgetScope.API_KEY.value,
+                budgets.c.scope_id == bindparam("api_key"),
+            )
+        )
+    return and_(budgets.c.tenant_id == bindparam("tenant"), or_(*scopes))
+
+
+def any_applicable_sql(*, user: bool, api_key: bool) -> ColumnElement[bool]:
+    """Whether any budget applies (applicable_sql), as a column another statement returns."""
+    return exists().where(applicable_sql(user=user, api_key=api_key))
+
+
+def _applicable(user: bool, api_key: bool) -> Select[Any]:
+    return select(budgets).where(applicable_sql(user=user, api_key=api_key))
+
+
+_APPLICABLE = {
+    (True, False): _applicable(user=True, api_key=False),
+    (False, True): _applicable(user=False, api_key=True),
+    (True, True): _applicable(user=True, api_key=True),
+}
+
+# A budget's row and a period's row, keyed by bound parameters (names that no SET clause uses).
+_BUDGET_KEY = (
+    budgets.c.tenant_id == bindparam("k_tenant"),
+    budgets.c.scope == bindparam("k_scope"),
+    budgets.c.scope_id == bindparam("k_scope_id"),
+)
+_PERIOD_KEY = (
+    budget_periods.c.tenant_id == bindparam("k_tenant"),
+    budget_periods.c.scope == bindparam("k_scope"),
+    budget_periods.c.scope_id == bindparam("k_scope_id"),
+    budget_periods.c.period_start == bindparam("k_start"),
+)
+_BUDGET_LIMIT = select(budgets.c.limit_micros).where(*_BUDGET_KEY)
+_PERIOD_USE = select(budget_periods.c.spent_micros, budget_periods.c.held_micros).where(
+    *_PERIOD_KEY
+)
+_LOCKED_PERIOD_USE = _PERIOD_USE.with_for_update()
+# A period's row, created empty unless it exists (executed with the row's column values).
+_CREATE_PERIOD = {
+    "postgresql": postgresql.insert(budget_periods).on_conflict_do_nothing(),
+    "sqlite": sqlite.insert(budget_periods).on_conflict_do_nothing(),
+}
+_MOVE_PERIOD = (
+    update(budget_periods)
+    .where(*_PERIOD_KEY)
+    .values(
+        spent_micros=budget_periods.c.spent_micros + bindparam("spent_delta"),
+        held_micros=budget_periods.c.held_micros + bindparam("held_delta"),
+    )
+)
+
+
+def scope_params(user_id: str, api_key_id: str) -> dict[str, str]:
+    """The bound :user and :api_key of applicable_sql, for the scopes a call names."""
+    params = {}
     if user_id:
-        keys.append((BudgetScope.USER.value, user_id))
+        params["user"] = user_id
     if api_key_id:
-        keys.append((BudgetScope.API_KEY.value, api_key_id))
-    return keys
+        params["api_key"] = api_key_id
+    return params
 
 
 async def applicable_budgets(
     conn: AsyncConnection, tenant_id: str, user_id: str, api_key_id: str
 ) -> list[Budget]:
     """The budgets of this user and API key, user first."""
-    keys = _scope_keys(user_id, api_key_id)
-    if not keys:
+    if not (user_id or api_key_id):
         return []
-    rows = (
-        await conn.execute(
-            select(budgets).where(
-                budgets.c.tenant_id == tenant_id,
-                tuple_(budgets.c.scope, budgets.c.scope_id).in_(keys),
-            )
-        )
-    ).all()
+    statement = _APPLICABLE[(bool(user_id), bool(api_key_id))]
+    params = {"tenant": tenant_id, **scope_params(user_id, api_key_id)}
+    rows = (await conn.execute(statement, params)).all()
     found = [_budget_from_row(row) for row in rows]
     return sorted(found, key=lambda budget: budget.scope is not BudgetScope.USER)
 
@@ -110,20 +183,20 @@ async def current_usage(
     """The budget's use in the period of `now`. lock: create its row if missing and lock it
     until the transaction ends (the caller may then move it)."""
     start = period_start(budget.period, now)
-    key = _period_key(budget.tenant_id, budget.scope, budget.scope_id, start)
+    key = _period_params(budget, start)
     if lock:
-        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
         await conn.execute(
-            dialect_insert(budget_periods)
-            .values(**key, spent_micros=0, held_micros=0)
-            .on_conflict_do_nothing()
+            _CREATE_PERIOD[conn.dialect.name],
+            {
+                "tenant_id": budget.tenant_id,
+                "scope": budget.scope.value,
+                "scope_id": budget.scope_id,
+                "period_start": start,
+                "spent_micros": 0,
+                "held_micros": 0,
+            },
         )
-    query = select(budget_periods.c.spent_micros, budget_periods.c.held_micros).where(
-        *_period_where(key)
-    )
-    if lock:
-        query = query.with_for_update()
-    row = (await conn.execute(query)).one_or_none()
+    row = (await conn.execute(_LOCKED_PERIOD_USE if lock else _PERIOD_USE, key)).one_or_none()
     if row is None:
         return BudgetUsage(budget, start)
     return BudgetUsage(budget, start, row.spent_micros, row.held_micros)
@@ -141,16 +214,9 @@ async def relock(conn: AsyncConnection, usages: tuple[BudgetUsage, ...]) -> tupl
     at the decision)."""
     remaining = []
     for usage in usages:
-        budget = usage.budget
-        key = _period_key(budget.tenant_id, budget.scope, budget.scope_id, usage.period_start)
-        row = (
-            await conn.execute(
-                select(budget_periods.c.spent_micros, budget_periods.c.held_micros)
-                .where(*_period_where(key))
-                .with_for_update()
-            )
-        ).one()
-        remaining.append(budget.limit_micros - row.spent_micros - row.held_micros)
+        key = _period_params(usage.budget, usage.period_start)
+        row = (await conn.execute(_LOCKED_PERIOD_USE, key)).one()
+        remaining.append(usage.budget.limit_micros - row.spent_micros - row.held_micros)
     return tuple(remaining)
 
 
@@ -163,17 +229,9 @@ async def locked_hold_usages(
     found = []
     for usage in in_scope_order(usages):
         budget = usage.budget
-        row = (
-            await conn.execute(select(budgets.c.limit_micros).where(*_budget_where(budget)))
-        ).one_or_none()
-        key = _period_key(budget.tenant_id, budget.scope, budget.scope_id, usage.period_start)
-        period = (
-            await conn.execute(
-                select(budget_periods.c.spent_micros, budget_periods.c.held_micros)
-                .where(*_period_where(key))
-                .with_for_update()
-            )
-        ).one()
+        key = _period_params(budget, usage.period_start)
+        row = (await conn.execute(_BUDGET_LIMIT, key)).one_or_none()
+        period = (await conn.execute(_LOCKED_PERIOD_USE, key)).one()
         if row is None:
             continue
         found.append(
@@ -196,31 +254,22 @@ async def move_periods(
 ) -> None:
     """Moves the periods a hold took from, exactly like the tenant's balance and held."""
     for usage in usages:
-        budget = usage.budget
-        key = _period_key(budget.tenant_id, budget.scope, budget.scope_id, usage.period_start)
-        await conn.execute(
-            update(budget_periods)
-            .where(*_period_where(key))
-            .values(
-                spent_micros=budget_periods.c.spent_micros + spent_delta,
-                held_micros=budget_periods.c.held_micros + held_delta,
-            )
-        )
+        params = {
+            **_period_params(usage.budget, usage.period_start),
+            "spent_delta": spent_delta,
+            "held_delta": held_delta,
+        }
+        await conn.execute(_MOVE_PERIOD, params)
 
 
-def _period_key(
-    tenant_id: str, scope: BudgetScope, scope_id: str, start: datetime
-) -> dict[str, Any]:
+def _period_params(budget: Budget, start: datetime) -> dict[str, Any]:
+    """The bound key of _PERIOD_KEY (and, without k_start, of _BUDGET_KEY)."""
     return {
-        "tenant_id": tenant_id,
-        "scope": scope.value,
-        "scope_id": scope_id,
-        "period_start": start,
+        "k_tenant": budget.tenant_id,
+        "k_scope": budget.scope.value,
+        "k_scope_id": budget.scope_id,
+        "k_start": start,
     }
-
-
-def _period_where(key: dict[str, Any]) -> list[Any]:
-    return [budget_periods.c[name] == value for name, value in key.items()]
 
 
 def _budget_from_row(row: Any) -> Budget:

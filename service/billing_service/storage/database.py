@@ -35,7 +35,7 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_async_engine(url, echo=echo, pool_size=1, max_overflow=0, pool_timeout=60)
-        _configure_sqlite(engine)
+        _configure_sqlite(engine.sync_engine)
         return engine
     # No overflow: a connection opened past the pool size is closed again on return, and
     # opening PostgreSQL connections under load costs more than waiting for a pooled one.
@@ -94,10 +94,24 @@ def _retire_on_node_fault(context: ExceptionContext) -> None:
 SQLITE_SNAPSHOT = "billing_sqlite_snapshot"
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: Engine) -> None:
     # SQLite takes its write lock lazily, so two read-then-write transactions could both read
     # before either writes. BEGIN IMMEDIATE takes the lock at the start: transactions are serial.
-    @event.listens_for(engine.sync_engine, "connect")
+    configure_sqlite_connections(engine)
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        if connection.get_execution_options().get(SQLITE_SNAPSHOT):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def configure_sqlite_connections(engine: Engine) -> None:
+    """WAL, a busy timeout, foreign keys, and transactions begun by the caller, on every new
+    connection. (The single writer begins its own: storage.sqlite_writer.)"""
+
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -106,13 +120,6 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        if connection.get_execution_options().get(SQLITE_SNAPSHOT):
-            connection.exec_driver_sql("BEGIN")
-        else:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def is_postgres(connection: AsyncConnection | AsyncEngine) -> bool:
@@ -173,7 +180,7 @@ def sqlite_writer(engine: AsyncEngine) -> SqliteWriter:
     sync_engine = engine.sync_engine
     writer = _WRITERS.get(sync_engine)
     if writer is None:
-        writer = SqliteWriter(engine.url, _configure_sqlite)
+        writer = SqliteWriter(engine.url, configure_sqlite_connections)
         _WRITERS[sync_engine] = writer
         weakref.finalize(sync_engine, writer.close)
         if not event.contains(sync_engine, "engine_disposed", _close_writer):

@@ -103,12 +103,26 @@ _ACCOUNT_COLUMNS = (
 
 # Statements of the general transaction that every call runs, built once: building a Core
 # statement per call (coercions, cache key) cost more CPU than executing it on SQLite.
-_TAKE_HOLD = (
+# The exposure cap (see _take_hold), without what it returns.
+_TAKE_HOLD_IF_ADMITTED = (
     update(tenants)
     .where(tenants.c.tenant_id == bindparam("tenant"), tenant_admits_sql(bindparam("amount")))
     .values(held_micros=tenants.c.held_micros + bindparam("amount"))
-    .returning(*_ACCOUNT_COLUMNS)
 )
+_TAKE_HOLD = _TAKE_HOLD_IF_ADMITTED.returning(*_ACCOUNT_COLUMNS)
+
+
+def _take_hold_seeing_budgets(*, user: bool, api_key: bool) -> Any:
+    """_TAKE_HOLD that also returns whether any budget applies to the call (as `budgeted`),
+    read in the same statement: a call that no budget applies to reads no budget."""
+    budgeted = budget_store.any_applicable_sql(user=user, api_key=api_key)
+    return _TAKE_HOLD_IF_ADMITTED.returning(*_ACCOUNT_COLUMNS, budgeted.label("budgeted"))
+
+
+_TAKE_HOLD_SEEING_BUDGETS = {
+    (user, api_key): _take_hold_seeing_budgets(user=user, api_key=api_key)
+    for user, api_key in ((True, False), (False, True), (True, True))
+}
 _MOVE = (
     update(tenants)
     .where(tenants.c.tenant_id == bindparam("tenant"))
@@ -123,6 +137,31 @@ _CLAIM_FOR_COMMIT = (
     .where(holds.c.hold_id == bindparam("hold"), live_hold_sql(bindparam("at")))
     .values(status=HoldStatus.COMMITTED, settled_at=bindparam("at"))
     .returning(*holds.c)
+)
+_RELEASE_HOLD = (
+    update(holds)
+    .where(holds.c.hold_id == bindparam("hold"))
+    .values(status=HoldStatus.RELEASED, settled_at=bindparam("at"))
+)
+_EXPIRE_HOLD = (
+    update(holds)
+    .where(
+        holds.c.hold_id == bindparam("hold"),
+        due_hold_sql(bindparam("at", type_=holds.c.expires_at.type)),
+    )
+    .values(status=HoldStatus.EXPIRED, settled_at=bindparam("at"))
+    .returning(holds.c.tenant_id, holds.c.amount_micros, holds.c.billing, holds.c.budgets)
+)
+_ACCOUNT = select(*_ACCOUNT_COLUMNS).where(tenants.c.tenant_id == bindparam("tenant"))
+_LOCKED_ACCOUNT = _ACCOUNT.with_for_update()
+_HOLD = select(holds).where(holds.c.hold_id == bindparam("hold"))
+_LOCKED_HOLD = _HOLD.with_for_update()
+_HOLD_BY_REQUEST = select(holds).where(holds.c.request_id == bindparam("request"))
+_USAGE_RECORD_BY_REQUEST = select(usage_records).where(
+    usage_records.c.request_id == bindparam("request")
+)
+_ENTRY_BY_REQUEST = select(ledger_entries).where(
+    ledger_entries.c.request_id == bindparam("request")
 )
 _INSERT_HOLD = insert(holds)
 _INSERT_USAGE_RECORD = insert(usage_records)
@@ -477,19 +516,24 @@ async def _place_hold(
     assert hold.price is not None
     for _ in range(2):
         if hold.metered:
-            account = await _take_hold(conn, hold.tenant_id, hold.amount_micros)
+            taken = await _take_hold_for(conn, hold)
             snapshot = None
-            if account is None:
+            if taken is None:
                 # No room when the UPDATE ran; by the next statement another call may have
                 # freed some (READ COMMITTED). The denial is decided on the row read under its
                 # lock, which stays as read until commit: room found there is taken, and a
                 # denial reports exactly the availability it was decided on.
                 snapshot = await _get_account(conn, hold.tenant_id, lock=True)
                 if snapshot is not None and _fits(snapshot, hold):
-                    account = await _take_hold(conn, hold.tenant_id, hold.amount_micros)
-            if account is not None:
-                usages = await budget_store.locked_usages(
-                    conn, hold.tenant_id, hold.user_id, hold.api_key_id, hold.created_at
+                    taken = await _take_hold_for(conn, hold)
+            if taken is not None:
+                account, budgeted = taken
+                usages = (
+                    await budget_store.locked_usages(
+                        conn, hold.tenant_id, hold.user_id, hold.api_key_id, hold.created_at
+                    )
+                    if budgeted
+                    else ()
                 )
                 exhausted = first_exhausted(usages, hold.amount_micros)
                 if exhausted is not None:
@@ -582,6 +626,21 @@ async def _take_hold(conn: AsyncConnection, tenant_id: str, amount_micros: int) 
     return None if row is None else _account_from_row(row)
 
 
+async def _take_hold_for(conn: AsyncConnection, hold: Hold) -> tuple[Account, bool] | None:
+    """_take_hold for a reservation; with the account after it, whether any budget applies."""
+    if not (hold.user_id or hold.api_key_id):
+        account = await _take_hold(conn, hold.tenant_id, hold.amount_micros)
+        return None if account is None else (account, False)
+    statement = _TAKE_HOLD_SEEING_BUDGETS[(bool(hold.user_id), bool(hold.api_key_id))]
+    params = {
+        "tenant": hold.tenant_id,
+        "amount": hold.amount_micros,
+        **budget_store.scope_params(hold.user_id, hold.api_key_id),
+    }
+    row = (await conn.execute(statement, params)).one_or_none()
+    return None if row is None else (_account_from_row(row), bool(row.budgeted))
+
+
 async def _commit(
     conn: AsyncConnection, command: Commit, request_fingerprint: str, now: datetime
 ) -> CommitOutcome:
@@ -646,13 +705,7 @@ async def _debit(conn: AsyncConnection, hold: Hold, cost_micros: int) -> tuple[S
         # Within the hold: it was granted inside the cap, so no read is needed to decide.
         settlement = Settlement(charged_micros=cost_micros, uncollected_micros=0)
     else:
-        before = (
-            await conn.execute(
-                select(*_ACCOUNT_COLUMNS)
-                .where(tenants.c.tenant_id == hold.tenant_id)
-                .with_for_update()
-            )
-        ).one()
+        before = (await conn.execute(_LOCKED_ACCOUNT, {"tenant": hold.tenant_id})).one()
         room = _account_from_row(before).available_micros
         # A budget is overshot no more than the tenant: above the hold, only what fits in
         # every budget it took from is charged too.
@@ -877,11 +930,7 @@ async def _release(
             return prior
         await _expire(conn, hold_id=hold.hold_id, now=now)
         return None
-    await conn.execute(
-        update(holds)
-        .where(holds.c.hold_id == hold.hold_id)
-        .values(status=HoldStatus.RELEASED, settled_at=now)
-    )
+    await conn.execute(_RELEASE_HOLD, {"hold": hold.hold_id, "at": now})
     released = hold.amount_micros if hold.metered else 0
     account = await _move(conn, hold.tenant_id, 0, -released)
     assert account is not None
@@ -923,9 +972,7 @@ async def _refund(
 async def _locked_hold(conn: AsyncConnection, hold_id: str) -> Hold | None:
     """The hold, its row locked until the transaction ends: a commit, release or sweep of it
     waits, then finds it as this transaction leaves it."""
-    found = (
-        await conn.execute(select(holds).where(holds.c.hold_id == hold_id).with_for_update())
-    ).one_or_none()
+    found = (await conn.execute(_LOCKED_HOLD, {"hold": hold_id})).one_or_none()
     return None if found is None else _hold_from_row(found)
 
 
@@ -967,14 +1014,7 @@ async def _refund_charge(
 
 
 async def _expire(conn: AsyncConnection, *, hold_id: str, now: datetime) -> int:
-    row = (
-        await conn.execute(
-            update(holds)
-            .where(holds.c.hold_id == hold_id, due_hold_sql(literal(now, holds.c.expires_at.type)))
-            .values(status=HoldStatus.EXPIRED, settled_at=now)
-            .returning(holds.c.tenant_id, holds.c.amount_micros, holds.c.billing, holds.c.budgets)
-        )
-    ).one_or_none()
+    row = (await conn.execute(_EXPIRE_HOLD, {"hold": hold_id, "at": now})).one_or_none()
     if row is None:
         return 0
     if row.billing == ModelBilling.METERED and row.amount_micros:
@@ -995,10 +1035,8 @@ async def _expire(conn: AsyncConnection, *, hold_id: str, now: datetime) -> int:
 async def _get_account(
     conn: AsyncConnection, tenant_id: str, *, lock: bool = False
 ) -> Account | None:
-    query = select(*_ACCOUNT_COLUMNS).where(tenants.c.tenant_id == tenant_id)
-    if lock:
-        query = query.with_for_update()
-    row = (await conn.execute(query)).one_or_none()
+    query = _LOCKED_ACCOUNT if lock else _ACCOUNT
+    row = (await conn.execute(query, {"tenant": tenant_id})).one_or_none()
     return None if row is None else _account_from_row(row)
 
 
@@ -1008,7 +1046,7 @@ def _fits(account: Account, hold: Hold) -> bool:
 
 
 async def _get_hold(conn: AsyncConnection, hold_id: str) -> Hold | None:
-    row = (await conn.execute(select(holds).where(holds.c.hold_id == hold_id))).one_or_none()
+    row = (await conn.execute(_HOLD, {"hold": hold_id})).one_or_none()
     return None if row is None else _hold_from_row(row)
 
 
@@ -1092,7 +1130,7 @@ async def _record_admin_request(
 
 
 async def _hold_by_request(conn: AsyncConnection, request_id: str) -> Hold | None:
-    row = (await conn.execute(select(holds).where(holds.c.request_id == request_id))).one_or_none()
+    row = (await conn.execute(_HOLD_BY_REQUEST, {"request": request_id})).one_or_none()
     return None if row is None else _hold_from_row(row)
 
 
@@ -1116,18 +1154,14 @@ async def _prior_admin_request(conn: AsyncConnection, request_id: str) -> Tenant
 
 
 async def _prior_commit(conn: AsyncConnection, request_id: str) -> CommitOutcome | None:
-    row = (
-        await conn.execute(select(usage_records).where(usage_records.c.request_id == request_id))
-    ).one_or_none()
+    row = (await conn.execute(_USAGE_RECORD_BY_REQUEST, {"request": request_id})).one_or_none()
     if row is None:
         return None
     return CommitOutcome(_usage_from_row(row), row.available_after_micros)
 
 
 async def _entry_by_request(conn: AsyncConnection, request_id: str) -> Row[Any] | None:
-    return (
-        await conn.execute(select(ledger_entries).where(ledger_entries.c.request_id == request_id))
-    ).one_or_none()
+    return (await conn.execute(_ENTRY_BY_REQUEST, {"request": request_id})).one_or_none()
 
 
 async def _prior_refund(conn: AsyncConnection, request_id: str) -> RefundOutcome | None:
