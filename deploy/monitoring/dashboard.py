@@ -232,6 +232,20 @@ def build() -> Dashboard:
         )
         .with_panel(
             timeseries(
+                "Books audit",
+                "Tenants whose balance, held amount or budget periods disagree with the ledger "
+                "(must be 0), and tenants over a credit limit an operator lowered; as of the "
+                "last audit, database-wide.",
+                "none",
+                query(f"max(billing_books_audit_tenants_disagreeing{{{JOB}}})", "disagreeing"),
+                query(
+                    f"max(billing_books_audit_tenants_over_credit_limit{{{JOB}}})",
+                    "over the credit limit",
+                ),
+            )
+        )
+        .with_panel(
+            timeseries(
                 "Calls answered UNAVAILABLE",
                 "Calls the service could not serve (database faults, exhausted pools, "
                 "draining); clients retry them with the same request_id.",
