@@ -8,6 +8,8 @@ first. The workers stay alive between runs, so a run costs no process start-up.
 
 Modes (what one "query" is):
   query    ReserveCredit, then Commit (90%) or Refund without amount (release, 10%)
+  stream   ReserveCredit for the input and a first chunk of output, `extensions` ExtendHold calls
+           of one chunk each, then Commit (90%) or release (10%): a streamed answer
   reserve  ReserveCredit only (holds stay open; used by the big-ledger comparison)
   check    CheckAccess
   noop     grpc.health.v1.Health/Check twice: the transport's ceiling for a two-RPC query
@@ -38,7 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench import stats, workload
 from billing.v1 import billing_pb2, billing_pb2_grpc, types_pb2
 
-Mode = Literal["query", "reserve", "check", "noop"]
+Mode = Literal["query", "stream", "reserve", "check", "noop"]
 
 _RPC_TIMEOUT_S = 60.0
 _BARRIER_TIMEOUT_S = 120.0
@@ -58,6 +60,14 @@ class LoadSpec:
     max_queries: int
     hold_ttl_s: int | None = None
     seed: int = 0
+    extensions: int = 0  # ExtendHold calls per query of the `stream` mode
+
+    @property
+    def rpcs_per_query(self) -> int:
+        """The RPCs of one query that settles (a release counts as the settling RPC)."""
+        if self.mode == "stream":
+            return 2 + self.extensions
+        return 1 if self.mode in ("reserve", "check") else 2
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,7 @@ class WorkerResult:
     rpcs_by_method: Counter[str] = field(default_factory=Counter)  # warm-up included
     latencies: dict[str, list[float]] = field(default_factory=dict)  # measured, seconds
     errors: Counter[str] = field(default_factory=Counter)  # "Method:CODE" -> count
-    denied: int = 0  # ReserveCredit answered allowed=false (never expected)
+    denied: int = 0  # ReserveCredit or ExtendHold answered allowed=false (never expected)
     cpu_s: float = 0.0  # this process's CPU over its measured window
     failure: str | None = None  # a traceback when the worker itself broke
 
@@ -107,6 +117,8 @@ class LoadResult:
     def as_json(self) -> dict[str, Any]:
         return {
             "mode": self.spec.mode,
+            "extensions_per_query": self.spec.extensions if self.spec.mode == "stream" else 0,
+            "rpcs_per_query": self.spec.rpcs_per_query,
             "concurrency": self.spec.concurrency,
             "servers": len(self.spec.addresses),
             "window_s": self.window_s,
@@ -354,6 +366,7 @@ class _Caller:
         self._billing = billing_pb2_grpc.BillingServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self._mode = spec.load.mode
+        self._extensions = spec.load.extensions if spec.load.mode == "stream" else 0
         self._result = result
         self._rng = random.Random(spec.load.seed * 1_000_003 + number)
         self._tenants = workload.TenantPicker(spec.load.tenants, self._rng)
@@ -409,9 +422,12 @@ class _Caller:
                     return False
             return True
         tenant = self._tenants.pick()
+        streamed = self._mode == "stream"
+        output_tokens = (
+            workload.STREAM_FIRST_OUTPUT_TOKENS if streamed else workload.ESTIMATE_MAX_OUTPUT_TOKENS
+        )
         estimate = billing_pb2.QueryEstimate(
-            input_tokens=workload.ESTIMATE_INPUT_TOKENS,
-            max_output_tokens=workload.ESTIMATE_MAX_OUTPUT_TOKENS,
+            input_tokens=workload.ESTIMATE_INPUT_TOKENS, max_output_tokens=output_tokens
         )
         if self._mode == "check":
             answer = await self._call(
@@ -451,6 +467,30 @@ class _Caller:
         if self._mode == "reserve":
             return True
         reservation_id = reserved.reservation.reservation_id
+        for number in range(1, self._extensions + 1):
+            extended = await self._call(
+                "ExtendHold",
+                measured,
+                self._billing.ExtendHold(
+                    billing_pb2.ExtendHoldRequest(
+                        request_id=f"{self._prefix}{self._seq}-e{number}",
+                        reservation_id=reservation_id,
+                        additional_output_tokens=workload.STREAM_CHUNK_TOKENS,
+                        usage=types_pb2.TokenUsage(
+                            input_tokens=workload.ESTIMATE_INPUT_TOKENS,
+                            output_tokens=output_tokens,
+                        ),
+                        ttl=self._ttl,
+                    ),
+                    timeout=_RPC_TIMEOUT_S,
+                ),
+            )
+            if extended is None:
+                return False
+            if not extended.decision.allowed:
+                self._result.denied += 1
+                return False
+            output_tokens += workload.STREAM_CHUNK_TOKENS
         if self._rng.random() < workload.RELEASE_SHARE:
             settled = await self._call(
                 "Refund",
@@ -473,7 +513,10 @@ class _Caller:
                         usage=types_pb2.TokenUsage(
                             input_tokens=workload.COMMIT_INPUT_TOKENS,
                             cached_input_tokens=workload.COMMIT_CACHED_INPUT_TOKENS,
-                            output_tokens=self._rng.randint(1, workload.COMMIT_MAX_OUTPUT_TOKENS),
+                            output_tokens=self._rng.randint(
+                                1,
+                                output_tokens if streamed else workload.COMMIT_MAX_OUTPUT_TOKENS,
+                            ),
                         ),
                     ),
                     timeout=_RPC_TIMEOUT_S,

@@ -40,6 +40,9 @@ def add_ratios_and_targets(result: dict[str, Any]) -> None:
                 "to_noop": ratio(query, _qps(point["noop"])),
                 "to_pgbench": ratio(query, None if pgbench is None else pgbench["tps"]),
             }
+            stream = point.get("stream")
+            if stream is not None:
+                point["ratios"] |= _stream_ratios(stream, point["noop"], point["query"])
     hot_to_spread = []
     for title, hot, spread in TOPOLOGIES:
         if hot not in result["scenarios"] or spread not in result["scenarios"]:
@@ -62,6 +65,65 @@ def add_ratios_and_targets(result: dict[str, Any]) -> None:
         big["ratio_mean"] = ratio(full.get("mean_ms"), empty.get("mean_ms"))
         big["ratio_p99"] = ratio(full.get("p99_ms"), empty.get("p99_ms"))
     result["targets"] = _targets(result)
+
+
+def _stream_ratios(
+    stream: dict[str, Any], noop: dict[str, Any], query: dict[str, Any]
+) -> dict[str, float | None]:
+    """A streamed query against the two-call no-op query, per query and per RPC, and against
+    the plain query (a hold and a settle) of the same point."""
+    stream_qps, noop_qps = _qps(stream), _qps(noop)
+    return {
+        "stream_to_noop": ratio(stream_qps, noop_qps),
+        "stream_rpcs_to_noop_rpcs": ratio(
+            None if stream_qps is None else stream_qps * stream["rpcs_per_query"],
+            None if noop_qps is None else noop_qps * noop["rpcs_per_query"],
+        ),
+        "stream_to_query": ratio(stream_qps, _qps(query)),
+    }
+
+
+def _streamed(result: dict[str, Any]) -> list[str]:
+    points = [
+        (key, point)
+        for key, scenario in result["scenarios"].items()
+        for point in scenario["points"]
+        if "stream" in point
+    ]
+    if not points:
+        return []
+    config = result["config"]
+    extensions = config.get("streamed_extensions", 0)
+    lines = [
+        "",
+        f"## Streamed queries (ReserveCredit + {extensions} ExtendHold + settle)",
+        "",
+        f"A streamed query holds the input and a first {config['stream_first_output_tokens']} "
+        f"output tokens, extends the hold {extensions} times by "
+        f"{config['stream_chunk_tokens']} tokens, then commits (90%) or releases (10%): "
+        f"{extensions + 2} RPCs, where the no-op query is 2. / no-op: queries/s over the no-op's; "
+        "RPC/s / no-op: RPCs per second over the no-op's; / plain: over the plain query's "
+        "(ReserveCredit + settle) of the same run.",
+        "",
+        "| scenario | callers | queries/s | RPCs/query | query p50 / p99 ms | ExtendHold p50 / p99 "
+        "| no-op q/s | / no-op | RPC/s / no-op | plain q/s | / plain | tx/RPC | audit |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, point in points:
+        stream, ratios = point["stream"], point["ratios"]
+        db = stream.get("db")
+        lines.append(
+            f"| {key} | {point['concurrency']} | {_f(stream['queries_per_s'])} "
+            f"| {stream['rpcs_per_query']} "
+            f"| {_lat(stream, 'query', 'p50_ms')} / {_lat(stream, 'query', 'p99_ms')} "
+            f"| {_lat(stream, 'ExtendHold', 'p50_ms')} / {_lat(stream, 'ExtendHold', 'p99_ms')} "
+            f"| {_f(point['noop']['queries_per_s'])} | {_f(ratios['stream_to_noop'], 2)} "
+            f"| {_f(ratios['stream_rpcs_to_noop_rpcs'], 2)} "
+            f"| {_f(point['query']['queries_per_s'])} | {_f(ratios['stream_to_query'], 2)} "
+            f"| {_f(None if db is None else db['transactions_per_rpc'], 2)} "
+            f"| {'ok' if stream['invariants']['ok'] else '**VIOLATED**'} |"
+        )
+    return lines
 
 
 def _target(
@@ -319,6 +381,7 @@ def markdown(result: dict[str, Any], plot_name: str) -> str:
                 f"| {100 * query['cpu']['machine_busy']:.0f}% "
                 f"| {'ok' if query['invariants']['ok'] else '**VIOLATED**'} |"
             )
+    lines += _streamed(result)
     lines += _cpu_per_query(result)
     if any("check" in p for s in result["scenarios"].values() for p in s["points"]):
         lines += [

@@ -3,6 +3,8 @@
 For every scenario and concurrency level, in this order:
   query    ReserveCredit + Commit (90%) / release (10%), closed loop, the service's throughput
   noop     grpc.health.v1.Health/Check twice per query on the same servers: the gRPC ceiling
+  stream   with --streamed-extensions N: ReserveCredit for a first chunk, N ExtendHold, then
+           Commit (90%) / release (10%): a streamed answer, against the same no-op ceiling
   check    CheckAccess alone
   pgbench  bench/pgbench/reserve_commit.sql at the same concurrency: the database's floor
 and after every run the invariant check (ledger audit clean, no tenant below 0 available).
@@ -103,6 +105,7 @@ class Options:
     out: Path
     command: str
     pgbench_transactions_per_client: int | None = None
+    streamed_extensions: int = 0  # 0: no streamed workload
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -127,6 +130,9 @@ class Options:
             "coalesce_writes": self.coalesce_writes,
             "release_share": workload.RELEASE_SHARE,
             "hold_micros": workload.HOLD_MICROS,
+            "streamed_extensions": self.streamed_extensions,
+            "stream_first_output_tokens": workload.STREAM_FIRST_OUTPUT_TOKENS,
+            "stream_chunk_tokens": workload.STREAM_CHUNK_TOKENS,
         }
 
 
@@ -187,6 +193,12 @@ def parse_options(argv: list[str] | None = None) -> Options:
         help="BILLING_DB_POOL_SIZE per server (16; 0: callers / servers + 2, one each)",
     )
     add("--access-log", action="store_true", help="keep the servers' per-call access log on")
+    add(
+        "--streamed-extensions",
+        type=int,
+        default=None,
+        help="also run the streamed query: a hold, N ExtendHold, a settle (0: skip; smoke: 2)",
+    )
     add("--coalesce-writes", action="store_true", help="BILLING_DB_COALESCE_WRITES=true")
     add("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -227,6 +239,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
             ["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)]
         ),
         pgbench_transactions_per_client=5 if args.smoke else None,
+        streamed_extensions=max(0, pick(args.streamed_extensions, 0, 2)),
     )
 
 
@@ -448,7 +461,12 @@ class Benchmark:
         }
 
     def _spec(
-        self, topology: _Topology, mode: Mode, tenants: workload.TenantChoice, concurrency: int
+        self,
+        topology: _Topology,
+        mode: Mode,
+        tenants: workload.TenantChoice,
+        concurrency: int,
+        extensions: int = 0,
     ) -> LoadSpec:
         options = self.options
         return LoadSpec(
@@ -460,6 +478,7 @@ class Benchmark:
             duration_s=options.duration_s,
             max_queries=options.max_queries,
             seed=concurrency,
+            extensions=extensions,
         )
 
     def _point(
@@ -481,6 +500,13 @@ class Benchmark:
         noop["invariants"] = query["invariants"]
         point["query"] = query
         point["noop"] = noop
+        if self.options.streamed_extensions:
+            spec = self._spec(
+                topology, "stream", tenants, concurrency, self.options.streamed_extensions
+            )
+            stream, stream_db, _ = self._measured(topology, spec, what)
+            self._close(topology, stream, stream_db, f"{what} stream")
+            point["stream"] = stream
         if self.options.check_access:
             check, check_db, _ = self._measured(
                 topology, self._spec(topology, "check", tenants, concurrency), what
@@ -523,7 +549,7 @@ class Benchmark:
                 statements,
                 time.monotonic(),
                 load.rpcs_total,
-                2 if spec.mode in ("query", "noop") else 1,
+                spec.rpcs_per_query,
             )
         _log.info(
             "  %-6s %8.1f queries/s  p99 %.2f ms  cpu srv/pg/load %.1f/%.1f/%.1f s",

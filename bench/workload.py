@@ -31,6 +31,12 @@ HOLD_MICROS = 2_800
 COMMIT_INPUT_TOKENS = 1_000
 COMMIT_CACHED_INPUT_TOKENS = 200
 COMMIT_MAX_OUTPUT_TOKENS = 800
+# A streamed query (the `stream` load mode): the hold starts at the input and a first chunk of
+# output, 1200 x 1 + 256 x 2 = 1,712 micros, and each ExtendHold adds one more chunk (512 micros).
+# Its Commit has the usage above with 1..(first chunk + chunks extended) output tokens, so it too
+# settles within the hold.
+STREAM_FIRST_OUTPUT_TOKENS = 256
+STREAM_CHUNK_TOKENS = 256
 # Share of queries that release their hold (a failed model call) instead of committing.
 RELEASE_SHARE = 0.10
 

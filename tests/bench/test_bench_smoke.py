@@ -1,5 +1,6 @@
 """The benchmark harness still works: `python -m bench.run --smoke` runs every scenario
-(PostgreSQL with 1 and 3 servers, SQLite), the pgbench floor and the big-ledger comparison in a
+(PostgreSQL with 1 and 3 servers, SQLite), each with the plain query and the streamed one (a hold,
+two extensions, a settle), the pgbench floor and the big-ledger comparison in a
 few seconds, and every invariant check after every run passes. No speed is asserted.
 """
 
@@ -50,6 +51,9 @@ def test_smoke_run_passes_every_invariant_check(tmp_path: Path) -> None:
     for suffix in (".json", ".md", ".png"):
         assert out.with_name(out.name + suffix).stat().st_size > 0
     result = json.loads(out.with_name("smoke.json").read_text())
+    assert "## Streamed queries (ReserveCredit + 2 ExtendHold + settle)" in (
+        out.with_name("smoke.md").read_text()
+    )
 
     assert result["smoke"] is True
     assert result["ok"] is True, result["problems"]
@@ -74,10 +78,23 @@ def test_smoke_run_passes_every_invariant_check(tmp_path: Path) -> None:
             _check_run(point["noop"], f"{what} noop", {"query", "Health.Check"})
             _check_run(point["check"], f"{what} check", {"CheckAccess"})
             assert point["ratios"]["to_noop"] > 0
+            stream = point["stream"]
+            _check_run(stream, f"{what} stream", {"query", "ReserveCredit", "ExtendHold", "Commit"})
+            assert stream["extensions_per_query"] == 2
+            assert stream["rpcs_per_query"] == 4
+            # Every query took a hold and extended it twice (warm-up included).
+            assert (
+                stream["rpcs_by_method_with_warmup"]["ExtendHold"]
+                == 2 * (stream["rpcs_by_method_with_warmup"]["ReserveCredit"])
+            )
+            assert point["ratios"]["stream_to_noop"] > 0
+            assert point["ratios"]["stream_rpcs_to_noop_rpcs"] > 0
+            assert point["ratios"]["stream_to_query"] > 0
             if postgres:
                 db = point["query"]["db"]
                 assert db["statements_per_rpc"] > 0
                 assert db["transactions_per_rpc"] >= 0
+                assert stream["db"]["statements_per_rpc"] > 0
                 pgbench = point["pgbench"]
                 assert pgbench["transactions"] > 0
                 assert pgbench["failed_transactions"] == 0
