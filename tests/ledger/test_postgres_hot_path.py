@@ -2,10 +2,10 @@
 and what a lost or cancelled connection does to them.
 
 The ledger tests run every call on both databases; these pin down what only PostgreSQL has:
-that ReserveCredit, Commit and a release really take the one-statement path (a regression to
-the general transaction would pass every other test, only slower), and that a connection
-broken under a statement is reported as UNAVAILABLE, never reused, and the retry with the same
-request_id answers once.
+that ReserveCredit, Commit, ExtendHold and a release really take the one-statement path (a
+regression to the general transaction would pass every other test, only slower), and that a
+connection broken under a statement is reported as UNAVAILABLE, never reused, and the retry
+with the same request_id answers once.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing_service.core import BillingCore
-from billing_service.domain.commands import Commit, Refund, Release
+from billing_service.domain.commands import Commit, ExtendHold, Refund, Release
 from billing_service.domain.errors import ErrorReason, FailedPrecondition, Unavailable
 from billing_service.domain.ledger import EntryKind
+from billing_service.domain.model import DenialReason
+from billing_service.domain.pricing import TokenUsage
 from billing_service.storage.database import storage_faults_unavailable, transaction
 from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.postgres_hot_path import HotPath
 from billing_service.storage.tables import holds
-from tests.ledger.books import entry_kinds, money
+from tests.ledger.books import assert_books_balance, entry_kinds, money, snapshot
 from tests.ledger.test_ledger import ESTIMATE_HOLD, LIMIT, USAGE, USAGE_COST, granted, new_tenant
 from tests.support.clock import FakeClock
 
@@ -39,7 +41,7 @@ def record_answers(store: LedgerStore, monkeypatch: pytest.MonkeyPatch) -> dict[
     """What each one-statement call of `store` answered (None: it fell back)."""
     hot_path = store._hot_path
     assert isinstance(hot_path, HotPath)
-    answers: dict[str, list[Any]] = {"reserve": [], "commit": [], "release": []}
+    answers: dict[str, list[Any]] = {"reserve": [], "commit": [], "release": [], "extend": []}
     for name, seen in answers.items():
         original: Callable[..., Awaitable[Any]] = getattr(hot_path, name)
 
@@ -52,6 +54,15 @@ def record_answers(store: LedgerStore, monkeypatch: pytest.MonkeyPatch) -> dict[
 
         monkeypatch.setattr(hot_path, name, recorded)
     return answers
+
+
+# 500 more output tokens of the TOKENS model (15 micros each).
+MORE = 500
+MORE_MICROS = 7_500
+
+
+def extend(request_id: str, hold_id: str, tokens: int = MORE) -> ExtendHold:
+    return ExtendHold(request_id, hold_id, tokens, TokenUsage(1_000, 0, 100))
 
 
 async def terminate_other_connections(database_url: str) -> int:
@@ -197,3 +208,82 @@ async def test_a_transaction_rolled_back_for_a_conflict_is_unavailable(
     with pytest.raises(Unavailable) as raised:
         await conflicting()
     assert raised.value.reason is ErrorReason.STORAGE_UNAVAILABLE
+
+
+async def test_an_extension_takes_one_statement_and_a_retry_replays_it(
+    core: BillingCore,
+    store: LedgerStore,
+    engine: AsyncEngine,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answers = record_answers(store, monkeypatch)
+    await new_tenant(core)
+    hold = await granted(core, "r1")
+    clock.advance(seconds=200)
+
+    first = await core.extend_hold(extend("e1", hold.hold_id))
+    grown = await core.extend_hold(extend("e2", hold.hold_id))
+
+    assert first.decision.allowed
+    assert grown.decision.allowed
+    assert grown.decision.available_micros == LIMIT - ESTIMATE_HOLD - 2 * MORE_MICROS
+    assert grown.hold.amount_micros == ESTIMATE_HOLD + 2 * MORE_MICROS
+    assert grown.hold.expires_at == clock.now + timedelta(minutes=5)
+    assert await money(engine, "acme") == (0, ESTIMATE_HOLD + 2 * MORE_MICROS)
+    assert await entry_kinds(engine, "acme") == ["hold", "extension", "extension"]
+    before = await snapshot(engine)
+
+    # The retry is the general transaction's: it replays the stored answer, changing nothing.
+    clock.advance(seconds=10)
+    assert await core.extend_hold(extend("e1", hold.hold_id)) == first
+    assert await snapshot(engine) == before
+    assert [answer is not None for answer in answers["extend"]] == [True, True, False]
+
+    await core.commit(Commit("c1", hold.hold_id, USAGE))
+    assert await money(engine, "acme") == (-USAGE_COST, 0)
+    await assert_books_balance(engine)
+
+
+async def test_a_denied_extension_falls_back_and_is_explained(
+    core: BillingCore,
+    store: LedgerStore,
+    engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answers = record_answers(store, monkeypatch)
+    await new_tenant(core, limit=ESTIMATE_HOLD + MORE_MICROS - 1)
+    hold = await granted(core, "r1")
+    before = await snapshot(engine)
+
+    denied = await core.extend_hold(extend("e1", hold.hold_id))
+
+    # The one statement took nothing; the general transaction stored the reason.
+    assert [answer is not None for answer in answers["extend"]] == [False]
+    assert denied.decision.reason is DenialReason.CREDIT_LIMIT_REACHED
+    assert denied.decision.available_micros == MORE_MICROS - 1
+    assert denied.decision.required_micros == MORE_MICROS
+    assert denied.hold.amount_micros == ESTIMATE_HOLD
+    assert await snapshot(engine) == before
+    assert await core.extend_hold(extend("e1", hold.hold_id)) == denied
+    await assert_books_balance(engine)
+
+
+async def test_an_extension_past_the_expire_time_falls_back_and_expires_the_hold(
+    core: BillingCore,
+    store: LedgerStore,
+    engine: AsyncEngine,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answers = record_answers(store, monkeypatch)
+    await new_tenant(core)
+    hold = await granted(core, "r1", ttl=timedelta(seconds=10))
+    clock.advance(seconds=10)
+    with pytest.raises(FailedPrecondition) as raised:
+        await core.extend_hold(extend("e1", hold.hold_id))
+    assert raised.value.reason is ErrorReason.HOLD_EXPIRED
+    assert [answer is not None for answer in answers["extend"]] == [False]
+    assert await entry_kinds(engine, "acme") == ["hold", "expiry"]
+    assert await money(engine, "acme") == (0, 0)
+    await assert_books_balance(engine)

@@ -20,9 +20,11 @@ says so. What each request may do to a hold in each state is decided in domain.l
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Row, bindparam, func, insert, literal, select, update
@@ -174,8 +176,8 @@ class LedgerStore:
     def __init__(
         self, engine: AsyncEngine, *, one_statement: bool = True, coalesce: bool = False
     ) -> None:
-        """one_statement: on PostgreSQL, ReserveCredit, Commit and release try their one
-        statement first (postgres_hot_path); False sends every call through the general
+        """one_statement: on PostgreSQL, ReserveCredit, Commit, ExtendHold and release try their
+        one statement first (postgres_hot_path); False sends every call through the general
         transaction (the tests compare the two). coalesce: those that arrive together go as
         one round trip (postgres_hot_path.HotPath)."""
         self._engine = engine
@@ -292,6 +294,10 @@ class LedgerStore:
         Raises HOLD_EXPIRED after expiring it if its expire time has passed, and the domain's
         error for a settled hold. A retry returns the stored answer."""
         try:
+            if self._hot_path is not None:
+                row = await self._hot_path.extend(command, request_fingerprint, ttl, now)
+                if row is not None:
+                    return _extension_granted(row, request_fingerprint)
             outcome = await self._db.write(
                 lambda conn: _extend_hold(conn, command, request_fingerprint, ttl, now)
             )
@@ -872,6 +878,20 @@ async def _store_extension(
         denial_reason,
         available_micros,
         usages,
+        request_fingerprint,
+    )
+
+
+def _extension_granted(row: Mapping[str, Any], request_fingerprint: str) -> ExtendOutcome:
+    """The answer of the one-statement extension (postgres_hot_path.HotPath.extend) from the
+    hold's row as it grew it: what _store_extension answers for a hold without budgets."""
+    grown = _hold_from_row(SimpleNamespace(**row))
+    return ExtendOutcome(
+        _as_left(grown, grown.amount_micros, grown.expires_at),
+        int(row["required_micros"]),
+        None,
+        int(row["available_after_micros"]),
+        (),
         request_fingerprint,
     )
 

@@ -10,7 +10,9 @@ work (docs/performance.md).
 
 The reserve takes the hold from the tenant and from every budget that applies (domain.budgets)
 in the same statement; the commit and the release cover holds that took from no budget (one
-that did is settled by the general transaction, which moves its budgets with the tenant). When one
+that did is settled by the general transaction, which moves its budgets with the tenant), and so
+does the extension of a hold (ExtendHold), which grows a live metered hold when the tenant admits
+the extra amount and the request_id is new. When one
 returns no row (no room, unknown tenant, hold not open, ...), the caller falls back to the
 general multi-statement transaction in ledger_store, which decides and explains the outcome.
 A unique-key violation (a retried request_id) aborts the whole statement, so nothing is
@@ -22,7 +24,11 @@ Rules they apply, and where those rules are defined and tested to agree:
 - only a live hold (open, before its expire time) is committed or released:
   domain.ledger.is_live, rendered by storage.hold_sql (a release of a hold past its expire time
   falls back: the general transaction expires it);
+- only a live hold grows (domain.ledger.check_extendable, the same `_LIVE`; one past its expire
+  time falls back: the general transaction expires it);
 - the cost of a call: domain.pricing.ModelPrice.cost_micros (the SQL `COST` below);
+- what an extension adds: domain.pricing.ModelPrice.output_micros (the SQL `_EXTENSION` below),
+  admitted by the tenant's checks of a reservation (domain.admission, via storage.credit_sql);
 - what a commit charges: domain.ledger.settle (the SQL `charged_micros` below);
 - the usage rollup of a commit: storage.rollups.add_to_rollup (the `rollup` CTE below).
 tests/ledger/test_hot_path_agrees.py checks them against the domain on random inputs.
@@ -34,7 +40,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar, cast
 
 import asyncpg
@@ -48,8 +54,10 @@ from sqlalchemy.types import TypeEngine
 from sqlalchemy.util import greenlet_spawn
 
 from billing_service.domain.budgets import EPOCH, BudgetPeriod, period_start
-from billing_service.domain.commands import Commit
-from billing_service.domain.model import Hold
+from billing_service.domain.commands import Commit, ExtendHold
+from billing_service.domain.ledger import EntryKind
+from billing_service.domain.model import Hold, HoldStatus
+from billing_service.domain.pricing import TOKENS_PER_PRICE_UNIT, ModelBilling
 from billing_service.storage.budget_store import usages_from_json
 from billing_service.storage.coalescer import Coalescer
 from billing_service.storage.credit_sql import (
@@ -270,6 +278,66 @@ FROM released JOIN moved ON moved.tenant_id = released.tenant_id
 RETURNING -held_delta_micros AS released_micros, available_after_micros
 """
 
+# ceil(tokens x output price per million / 1e6), in bigint as `_COST`: what
+# domain.pricing.ModelPrice.output_micros adds to a metered hold.
+_EXTENSION = f"""(:additional_output_tokens * output_micros_per_mtok
+        + {TOKENS_PER_PRICE_UNIT - 1}) / {TOKENS_PER_PRICE_UNIT}"""
+_TENANT_ADMITS_EXTENSION = tenant_admits_postgres_text(amount="target.amount_micros")
+
+# ExtendHold granted: the general transaction (ledger_store._extend_hold) writes the same rows.
+# The hold is locked first, then its tenant: the order of that transaction and of a commit.
+_EXTEND_SQL = f"""
+WITH target AS (
+    SELECT hold_id, tenant_id, {_EXTENSION} AS amount_micros
+    FROM holds
+    WHERE hold_id = :hold_id AND {_LIVE}
+        AND billing = '{ModelBilling.METERED.value}' AND budgets IS NULL
+        -- A retry (or a request_id used for another hold) is replayed by the general path.
+        AND NOT EXISTS (
+            SELECT 1 FROM hold_extensions WHERE hold_extensions.request_id = :request_id)
+    FOR UPDATE
+), account AS (
+    UPDATE tenants
+    SET held_micros = tenants.held_micros + target.amount_micros
+    FROM target
+    WHERE tenants.tenant_id = target.tenant_id AND ({_TENANT_ADMITS_EXTENSION})
+    RETURNING tenants.tenant_id, tenants.balance_micros, tenants.held_micros,
+        {_AVAILABLE} AS available_micros
+), grown AS (
+    UPDATE holds
+    SET amount_micros = holds.amount_micros + target.amount_micros,
+        extended_micros = holds.extended_micros + target.amount_micros,
+        expires_at = GREATEST(holds.expires_at, :renewed_expires_at),
+        granted_expires_at = COALESCE(holds.granted_expires_at, holds.expires_at)
+    FROM target, account
+    WHERE holds.hold_id = target.hold_id
+    RETURNING holds.*
+), entry AS (
+    INSERT INTO ledger_entries (
+        tenant_id, kind, hold_id, balance_delta_micros, held_delta_micros,
+        balance_after_micros, held_after_micros, available_after_micros, created_at
+    )
+    SELECT account.tenant_id, '{EntryKind.EXTENSION.value}', target.hold_id, 0,
+        target.amount_micros, account.balance_micros, account.held_micros,
+        account.available_micros, :now
+    FROM account, target
+    WHERE target.amount_micros > 0
+), answer AS (
+    INSERT INTO hold_extensions (
+        request_id, request_fingerprint, hold_id, tenant_id, required_micros, denial_reason,
+        amount_after_micros, expires_at_after, decision_available_micros, budgets, created_at
+    )
+    SELECT :request_id, :request_fingerprint, grown.hold_id, grown.tenant_id,
+        target.amount_micros, NULL, grown.amount_micros, grown.expires_at,
+        account.available_micros, NULL, :now
+    FROM grown, target, account
+)
+SELECT grown.*, target.amount_micros AS required_micros,
+    account.available_micros AS available_after_micros
+FROM grown, target, account
+"""
+assert f"'{HoldStatus.OPEN.value}'" in _LIVE
+
 _PARAM_NAMES = re.compile(r"(?<![:\w]):(\w+)")
 
 
@@ -313,6 +381,12 @@ RELEASE = _statement(
     time_params=("now",),
 )
 
+EXTEND = _statement(
+    _EXTEND_SQL,
+    text_params=("hold_id", "request_id", "request_fingerprint"),
+    time_params=("now", "renewed_expires_at"),
+)
+
 
 _ASYNCPG_DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
 
@@ -338,6 +412,7 @@ class DriverStatement(NamedTuple):
 _RESERVE = DriverStatement.of(RESERVE)
 _COMMIT = DriverStatement.of(COMMIT)
 _RELEASE = DriverStatement.of(RELEASE)
+_EXTEND = DriverStatement.of(EXTEND)
 
 RESERVE_BATCH = batch_function(
     "reserve",
@@ -472,6 +547,25 @@ class HotPath:
         if row is None:
             return None
         return Released(int(row["released_micros"]), int(row["available_after_micros"]))
+
+    async def extend(
+        self, command: ExtendHold, request_fingerprint: str, ttl: timedelta, now: datetime
+    ) -> Mapping[str, Any] | None:
+        """Grows a live metered hold that took from no budget by the price of the command's
+        output tokens if the tenant admits that amount, for a request_id not seen before;
+        returns the hold's row as grown, with `required_micros` and `available_after_micros`,
+        else None."""
+        return await self._fetchrow(
+            _EXTEND,
+            {
+                "hold_id": command.reservation_id,
+                "request_id": command.request_id,
+                "request_fingerprint": request_fingerprint,
+                "additional_output_tokens": command.additional_output_tokens,
+                "renewed_expires_at": now + ttl,
+                "now": now,
+            },
+        )
 
     # One call, one statement.
 
