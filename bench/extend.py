@@ -9,9 +9,9 @@ LedgerStore, the code the RPCs run below gRPC) for one tenant whose limit never 
 caller and at 16 concurrent callers on that tenant (its row is the hot row every call locks).
 Rounds alternate between what is compared so that drift (cache warm-up, WAL checkpoints) hits
 both alike. Reports the median per-call (per-query) time of each and their ratio. A reservation
-runs its one-statement hot path; an extension runs the general row-locked transaction (lock the
-hold, take the amount from the tenant, lock the budget periods it took from, update the hold,
-append the ledger entry, store the answer). After each run the ledger audit must be clean.
+and an extension (of a hold without budgets, as here) each run their one-statement hot path
+(storage.postgres_hot_path); an extension with budgets, or a denied one, runs the general
+row-locked transaction. After each run the ledger audit must be clean.
 """
 
 from __future__ import annotations
