@@ -188,7 +188,7 @@ async def _until_waiting_for_a_lock(locker: asyncpg.Connection) -> None:
         if await locker.fetchval(query):
             return
         await asyncio.sleep(0.01)
-    pytest.fail("the reservation never waited for the tenant's row")
+    pytest.fail("the call never waited for a row lock")
 
 
 @pytest.mark.parametrize(("sqlstate", "cause"), [("40P01", "deadlock"), ("40001", "serialization")])
@@ -286,4 +286,44 @@ async def test_an_extension_past_the_expire_time_falls_back_and_expires_the_hold
     assert [answer is not None for answer in answers["extend"]] == [False]
     assert await entry_kinds(engine, "acme") == ["hold", "expiry"]
     assert await money(engine, "acme") == (0, 0)
+    await assert_books_balance(engine)
+
+
+async def test_an_extension_that_waited_for_the_hold_grows_it_as_the_other_left_it(
+    core: BillingCore,
+    store: LedgerStore,
+    engine: AsyncEngine,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one statement locks the hold first: an extension that waits for another transaction
+    holding the hold's row decides on, and grows, the row that transaction committed."""
+    answers = record_answers(store, monkeypatch)
+    await new_tenant(core)
+    hold = await granted(core, "r1")
+    later = hold.expires_at + timedelta(hours=1)
+    locker = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        transaction = locker.transaction()
+        await transaction.start()
+        await locker.execute(
+            "UPDATE holds SET expires_at = $1 WHERE hold_id = $2", later, hold.hold_id
+        )
+        call = asyncio.create_task(core.extend_hold(extend("e1", hold.hold_id)))
+        await _until_waiting_for_a_lock(locker)
+        await transaction.commit()
+        grown = await call
+    finally:
+        await locker.close()
+
+    assert [answer is not None for answer in answers["extend"]] == [True]
+    assert grown.decision.allowed
+    assert grown.hold.amount_micros == ESTIMATE_HOLD + MORE_MICROS
+    assert grown.hold.expires_at == later
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(holds).where(holds.c.hold_id == hold.hold_id))).one()
+    assert (row.amount_micros, row.extended_micros) == (ESTIMATE_HOLD + MORE_MICROS, MORE_MICROS)
+    assert (row.expires_at, row.granted_expires_at) == (later, later)
+    assert await money(engine, "acme") == (0, ESTIMATE_HOLD + MORE_MICROS)
+    assert await entry_kinds(engine, "acme") == ["hold", "extension"]
     await assert_books_balance(engine)
