@@ -11,10 +11,10 @@ work (docs/performance.md).
 The reserve takes the hold from the tenant and from every budget that applies (domain.budgets)
 in the same statement; the commit and the release cover holds that took from no budget (one
 that did is settled by the general transaction, which moves its budgets with the tenant), and so
-does the extension of a hold (ExtendHold), which grows a live metered hold when the tenant admits
-the extra amount and the request_id is new. When one
-returns no row (no room, unknown tenant, hold not open, ...), the caller falls back to the
-general multi-statement transaction in ledger_store, which decides and explains the outcome.
+does the extension (ExtendHold): it grows a live metered hold when the tenant admits the extra
+amount and the request_id is new. When one returns no row (no room, unknown tenant, hold not
+open, a retry, ...), the caller falls back to the general multi-statement transaction in
+ledger_store, which decides and explains the outcome.
 A unique-key violation (a retried request_id) aborts the whole statement, so nothing is
 half-written; it is raised as SQLAlchemy's IntegrityError, and a lost connection as its
 OperationalError, so that callers handle both paths' errors alike.
@@ -56,7 +56,7 @@ from sqlalchemy.util import greenlet_spawn
 from billing_service.domain.budgets import EPOCH, BudgetPeriod, period_start
 from billing_service.domain.commands import Commit, ExtendHold
 from billing_service.domain.ledger import EntryKind
-from billing_service.domain.model import Hold, HoldStatus
+from billing_service.domain.model import Hold
 from billing_service.domain.pricing import TOKENS_PER_PRICE_UNIT, ModelBilling
 from billing_service.storage.budget_store import usages_from_json
 from billing_service.storage.coalescer import Coalescer
@@ -336,7 +336,6 @@ SELECT grown.*, target.amount_micros AS required_micros,
     account.available_micros AS available_after_micros
 FROM grown, target, account
 """
-assert f"'{HoldStatus.OPEN.value}'" in _LIVE
 
 _PARAM_NAMES = re.compile(r"(?<![:\w]):(\w+)")
 
