@@ -4,6 +4,7 @@ books disagree, and finds nothing on healthy books, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -187,3 +188,19 @@ async def test_the_service_exports_and_logs_what_the_audit_found(
     await _restore(
         engine, CORRUPTIONS["open hold amount"][0](open_hold, -1), _limit(BETA, 10_000_000)
     )
+
+
+async def test_the_audit_leaves_the_service_its_connections(
+    core: BillingCore, engine: AsyncEngine, clock: FakeClock
+) -> None:
+    # SQLite's pool has one connection, which readiness checks and reads share: an audit that
+    # took it for its whole scan would make the replica not ready for as long.
+    await _books_with_every_kind_of_row(core, engine, clock)
+    pool_size = engine.sync_engine.pool.size()  # type: ignore[attr-defined]
+    held = [await engine.connect() for _ in range(pool_size)]
+    try:
+        audit = await asyncio.wait_for(audit_books(engine), timeout=20)
+    finally:
+        for conn in held:
+            await conn.close()
+    assert (audit.tenants_audited, audit.findings) == (2, ())

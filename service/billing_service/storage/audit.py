@@ -5,9 +5,10 @@ machine and at the end of every concurrency test, the benchmark after every load
 service itself in the background (billing_service.books_audit), which exports what it finds as
 metrics. An audit with no findings means the books balance.
 
-It only reads, in one snapshot: on PostgreSQL a REPEATABLE READ read-only transaction, on SQLite
-a deferred transaction (WAL gives it a snapshot at its first read), so it takes no lock a
-ReserveCredit or a Commit waits on, and money moving while it reads never shows as a mismatch.
+It only reads, in one snapshot, on a connection of its own: on PostgreSQL a REPEATABLE READ
+read-only transaction, on SQLite a deferred transaction (WAL gives it a snapshot at its first
+read), so it takes no lock a ReserveCredit or a Commit waits on, keeps no pooled connection from
+them, and money moving while it reads never shows as a mismatch.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from billing_service.domain.model import HoldStatus
 from billing_service.domain.pricing import ModelBilling
 from billing_service.storage.budget_store import usages_from_json
 from billing_service.storage.credit_sql import available_credit_sql
-from billing_service.storage.database import SQLITE_SNAPSHOT, is_postgres
+from billing_service.storage.database import SQLITE_SNAPSHOT, audit_engine, is_postgres
 from billing_service.storage.tables import (
     budget_periods,
     holds,
@@ -83,15 +84,21 @@ class BooksAudit:
 
 async def audit_books(engine: AsyncEngine) -> BooksAudit:
     """Audits every tenant in one read-only snapshot of the database."""
-    if is_postgres(engine):
-        snapshot = engine.execution_options(
+    # A connection of its own: the scan grows with the ledger, and must not keep one of the
+    # pool's (SQLite's only one) from the calls and the readiness check.
+    own = audit_engine(engine)
+    if is_postgres(own):
+        snapshot = own.execution_options(
             isolation_level="REPEATABLE READ", postgresql_readonly=True
         )
     else:
-        snapshot = engine.execution_options(**{SQLITE_SNAPSHOT: True})
-    async with snapshot.connect() as conn, conn.begin():
-        audited, findings = await _tenant_findings(conn)
-        findings.extend(await _budget_period_findings(conn))
+        snapshot = own.execution_options(**{SQLITE_SNAPSHOT: True})
+    try:
+        async with snapshot.connect() as conn, conn.begin():
+            audited, findings = await _tenant_findings(conn)
+            findings.extend(await _budget_period_findings(conn))
+    finally:
+        await own.dispose()
     return BooksAudit(audited, tuple(findings))
 
 

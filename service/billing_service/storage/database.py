@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine, ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from billing_service.domain.errors import ErrorReason, Unavailable
 from billing_service.storage.sqlite_writer import SqliteWriter
@@ -92,6 +93,16 @@ def _retire_on_node_fault(context: ExceptionContext) -> None:
 # An execution option for a read-only SQLite transaction: a deferred BEGIN, which in WAL mode
 # reads one snapshot from its first statement on and never blocks the writer.
 SQLITE_SNAPSHOT = "billing_sqlite_snapshot"
+
+
+def audit_engine(engine: AsyncEngine) -> AsyncEngine:
+    """An engine on `engine`'s database without a pool, for a long read that must not hold a
+    connection the service's calls and readiness checks wait for (SQLite's pool has one).
+    Dispose of it after use."""
+    own = create_async_engine(engine.url, poolclass=NullPool)
+    if own.dialect.name == "sqlite":
+        _configure_sqlite(own.sync_engine)
+    return own
 
 
 def _configure_sqlite(engine: Engine) -> None:
