@@ -318,6 +318,52 @@ def _cpu_per_query(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _profiles(result: dict[str, Any]) -> list[str]:
+    """Where the servers' samples fell (bench.run --profile): one column per profiled point."""
+    profiled = [
+        (f"{key} @{point['concurrency']}", point["query"]["profile"])
+        for key, scenario in result["scenarios"].items()
+        for point in scenario["points"]
+        if point["query"].get("profile")
+    ]
+    if not profiled:
+        return []
+
+    def table(title: str, field: str) -> list[str]:
+        names = list(dict.fromkeys(name for _, p in profiled for name in p[field]))
+        rows = [
+            f"| {name} | "
+            + " | ".join(f"{100 * p[field].get(name, 0) / p['samples']:.0f}%" for _, p in profiled)
+            + " |"
+            for name in names
+        ]
+        return [
+            "",
+            f"| {title} | " + " | ".join(label for label, _ in profiled) + " |",
+            "|---|" + "---:|" * len(profiled),
+            *rows,
+        ]
+
+    lines = [
+        "",
+        "## Where the servers' CPU goes (py-spy, share of samples during the query run)",
+        "",
+        "A sample counts where its innermost Python frame is (work in C with the Python function "
+        "that called it); see bench/profile.py. Samples: "
+        + ", ".join(f"{label} {p['samples']:,}" for label, p in profiled)
+        + ".",
+    ]
+    lines += table("part", "parts")
+    lines += table("thread", "threads")
+    for label, p in profiled:
+        lines += ["", f"Top innermost functions, {label}:", ""]
+        lines += [
+            f"- {name}: {100 * count / p['samples']:.1f}%"
+            for name, count in p["top_functions"].items()
+        ]
+    return lines
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -383,6 +429,7 @@ def markdown(result: dict[str, Any], plot_name: str) -> str:
             )
     lines += _streamed(result)
     lines += _cpu_per_query(result)
+    lines += _profiles(result)
     if any("check" in p for s in result["scenarios"].values() for p in s["points"]):
         lines += [
             "",

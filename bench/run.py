@@ -38,6 +38,7 @@ from bench import (
     pg,
     pgbench,
     pgbench_script,
+    profile,
     report,
     seed,
     sqlcapture,
@@ -106,6 +107,7 @@ class Options:
     command: str
     pgbench_transactions_per_client: int | None = None
     streamed_extensions: int = 0  # 0: no streamed workload
+    profile: bool = False  # py-spy samples of the servers during each query run
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -133,6 +135,7 @@ class Options:
             "streamed_extensions": self.streamed_extensions,
             "stream_first_output_tokens": workload.STREAM_FIRST_OUTPUT_TOKENS,
             "stream_chunk_tokens": workload.STREAM_CHUNK_TOKENS,
+            "profile": self.profile,
         }
 
 
@@ -200,6 +203,11 @@ def parse_options(argv: list[str] | None = None) -> Options:
         help="also run the streamed query: a hold, N ExtendHold, a settle (0: skip; smoke: 2)",
     )
     add("--coalesce-writes", action="store_true", help="BILLING_DB_COALESCE_WRITES=true")
+    add(
+        "--profile",
+        action="store_true",
+        help="sample the servers with py-spy during each query run (bench/profile.py)",
+    )
     add("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -240,6 +248,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         ),
         pgbench_transactions_per_client=5 if args.smoke else None,
         streamed_extensions=max(0, pick(args.streamed_extensions, 0, 2)),
+        profile=args.profile,
     )
 
 
@@ -530,13 +539,19 @@ class Benchmark:
             self.runner.run(self.cluster.reset_statements())
             before_db = self.runner.run(self.cluster.database_counters(topology.database))
         cpu_before: dict[str, float] = {}
+        samplers: list[profile.Sampler] = []
 
         def measure_start() -> None:
             cpu_before.update(topology.meter.snapshot())
+            if self.options.profile and spec.mode == "query":
+                samplers.append(profile.Sampler(topology.servers.pids, self.options.duration_s))
 
         load = self.loadgen.run(spec, measure_start)
         cpu_after = topology.meter.snapshot()
         record = load.as_json()
+        if samplers:
+            sampled = samplers[0].finish()
+            record["profile"] = sampled.as_json() if sampled else None
         record["cpu"] = cpu.split(cpu_before, cpu_after, load.loadgen_cpu_s, load.window_s)
         record["server_log"] = topology.servers.new_trouble()
         self._note_trouble(load, record, f"{what} {spec.mode}", topology)
