@@ -387,3 +387,32 @@ async def test_a_batch_function_dropped_since_is_created_again(
         await admin.close()
     await burst()
     assert await money(engine, "acme") == (0, 10 * 1_000)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a denial falls back to the general transaction, which runs after its whole batch",
+)
+async def test_a_denial_in_a_batch_is_explained_as_of_its_arrival(
+    coalescing: LedgerStore,
+) -> None:
+    store = coalescing
+    now = datetime.now(UTC)
+    for name in ("acme", "beta"):
+        await store.create_tenant(
+            CreateTenant(f"c-{name}", name, LIMIT, TenantStatus.ACTIVE, True), "fp", LIMIT, now
+        )
+    # The first call goes alone; the other two arrive meanwhile and go together, in this order.
+    first, denied, granted = await asyncio.gather(
+        store.place_hold(_hold("beta", 1_000, now), create_with_limit=None),
+        store.place_hold(_hold("acme", LIMIT + 1, now), create_with_limit=None),
+        store.place_hold(_hold("acme", 1, now), create_with_limit=None),
+    )
+    assert [first.status, denied.status, granted.status] == [
+        HoldStatus.OPEN,
+        HoldStatus.DENIED,
+        HoldStatus.OPEN,
+    ]
+    assert granted.decision_available_micros == LIMIT - 1
+    # Decided in arrival order, the denial saw the whole credit.
+    assert denied.decision_available_micros == LIMIT
