@@ -676,13 +676,18 @@ class HotPath:
 
     async def _on_connection(self, sql: str, work: Callable[[Any], Awaitable[T]]) -> T:
         """`work(driver)` on a pooled connection's asyncpg.Connection, its errors mapped as
-        SQLAlchemy maps them: a unique key as IntegrityError, a fault as OperationalError."""
+        SQLAlchemy maps them: a unique key as IntegrityError, a fault or a transaction rolled
+        back (deadlock, serialization failure) as OperationalError."""
         pooled = await self._engine.raw_connection()
         driver: Any = pooled.driver_connection  # an asyncpg.Connection
         try:
             return await work(driver)
         except asyncpg.IntegrityConstraintViolationError as error:
             raise IntegrityError(sql, None, error) from error
+        except asyncpg.TransactionRollbackError as error:
+            # A deadlock's victim or a serialization failure: PostgreSQL rolled the statement
+            # (a batch: its whole transaction) back, so the caller retries it (UNAVAILABLE).
+            raise OperationalError(sql, None, error) from error
         except BaseException as error:
             # Cancelled mid-statement (the caller's deadline), the connection may still be busy
             # with it: like a broken one, it is not handed to the next caller.
