@@ -47,6 +47,7 @@ from bench import (
 from bench.loadgen import LoadGenerator, LoadResult, LoadSpec, Mode
 from bench.loadgen import merge as loadgen_merge
 from bench.servers import Servers
+from billing_service.storage import postgres_hot_path
 from billing_service.storage.database import create_engine
 from billing_service.storage.migrations import migrate
 
@@ -790,6 +791,7 @@ def _db_stats(
         "wal_records_per_rpc": wal_records / rpcs,
         "statements": calls,
         "statements_per_rpc": calls / rpcs,
+        "hot_path_round_trips": hot_path_round_trips(window.statements, rpcs),
         "statements_per_query": calls / rpcs * per_query,
         "top_statements": [
             {
@@ -802,6 +804,32 @@ def _db_stats(
             for s in window.statements[:8]
         ],
     }
+
+
+# The one-statement calls of each kind: the lone statement, and the batch function that
+# coalesced calls of that kind go in (storage.postgres_hot_path).
+_HOT_PATH_KINDS = {
+    "reserve": (postgres_hot_path.RESERVE, postgres_hot_path.RESERVE_BATCH),
+    "commit": (postgres_hot_path.COMMIT, postgres_hot_path.COMMIT_BATCH),
+    "release": (postgres_hot_path.RELEASE, postgres_hot_path.RELEASE_BATCH),
+}
+
+
+def hot_path_round_trips(statements: list[pg.Statement], rpcs: int) -> dict[str, dict[str, Any]]:
+    """Per kind (reserve, commit, release): round trips as lone statements and as coalesced
+    batches (one call of the batch function each), in all and per RPC of the window."""
+    result: dict[str, dict[str, Any]] = {}
+    for kind, (statement, batch) in _HOT_PATH_KINDS.items():
+        lone_sql = sqlcapture.canonical(postgres_hot_path.DriverStatement.of(statement).sql)
+        lone = sum(s.calls for s in statements if sqlcapture.canonical(s.query) == lone_sql)
+        batches = sum(s.calls for s in statements if f" FROM {batch.name}(" in s.query)
+        result[kind] = {
+            "statements": lone,
+            "batches": batches,
+            "round_trips": lone + batches,
+            "round_trips_per_rpc": (lone + batches) / max(1, rpcs),
+        }
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

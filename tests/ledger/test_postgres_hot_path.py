@@ -210,6 +210,26 @@ async def test_a_transaction_rolled_back_for_a_conflict_is_unavailable(
     assert raised.value.reason is ErrorReason.STORAGE_UNAVAILABLE
 
 
+@pytest.mark.parametrize(("sqlstate", "cause"), [("40P01", "deadlock"), ("40001", "serialization")])
+async def test_a_one_statement_call_rolled_back_for_a_conflict_is_unavailable(
+    engine: AsyncEngine, sqlstate: str, cause: str
+) -> None:
+    """The same on the connections of the one-statement path (asyncpg's own errors): a
+    statement or batch chosen as a deadlock's victim is retried by its caller."""
+    hot_path = HotPath(engine)
+    statement = f"DO $$ BEGIN RAISE EXCEPTION '{cause}' USING ERRCODE = '{sqlstate}'; END $$"
+
+    @storage_faults_unavailable
+    async def conflicting() -> None:
+        await hot_path._on_connection(statement, lambda driver: driver.execute(statement))
+
+    with pytest.raises(Unavailable) as raised:
+        await conflicting()
+    assert raised.value.reason is ErrorReason.STORAGE_UNAVAILABLE
+    # The connection went back to the pool, fit for the next call.
+    assert await hot_path._on_connection("SELECT 1", lambda driver: driver.fetchval("SELECT 1"))
+
+
 async def test_an_extension_takes_one_statement_and_a_retry_replays_it(
     core: BillingCore,
     store: LedgerStore,

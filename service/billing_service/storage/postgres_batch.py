@@ -1,4 +1,4 @@
-"""Several ReserveCredit or Commit calls decided in one round trip to PostgreSQL.
+"""Several ReserveCredit, Commit or release calls decided in one round trip to PostgreSQL.
 
 Each batch is one call of a PL/pgSQL function generated from the per-call statement of
 postgres_hot_path (the very text, its parameters read from arrays): the function runs that
@@ -6,11 +6,14 @@ statement once per item, so every item is decided by the same rule, in one trans
 the rows as the items before it left them. The items go in the order of their tenant, then of
 their arrival: one tenant's items are decided in the order they came (the cap stays exact to
 the micro), and every batch locks tenant rows in the same order, so two batches (of this server
-or another) never wait on each other in a cycle.
+or another) never wait on each other in a cycle. A batch that settles holds (commit, release)
+first locks them all, in hold_id order, so that it too takes each hold before its tenant, like
+every other writer (`hold_locks`).
 
 Per item, in its own subtransaction, the function answers:
-- `done`: the statement's row (the hold taken, the usage record written);
-- `fallback`: the statement wrote nothing (no room, unknown tenant or hold, a budget to move):
+- `done`: the statement's row (the hold taken, the usage record written, the hold released);
+- `fallback`: the statement wrote nothing (no room, unknown tenant or hold, a hold not live or
+  settled by an earlier item, a budget to move):
   the caller decides it in the general transaction, as a lone call would;
 - `conflict`: a unique key of the item exists (a retried request_id): its writes are undone,
   and the caller replays the stored answer;
@@ -61,10 +64,13 @@ def batch_function(
     *,
     outputs: tuple[tuple[str, str], ...],
     tenant_of: str,
+    lock_first: str = "",
 ) -> BatchFunction:
-    """kind: reserve or commit. outputs: the (name, SQL type) the statement's RETURNING row is
-    read into, answered for an item done. tenant_of: SQL that gives the tenant of item `ord`
-    from the parameter arrays (`p_<name>[ord]`), to lock tenants in order."""
+    """kind: reserve, commit or release. outputs: the (name, SQL type) the statement's
+    RETURNING row is read into, answered for an item done. tenant_of: SQL that gives the tenant
+    of item `ord` from the parameter arrays (`p_<name>[ord]`), to lock tenants in order.
+    lock_first: a PL/pgSQL statement run before the items, over the parameter arrays, that locks
+    the rows the items will update ahead of their tenants (see `hold_locks`)."""
     sql = statement.text
     types = {
         name: param.type.compile(dialect=_DIALECT) for name, param in statement._bindparams.items()
@@ -77,6 +83,10 @@ def batch_function(
     targets = ", ".join(output for output, _ in outputs)
     cleared = " ".join(f"{output} := NULL;" for output, _ in outputs)
     digest_source = f"{kind}\n{arguments}\n{body}\n{columns}\n{tenant_of}"
+    locking = ""
+    if lock_first:
+        digest_source += f"\n{lock_first}"
+        locking = f"\n    {lock_first};"
     name = f"billing_{kind}_batch_{hashlib.sha256(digest_source.encode()).hexdigest()[:12]}"
     create_sql = f"""
 CREATE OR REPLACE FUNCTION {name}(
@@ -84,7 +94,7 @@ CREATE OR REPLACE FUNCTION {name}(
 ) RETURNS TABLE (item integer, item_outcome text, {columns})
 LANGUAGE plpgsql AS $batch$
 #variable_conflict use_column
-BEGIN
+BEGIN{locking}
     FOR item IN
         SELECT ord::integer FROM generate_series(1, cardinality({first})) AS ord
         ORDER BY ({tenant_of}), ord
@@ -112,6 +122,21 @@ $batch$
     )
     call_sql = f"SELECT item, item_outcome, {targets} FROM {name}({placeholders})"
     return BatchFunction(name, create_sql, call_sql, names)
+
+
+def hold_locks(parameter: str) -> str:
+    """Locks the holds named by the array `p_<parameter>`, in hold_id order, before any item.
+
+    A statement that settles a hold (commit, release, the general transaction, the sweep)
+    locks the hold, then its tenant. A batch of them locks a tenant with its first item and
+    keeps it to the end, so without this its next hold of that tenant would be locked after the
+    tenant: a lone statement holding that hold and waiting for the tenant would close a cycle
+    (a deadlock, one of the two aborted). Locked first, every hold a batch settles is held
+    before any tenant, the order of every other writer."""
+    return (
+        f"PERFORM 1 FROM holds WHERE holds.hold_id = ANY(p_{parameter})"
+        " ORDER BY holds.hold_id FOR UPDATE"
+    )
 
 
 def install_sql(function: BatchFunction) -> list[str]:

@@ -72,6 +72,7 @@ from billing_service.storage.postgres_batch import (
     MAX_BATCH,
     BatchFunction,
     batch_function,
+    hold_locks,
     install_sql,
 )
 
@@ -419,11 +420,20 @@ RESERVE_BATCH = batch_function(
     outputs=(("out_available_micros", "bigint"), ("out_budgets", "text")),
     tenant_of="p_tenant_id[ord]",
 )
+_TENANT_OF_HOLD = "SELECT holds.tenant_id FROM holds WHERE holds.hold_id = p_hold_id[ord]"
 COMMIT_BATCH = batch_function(
     "commit",
     COMMIT,
     outputs=(("out_record", "usage_records"),),
-    tenant_of="SELECT holds.tenant_id FROM holds WHERE holds.hold_id = p_hold_id[ord]",
+    tenant_of=_TENANT_OF_HOLD,
+    lock_first=hold_locks("hold_id"),
+)
+RELEASE_BATCH = batch_function(
+    "release",
+    RELEASE,
+    outputs=(("out_released_micros", "bigint"), ("out_available_micros", "bigint")),
+    tenant_of=_TENANT_OF_HOLD,
+    lock_first=hold_locks("hold_id"),
 )
 
 
@@ -467,6 +477,18 @@ def commit_params(command: Commit, request_fingerprint: str, now: datetime) -> d
     }
 
 
+def release_params(
+    request_id: str, reservation_id: str, reason: str, request_fingerprint: str, now: datetime
+) -> dict[str, Any]:
+    return {
+        "hold_id": reservation_id,
+        "request_id": request_id,
+        "request_fingerprint": request_fingerprint,
+        "memo": reason or None,
+        "now": now,
+    }
+
+
 class Released(NamedTuple):
     released_micros: int
     available_after_micros: int
@@ -475,9 +497,9 @@ class Released(NamedTuple):
 class HotPath:
     """Runs the one-statement calls on connections of `engine`'s pool (PostgreSQL only).
 
-    ReserveCredit and Commit calls that arrive while earlier ones are in flight are coalesced
-    (storage.coalescer) and sent together as one call of their batch function
-    (storage.postgres_batch); a lone call is sent as its own statement.
+    ReserveCredit, Commit and release calls that arrive while earlier ones of their kind are in
+    flight are coalesced (storage.coalescer) and sent together as one call of their batch
+    function (storage.postgres_batch); a lone call is sent as its own statement.
     """
 
     def __init__(
@@ -496,6 +518,12 @@ class HotPath:
         self.commits: Coalescer[Mapping[str, Any], Mapping[str, Any] | None] = Coalescer(
             self._commit_one,
             self._commit_many,
+            max_in_flight=max_in_flight,
+            max_batch=MAX_BATCH,
+        )
+        self.releases: Coalescer[Mapping[str, Any], Mapping[str, Any] | None] = Coalescer(
+            self._release_one,
+            self._release_many,
             max_in_flight=max_in_flight,
             max_batch=MAX_BATCH,
         )
@@ -533,16 +561,11 @@ class HotPath:
         now: datetime,
     ) -> Released | None:
         """Releases a live metered hold that took from no budget, else returns None."""
-        row = await self._fetchrow(
-            _RELEASE,
-            {
-                "hold_id": reservation_id,
-                "request_id": request_id,
-                "request_fingerprint": request_fingerprint,
-                "memo": reason or None,
-                "now": now,
-            },
-        )
+        params = release_params(request_id, reservation_id, reason, request_fingerprint, now)
+        if self._coalesce:
+            row = await self.releases.submit(params)
+        else:
+            row = await self._release_one(params)
         if row is None:
             return None
         return Released(int(row["released_micros"]), int(row["available_after_micros"]))
@@ -577,6 +600,9 @@ class HotPath:
     async def _commit_one(self, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
         return await self._fetchrow(_COMMIT, params)
 
+    async def _release_one(self, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        return await self._fetchrow(_RELEASE, params)
+
     # Several calls, one round trip.
 
     async def _reserve_many(
@@ -599,6 +625,21 @@ class HotPath:
     ) -> list[Mapping[str, Any] | BaseException | None]:
         rows = await self._call_batch(COMMIT_BATCH, items)
         return [_item_result(row, lambda row: row["out_record"]) for row in rows]
+
+    async def _release_many(
+        self, items: Sequence[Mapping[str, Any]]
+    ) -> list[Mapping[str, Any] | BaseException | None]:
+        rows = await self._call_batch(RELEASE_BATCH, items)
+        return [
+            _item_result(
+                row,
+                lambda row: {
+                    "released_micros": row["out_released_micros"],
+                    "available_after_micros": row["out_available_micros"],
+                },
+            )
+            for row in rows
+        ]
 
     async def _call_batch(
         self, function: BatchFunction, items: Sequence[Mapping[str, Any]]
@@ -635,13 +676,18 @@ class HotPath:
 
     async def _on_connection(self, sql: str, work: Callable[[Any], Awaitable[T]]) -> T:
         """`work(driver)` on a pooled connection's asyncpg.Connection, its errors mapped as
-        SQLAlchemy maps them: a unique key as IntegrityError, a fault as OperationalError."""
+        SQLAlchemy maps them: a unique key as IntegrityError, a fault or a transaction rolled
+        back (deadlock, serialization failure) as OperationalError."""
         pooled = await self._engine.raw_connection()
         driver: Any = pooled.driver_connection  # an asyncpg.Connection
         try:
             return await work(driver)
         except asyncpg.IntegrityConstraintViolationError as error:
             raise IntegrityError(sql, None, error) from error
+        except asyncpg.TransactionRollbackError as error:
+            # A deadlock's victim or a serialization failure: PostgreSQL rolled the statement
+            # (a batch: its whole transaction) back, so the caller retries it (UNAVAILABLE).
+            raise OperationalError(sql, None, error) from error
         except BaseException as error:
             # Cancelled mid-statement (the caller's deadline), the connection may still be busy
             # with it: like a broken one, it is not handed to the next caller.
