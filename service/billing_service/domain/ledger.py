@@ -10,7 +10,7 @@ storage applies (its one-statement SQL applies `is_live` through storage.hold_sq
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
@@ -163,3 +163,9 @@ def refund_amount(hold: Hold, charged_micros: int, requested_micros: int, refund
             {"refundable_micros": str(max(0, refundable)), "requested_micros": str(amount)},
         )
     return amount
+
+
+def extension_answer(hold: Hold, amount_micros: int, expires_at: datetime) -> Hold:
+    """The hold an ExtendHold answers with: open, with the amount and expire time the decision
+    left it (the rest as granted), the same whether answered first or replayed."""
+    return replace(hold.as_granted(), amount_micros=amount_micros, expires_at=expires_at)
