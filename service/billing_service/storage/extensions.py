@@ -5,7 +5,6 @@ answer either way so that a retry replays it."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing_service.domain.budgets import DENIAL_REASONS, BudgetUsage, first_exhausted
 from billing_service.domain.commands import ExtendHold
-from billing_service.domain.ledger import EntryKind, check_extendable, extension_answer
+from billing_service.domain.ledger import EntryKind, check_extendable, extended, extension_answer
 from billing_service.domain.model import DenialReason, Hold
 from billing_service.domain.outcomes import ExtendOutcome
 from billing_service.domain.policy import decide, explain_refusal
@@ -57,7 +56,8 @@ async def extend_hold(
         account = await take_hold(conn, hold.tenant_id, amount)
         snapshot = None
         if account is None:
-            # Decided on the row read under its lock, as for a reservation (see reservations.place_hold).
+            # Decided on the row read under its lock, as for a reservation
+            # (see reservations.place_hold).
             snapshot = await get_account(conn, hold.tenant_id, lock=True)
             assert snapshot is not None
             if decide(snapshot, hold.model, hold.price, amount).allowed:
@@ -116,13 +116,7 @@ async def extend_hold(
                 usages,
                 now,
             )
-    grown = replace(
-        hold,
-        amount_micros=hold.amount_micros + amount,
-        extended_micros=hold.extended_micros + amount,
-        expires_at=max(hold.expires_at, now + ttl),
-        granted_expires_at=hold.granted_expires_at or hold.expires_at,
-    )
+    grown = extended(hold, amount, now, ttl)
     await conn.execute(
         update(holds)
         .where(holds.c.hold_id == hold.hold_id)

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing_service.domain.budgets import DENIAL_REASONS, BudgetUsage, first_exhausted
 from billing_service.domain.ledger import EntryKind
-from billing_service.domain.model import DenialReason, Hold, HoldStatus, TenantStatus
+from billing_service.domain.model import DenialReason, Hold, HoldStatus
 from billing_service.domain.policy import decide, explain_refusal
 from billing_service.storage import budget_store
 from billing_service.storage.ledger_rows import hold_row
@@ -76,9 +76,13 @@ async def place_hold(
                 )
                 return stored
         else:
-            # An included model moves no money: only the tenant's status matters.
+            # An included model moves no money: the admission rule checks only the tenant's
+            # status, on this read.
             snapshot = await get_account(conn, hold.tenant_id)
-            if snapshot is not None and snapshot.status is TenantStatus.ACTIVE:
+            if (
+                snapshot is not None
+                and decide(snapshot, hold.model, hold.price, hold.amount_micros).allowed
+            ):
                 stored = replace(
                     hold,
                     decision_available_micros=snapshot.available_micros,

@@ -17,7 +17,9 @@ from billing_service.domain.ledger import (
     Settlement,
     check_committable,
     check_refundable,
+    covered_by_hold,
     decide_release,
+    held_micros,
     refund_amount,
     settle,
 )
@@ -101,9 +103,9 @@ async def commit(
 
 async def _debit(conn: AsyncConnection, hold: Hold, cost_micros: int) -> tuple[Settlement, Account]:
     """Releases the hold and debits the cost, capped so the tenant never passes its limit."""
-    if cost_micros <= hold.amount_micros:
+    if covered_by_hold(hold, cost_micros):
         # Within the hold: it was granted inside the cap, so no read is needed to decide.
-        settlement = Settlement(charged_micros=cost_micros, uncollected_micros=0)
+        settlement = settle(hold, cost_micros, 0)
     else:
         before = (await conn.execute(LOCKED_ACCOUNT, {"tenant": hold.tenant_id})).one()
         room = account_from_row(before).available_micros
@@ -150,7 +152,7 @@ async def release(
         await expire(conn, hold_id=hold.hold_id, now=now)
         return None
     await conn.execute(RELEASE_HOLD, {"hold": hold.hold_id, "at": now})
-    released = hold.amount_micros if hold.metered else 0
+    released = held_micros(hold)
     account = await move(conn, hold.tenant_id, 0, -released)
     assert account is not None
     if hold.metered:
