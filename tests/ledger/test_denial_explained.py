@@ -16,7 +16,7 @@ from billing_service.domain.commands import CreateTenant, GrantCredit, Refund, R
 from billing_service.domain.model import Account, DenialReason, Hold, TenantStatus
 from billing_service.domain.money import format_micros
 from billing_service.domain.policy import Decision
-from billing_service.storage import ledger_store
+from billing_service.storage import reservations
 from billing_service.storage.ledger_store import LedgerStore
 from tests.ledger.conftest import FLAT
 from tests.support.clock import FakeClock
@@ -67,7 +67,7 @@ async def test_a_denial_reports_the_availability_it_was_decided_on_when_credit_f
     first = await core.reserve(reserve("acme"))
     assert first.hold is not None
     hold_id = first.hold.hold_id
-    take_hold = ledger_store._take_hold_for
+    take_hold = reservations.take_hold_for
     freed: list[bool] = []
 
     async def take_then_free(conn: AsyncConnection, hold: Hold) -> tuple[Account, bool] | None:
@@ -78,7 +78,7 @@ async def test_a_denial_reports_the_availability_it_was_decided_on_when_credit_f
             await store.refund(Refund(rid(), hold_id), "release", clock())
         return taken
 
-    monkeypatch.setattr(ledger_store, "_take_hold_for", take_then_free)
+    monkeypatch.setattr(reservations, "take_hold_for", take_then_free)
     second = await core.reserve(reserve("acme"))
     assert freed, "the injection point was not reached"
     assert_consistent(second.decision)

@@ -19,7 +19,7 @@ from billing_service.payments.events import PaymentIntentFacts
 from billing_service.payments.outbox import new_charge_id
 from billing_service.payments.sink import PaymentsEventSink
 from billing_service.storage.charge_sql import charge_from_row
-from billing_service.storage.charge_store import _credit_top_up
+from billing_service.storage.charge_store import credit_top_up
 from billing_service.storage.database import transaction
 from billing_service.storage.tables import charges
 from tests.payments.test_outbox_and_sink import World, world_on
@@ -218,7 +218,7 @@ async def test_an_on_demand_top_up_decided_while_a_charge_lands_sees_its_credit(
                 .returning(*charges.c)
             )
         ).one()
-        await _credit_top_up(conn, charge_from_row(landed), world.clock())
+        await credit_top_up(conn, charge_from_row(landed), world.clock())
         second = asyncio.create_task(
             world.store.enqueue_automatic(
                 tenant_id, new_charge_id(), world.clock(), at_least_micros=1, hold_micros=hold

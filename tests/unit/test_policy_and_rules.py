@@ -44,7 +44,11 @@ from billing_service.domain.ledger import (
     Settlement,
     check_committable,
     check_refundable,
+    covered_by_hold,
     decide_release,
+    extended,
+    extension_answer,
+    held_micros,
     is_live,
     refund_amount,
     require_reservation,
@@ -282,6 +286,52 @@ def test_settle_properties(amount: int, cost: int, available: int) -> None:
     # Releasing the hold and charging never takes a tenant from within its cap to beyond it.
     available_after = available + amount - result.charged_micros
     assert available_after >= min(0, available)
+
+
+@given(
+    amount=st.integers(0, AMOUNT_MICROS_MAX),
+    cost=st.integers(0, 4 * 10**13),
+    available=st.integers(-(10**13), 10**13),
+)
+def test_a_cost_covered_by_the_hold_settles_the_same_whatever_the_credit(
+    amount: int, cost: int, available: int
+) -> None:
+    metered = hold(amount=amount)
+    assert covered_by_hold(metered, cost) == (cost <= amount)
+    if covered_by_hold(metered, cost):
+        assert settle(metered, cost, available) == settle(metered, cost, 0) == Settlement(cost, 0)
+
+
+def test_only_a_metered_hold_keeps_credit() -> None:
+    assert held_micros(hold(amount=10_000)) == 10_000
+    assert held_micros(hold(amount=0)) == 0
+    assert held_micros(hold(amount=10_000, price=INCLUDED)) == 0
+    assert held_micros(hold(amount=10_000, price=None)) == 0
+
+
+@given(
+    amount=st.integers(0, AMOUNT_MICROS_MAX),
+    more=st.lists(st.integers(0, 10**9), min_size=1, max_size=4),
+    ttl_seconds=st.integers(1, 3_600),
+    step_seconds=st.integers(0, 3_600),
+)
+def test_an_extended_hold_grows_and_remembers_how_it_was_granted(
+    amount: int, more: list[int], ttl_seconds: int, step_seconds: int
+) -> None:
+    granted = hold(amount=amount)
+    grown = granted
+    now = NOW
+    for micros in more:
+        before = grown
+        grown = extended(grown, micros, now, timedelta(seconds=ttl_seconds))
+        assert grown.amount_micros == before.amount_micros + micros
+        assert grown.expires_at == max(before.expires_at, now + timedelta(seconds=ttl_seconds))
+        now += timedelta(seconds=step_seconds)
+    assert grown.extended_micros == sum(more)
+    assert grown.as_granted() == granted
+    answer = extension_answer(grown, grown.amount_micros, grown.expires_at)
+    assert answer.status is HoldStatus.OPEN
+    assert (answer.amount_micros, answer.expires_at) == (grown.amount_micros, grown.expires_at)
 
 
 # Hold state checks

@@ -10,8 +10,8 @@ storage applies (its one-statement SQL applies `is_live` through storage.hold_sq
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from billing_service.domain.errors import ErrorReason, FailedPrecondition, NotFound
@@ -58,6 +58,19 @@ def settle(hold: Hold, cost_micros: int, available_micros: int) -> Settlement:
     chargeable = hold.amount_micros + max(0, available_micros)
     charged = min(cost_micros, chargeable)
     return Settlement(charged_micros=charged, uncollected_micros=cost_micros - charged)
+
+
+def covered_by_hold(hold: Hold, cost_micros: int) -> bool:
+    """Whether a commit of `hold` at `cost_micros` is charged whole whatever the tenant's
+    available credit (settle gives the same answer for any): the cost is within the hold, which
+    was granted inside the cap, so no read of the account is needed to settle it."""
+    return cost_micros <= hold.amount_micros
+
+
+def held_micros(hold: Hold) -> int:
+    """What an open hold keeps of the tenant's credit, and a release gives back: its amount for
+    a metered model; a hold of an included model keeps nothing."""
+    return hold.amount_micros if hold.metered else 0
 
 
 def is_live(hold: Hold, now: datetime) -> bool:
@@ -163,3 +176,22 @@ def refund_amount(hold: Hold, charged_micros: int, requested_micros: int, refund
             {"refundable_micros": str(max(0, refundable)), "requested_micros": str(amount)},
         )
     return amount
+
+
+def extension_answer(hold: Hold, amount_micros: int, expires_at: datetime) -> Hold:
+    """The hold an ExtendHold answers with: open, with the amount and expire time the decision
+    left it (the rest as granted), the same whether answered first or replayed."""
+    return replace(hold.as_granted(), amount_micros=amount_micros, expires_at=expires_at)
+
+
+def extended(hold: Hold, amount_micros: int, now: datetime, ttl: timedelta) -> Hold:
+    """`hold` grown by an ExtendHold granted `amount_micros`: its expire time moves to `now` +
+    `ttl` unless it was later already, and the amount and expire time as first granted are
+    kept (Hold.as_granted)."""
+    return replace(
+        hold,
+        amount_micros=hold.amount_micros + amount_micros,
+        extended_micros=hold.extended_micros + amount_micros,
+        expires_at=max(hold.expires_at, now + ttl),
+        granted_expires_at=hold.granted_expires_at or hold.expires_at,
+    )

@@ -46,7 +46,7 @@ from billing_service.storage.charge_sql import (
 )
 from billing_service.storage.credit_sql import available_credit_sql
 from billing_service.storage.database import storage_faults_unavailable, transaction
-from billing_service.storage.ledger_store import _append_entry, _move
+from billing_service.storage.ledger_statements import append_entry, move
 from billing_service.storage.tables import charges, tenants
 
 
@@ -495,7 +495,7 @@ class ChargeOutbox:
                 return Recorded(await _charge_where(conn, charges.c.charge_id == charge_id), False)
             charge = charge_from_row(moved)
             if status is ChargeStatus.SUCCEEDED:
-                charge = await _credit_top_up(conn, charge, now)
+                charge = await credit_top_up(conn, charge, now)
             elif card_problem and (problem := STATUS_AFTER_CHARGE.get(status)):
                 await conn.execute(
                     update(tenants)
@@ -531,7 +531,7 @@ class ChargeOutbox:
             if credited:
                 await _append_reversal(conn, charge, target - charge.refunded_micros, now)
             # Before its success is recorded, the refund is only remembered: the credit
-            # written then takes it back (see _credit_top_up).
+            # written then takes it back (see credit_top_up).
             values: dict[str, Any] = {"refunded_micros": target, "updated_at": now}
             if credited:
                 values["status"] = ChargeStatus.REFUNDED
@@ -545,10 +545,10 @@ class ChargeOutbox:
             )
 
 
-async def _credit_top_up(conn: AsyncConnection, charge: Charge, now: datetime) -> Charge:
-    account = await _move(conn, charge.tenant_id, charge.amount_micros, 0)
+async def credit_top_up(conn: AsyncConnection, charge: Charge, now: datetime) -> Charge:
+    account = await move(conn, charge.tenant_id, charge.amount_micros, 0)
     assert account is not None
-    await _append_entry(
+    await append_entry(
         conn,
         account,
         EntryKind.TOP_UP,
@@ -576,9 +576,9 @@ async def _credit_top_up(conn: AsyncConnection, charge: Charge, now: datetime) -
 async def _append_reversal(
     conn: AsyncConnection, charge: Charge, amount_micros: int, now: datetime
 ) -> None:
-    account = await _move(conn, charge.tenant_id, -amount_micros, 0)
+    account = await move(conn, charge.tenant_id, -amount_micros, 0)
     assert account is not None
-    await _append_entry(
+    await append_entry(
         conn,
         account,
         EntryKind.TOP_UP_REVERSAL,

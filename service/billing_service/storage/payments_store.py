@@ -36,10 +36,7 @@ from billing_service.storage.charge_sql import (
 )
 from billing_service.storage.charge_store import ChargeOutbox
 from billing_service.storage.database import storage_faults_unavailable, transaction
-from billing_service.storage.ledger_store import (
-    _ACCOUNT_COLUMNS,
-    _account_from_row,
-)
+from billing_service.storage.ledger_rows import ACCOUNT_COLUMNS, account_from_row
 from billing_service.storage.tables import account_requests, charges, setup_intents, tenants
 
 
@@ -83,11 +80,9 @@ class PaymentsStore(ChargeOutbox):
     async def get_account(self, tenant_id: str) -> Account | None:
         async with self._engine.connect() as conn:
             row = (
-                await conn.execute(
-                    select(*_ACCOUNT_COLUMNS).where(tenants.c.tenant_id == tenant_id)
-                )
+                await conn.execute(select(*ACCOUNT_COLUMNS).where(tenants.c.tenant_id == tenant_id))
             ).one_or_none()
-        return None if row is None else _account_from_row(row)
+        return None if row is None else account_from_row(row)
 
     @storage_faults_unavailable
     async def set_customer(self, tenant_id: str, customer_id: str, now: datetime) -> str:
@@ -270,12 +265,12 @@ class PaymentsStore(ChargeOutbox):
     async def list_accounts(
         self, billing_status: BillingStatus | None, after_tenant_id: str, limit: int
     ) -> list[Account]:
-        query = select(*_ACCOUNT_COLUMNS).where(tenants.c.tenant_id > after_tenant_id)
+        query = select(*ACCOUNT_COLUMNS).where(tenants.c.tenant_id > after_tenant_id)
         if billing_status is not None:
             query = query.where(tenants.c.billing_status == billing_status)
         async with self._engine.connect() as conn:
             rows = await conn.execute(query.order_by(tenants.c.tenant_id).limit(limit))
-            return [_account_from_row(row) for row in rows]
+            return [account_from_row(row) for row in rows]
 
     # Idempotent AccountService requests
 

@@ -25,7 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing_service.domain.model import Account, UsageRecord
 from billing_service.storage.database import storage_faults_unavailable
-from billing_service.storage.ledger_store import LedgerStore, _usage_from_row
+from billing_service.storage.ledger_rows import usage_from_row
+from billing_service.storage.ledger_store import LedgerStore
 from billing_service.storage.tables import charges, ledger_entries, usage_records, usage_rollups
 from billing_service.usage import (
     LedgerEntryView,
@@ -105,7 +106,7 @@ class UsageStore:
             query = query.order_by(c.committed_at, c.hold_id)
         async with self._reads.connect() as conn:
             rows = await conn.execute(query.limit(limit))
-            return [_usage_from_row(row) for row in rows]
+            return [usage_from_row(row) for row in rows]
 
     @storage_faults_unavailable
     async def ledger_entries(
