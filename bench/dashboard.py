@@ -267,7 +267,7 @@ async def _commit_cost(engine: AsyncEngine, commits: int, concurrency: int) -> d
     """The one-statement Commit with and without its rollup CTE on one tenant, one user and one
     model (every commit updates the same rollup row), in alternating rounds, `concurrency`
     connections at once. Timed: the Commit statement alone (each caller reserves first)."""
-    with_sql = postgres_hot_path._COMMIT_SQL
+    with_sql = COMMIT.text
     without_sql = re.sub(
         r"\), rollup AS \(.*?\n\)\nINSERT INTO usage_records",
         ")\nINSERT INTO usage_records",
@@ -276,7 +276,7 @@ async def _commit_cost(engine: AsyncEngine, commits: int, concurrency: int) -> d
     )
     if without_sql == with_sql:
         raise RuntimeError("the Commit statement has no `rollup` CTE to take out")
-    without = postgres_hot_path._statement(
+    without = postgres_hot_path.typed_statement(
         without_sql,
         text_params=("hold_id", "request_id", "request_fingerprint"),
         time_params=("now",),

@@ -285,7 +285,7 @@ _EXTENSION = f"""(:additional_output_tokens * output_micros_per_mtok
         + {TOKENS_PER_PRICE_UNIT - 1}) / {TOKENS_PER_PRICE_UNIT}"""
 _TENANT_ADMITS_EXTENSION = tenant_admits_postgres_text(amount="target.amount_micros")
 
-# ExtendHold granted: the general transaction (ledger_store._extend_hold) writes the same rows.
+# ExtendHold granted: the general transaction (extensions.extend_hold) writes the same rows.
 # The hold is locked first, then its tenant: the order of that transaction and of a commit.
 _EXTEND_SQL = f"""
 WITH target AS (
@@ -341,7 +341,7 @@ FROM grown, target, account
 _PARAM_NAMES = re.compile(r"(?<![:\w]):(\w+)")
 
 
-def _statement(
+def typed_statement(
     sql: str, *, text_params: tuple[str, ...], time_params: tuple[str, ...]
 ) -> TextClause:
     """A prepared-once statement whose parameters carry their SQL types (bigint by default)."""
@@ -357,7 +357,7 @@ def _statement(
     return text(sql).bindparams(*params)
 
 
-RESERVE = _statement(
+RESERVE = typed_statement(
     _RESERVE_SQL,
     text_params=(
         "tenant_id",
@@ -370,18 +370,18 @@ RESERVE = _statement(
     ),
     time_params=("now", "expires_at", "day_start", "week_start", "month_start", "epoch"),
 )
-COMMIT = _statement(
+COMMIT = typed_statement(
     _COMMIT_SQL,
     text_params=("hold_id", "request_id", "request_fingerprint"),
     time_params=("now",),
 )
-RELEASE = _statement(
+RELEASE = typed_statement(
     _RELEASE_SQL,
     text_params=("hold_id", "request_id", "request_fingerprint", "memo"),
     time_params=("now",),
 )
 
-EXTEND = _statement(
+EXTEND = typed_statement(
     _EXTEND_SQL,
     text_params=("hold_id", "request_id", "request_fingerprint"),
     time_params=("now", "renewed_expires_at"),
