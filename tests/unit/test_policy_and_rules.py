@@ -48,6 +48,7 @@ from billing_service.domain.ledger import (
     decide_release,
     extended,
     extension_answer,
+    held_by,
     held_micros,
     is_live,
     refund_amount,
@@ -61,6 +62,7 @@ from billing_service.domain.model import (
     Hold,
     HoldStatus,
     TenantStatus,
+    lifted_by_top_up,
 )
 from billing_service.domain.money import AMOUNT_MICROS_MAX, format_micros
 from billing_service.domain.policy import Decision, decide, explain_refusal
@@ -307,6 +309,22 @@ def test_only_a_metered_hold_keeps_credit() -> None:
     assert held_micros(hold(amount=0)) == 0
     assert held_micros(hold(amount=10_000, price=INCLUDED)) == 0
     assert held_micros(hold(amount=10_000, price=None)) == 0
+
+
+@given(
+    amount=st.integers(0, AMOUNT_MICROS_MAX),
+    billing=st.sampled_from([*ModelBilling, None]),
+)
+def test_what_a_hold_row_gives_back_is_what_its_hold_keeps(
+    amount: int, billing: ModelBilling | None
+) -> None:
+    price = None if billing is None else dataclasses.replace(METERED, billing=billing)
+    assert held_by(billing, amount) == held_micros(hold(amount=amount, price=price))
+
+
+@pytest.mark.parametrize("reason", [*DenialReason, None])
+def test_only_a_lack_of_credit_is_lifted_by_a_top_up(reason: DenialReason | None) -> None:
+    assert lifted_by_top_up(reason) == (reason is DenialReason.CREDIT_LIMIT_REACHED)
 
 
 @given(

@@ -16,6 +16,7 @@ from enum import StrEnum
 
 from billing_service.domain.errors import ErrorReason, FailedPrecondition, NotFound
 from billing_service.domain.model import Hold, HoldStatus
+from billing_service.domain.pricing import ModelBilling
 
 
 class EntryKind(StrEnum):
@@ -70,7 +71,13 @@ def covered_by_hold(hold: Hold, cost_micros: int) -> bool:
 def held_micros(hold: Hold) -> int:
     """What an open hold keeps of the tenant's credit, and a release gives back: its amount for
     a metered model; a hold of an included model keeps nothing."""
-    return hold.amount_micros if hold.metered else 0
+    return held_by(hold.price.billing if hold.price else None, hold.amount_micros)
+
+
+def held_by(billing: ModelBilling | None, amount_micros: int) -> int:
+    """held_micros of a hold known by its model's billing and amount (a row the expiry sweep
+    claimed): what its release or expiry gives back, 0 when it moves no money."""
+    return amount_micros if billing is ModelBilling.METERED else 0
 
 
 def is_live(hold: Hold, now: datetime) -> bool:

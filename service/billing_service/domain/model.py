@@ -89,6 +89,13 @@ class DenialReason(StrEnum):
     API_KEY_BUDGET_EXHAUSTED = "api_key_budget_exhausted"
 
 
+def lifted_by_top_up(reason: DenialReason | None) -> bool:
+    """Whether more credit (a top-up) could turn a denial for this reason into a grant: only a
+    lack of credit. A budget, the tenant's status or a payment problem denies whatever the
+    balance."""
+    return reason is DenialReason.CREDIT_LIMIT_REACHED
+
+
 # A payment problem denies metered models with the reason of the same name.
 PAYMENT_DENIALS = {
     BillingStatus.PAYMENT_FAILED: DenialReason.PAYMENT_FAILED,

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing_service.domain.budgets import DENIAL_REASONS, BudgetUsage, first_exhausted
 from billing_service.domain.ledger import EntryKind
-from billing_service.domain.model import DenialReason, Hold, HoldStatus
+from billing_service.domain.model import DenialReason, Hold, HoldStatus, lifted_by_top_up
 from billing_service.domain.policy import decide, explain_refusal
 from billing_service.storage import budget_store
 from billing_service.storage.ledger_rows import hold_row
@@ -100,7 +100,7 @@ async def place_hold(
                 decision_available_micros=refusal.available_micros,
                 budgets=await _budgets_now(conn, hold),
             )
-            if refusal.reason is DenialReason.CREDIT_LIMIT_REACHED:
+            if lifted_by_top_up(refusal.reason):
                 if defer_credit_denial:
                     return denied
                 if credit_denial_reason is not None:

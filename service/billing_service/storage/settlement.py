@@ -19,6 +19,7 @@ from billing_service.domain.ledger import (
     check_refundable,
     covered_by_hold,
     decide_release,
+    held_by,
     held_micros,
     refund_amount,
     settle,
@@ -231,13 +232,15 @@ async def expire(conn: AsyncConnection, *, hold_id: str, now: datetime) -> int:
     row = (await conn.execute(EXPIRE_HOLD, {"hold": hold_id, "at": now})).one_or_none()
     if row is None:
         return 0
-    if row.billing == ModelBilling.METERED and row.amount_micros:
-        account = await move(conn, row.tenant_id, 0, -row.amount_micros)
+    billing = None if row.billing is None else ModelBilling(row.billing)
+    released = held_by(billing, row.amount_micros)
+    if released:
+        account = await move(conn, row.tenant_id, 0, -released)
         assert account is not None
         await budget_store.move_periods(
-            conn, budget_store.usages_from_json(row.budgets), held_delta=-row.amount_micros
+            conn, budget_store.usages_from_json(row.budgets), held_delta=-released
         )
         await append_entry(
-            conn, account, EntryKind.EXPIRY, now, hold_id=hold_id, held_delta=-row.amount_micros
+            conn, account, EntryKind.EXPIRY, now, hold_id=hold_id, held_delta=-released
         )
     return 1
