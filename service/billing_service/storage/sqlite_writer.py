@@ -7,10 +7,16 @@ connection, and runs there start to end, a transaction at a time; its result com
 hop.
 
 On that thread the body's connection is an `InlineConnection`: its `execute` runs the statement
-at once through SQLAlchemy's synchronous SQLite driver (pysqlite, the dialect aiosqlite's is
-built on: same types, same compiled-statement cache), so an await in the body never suspends
-and costs no greenlet switch and no event-loop turn. The thread keeps the caller's event loop
-free while SQLite waits for a lock held by another connection (busy timeout) or writes a WAL
+at once on the synchronous pysqlite connection (the driver aiosqlite's dialect is built on: same
+types), so an await in the body never suspends and costs no greenlet switch and no event-loop
+turn. A statement object the writer has seen before (the bodies' statements are module
+constants) runs below SQLAlchemy's execution layer: compiled once per set of parameter names
+with the writer engine's dialect, its parameters and result rows converted by the same bind and
+result processors SQLAlchemy would use, straight on a pysqlite cursor (`_Prepared`). Anything
+else (a statement built per call, seen once; a text() statement; a list of parameter sets;
+Python-side column defaults; expanding IN parameters; execution options) goes through
+SQLAlchemy's `Connection.execute` as before. The thread keeps the caller's event loop free
+while SQLite waits for a lock held by another connection (busy timeout) or writes a WAL
 checkpoint.
 
 A caller cancelled while its transaction is queued cancels it before it starts; once started,
@@ -25,26 +31,157 @@ import concurrent.futures
 import queue
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from functools import partial
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, CursorResult, Engine, Executable, create_engine
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Dialect, IteratorResult
+from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 T = TypeVar("T")
+
+
+class InlineResult(IteratorResult[Any]):
+    """The rows of a statement run below SQLAlchemy's execution layer, all fetched, as
+    SQLAlchemy `Row`s (`one()`, `scalar_one()`, `scalars()`, `row.name`, `row._mapping`...),
+    and the cursor's `rowcount`."""
+
+    rowcount: int
+
+
+class _Prepared:
+    """One statement compiled for one set of parameter names, ready to run on a pysqlite
+    cursor: its SQL, the order of its parameters with their bind processors, and the
+    metadata (keys and result processors) of the rows it returns."""
+
+    __slots__ = ("compiled", "metadata", "positions", "processors", "sql")
+
+    def __init__(
+        self,
+        sql: str,
+        compiled: SQLCompiler,
+        positions: Sequence[str],
+        processors: Mapping[str, Callable[[Any], Any]],
+        metadata: SimpleResultMetaData,
+    ) -> None:
+        self.sql = sql
+        self.compiled = compiled
+        self.positions = positions
+        self.processors = processors
+        self.metadata = metadata
+
+    def parameters(self, values: Mapping[str, Any] | None) -> tuple[Any, ...]:
+        """The DBAPI's positional parameters, as SQLAlchemy's execution context makes them."""
+        params = self.compiled.construct_params(values, escape_names=False)
+        processors = self.processors
+        return tuple(
+            processors[key](params[key]) if key in processors else params[key]
+            for key in self.positions
+        )
+
+
+def prepare(statement: Executable, keys: Sequence[str], dialect: Dialect) -> _Prepared | None:
+    """`statement` compiled as SQLAlchemy compiles it for parameters named `keys`, or None
+    when it needs what only SQLAlchemy's execution layer does."""
+    if not isinstance(statement, ClauseElement) or statement.get_execution_options():
+        return None
+    compiled = statement.compile(dialect=dialect, column_keys=sorted(keys))
+    if not isinstance(compiled, SQLCompiler) or (
+        compiled.isplaintext  # text(): its result columns are matched by name
+        or not compiled.positional
+        or compiled.insert_prefetch  # Python-side column defaults, computed per execution
+        or compiled.update_prefetch
+        or compiled.implicit_returning  # the primary key comes back, not rows
+        or compiled.literal_execute_params  # rendered per execution
+        or compiled.post_compile_params  # expanding IN
+        or compiled.escaped_bind_names
+        or compiled.schema_translate_map
+        or compiled.positiontup is None
+    ):
+        return None
+    processors: dict[str, Callable[[Any], Any]] = {}
+    for name, bind in compiled.binds.items():
+        bind_type = bind.type.dialect_impl(dialect)
+        if bind_type._is_tuple_type:  # semi-private; a tuple IN: not in the bodies
+            return None
+        processor = bind_type.bind_processor(dialect)
+        if processor is not None:
+            processors[name] = processor
+    # Semi-private (SQLAlchemy's own result metadata reads it): the columns a statement
+    # returns, in order, with the key, name, column objects and type of each.
+    # tests/ledger/test_sqlite_inline.py pins it.
+    columns = compiled._result_columns
+    if columns and (
+        not compiled._ordered_columns
+        or compiled._textual_ordered_columns
+        or compiled._ad_hoc_textual
+        or compiled._loose_column_name_matching
+    ):
+        return None
+    keys_out = [column.keyname for column in columns]
+    if len(set(keys_out)) != len(keys_out):
+        return None  # an ambiguous key: SQLAlchemy raises on its use
+    extras = [
+        ((column.name,) if column.name != column.keyname else ()) + tuple(column.objects)
+        for column in columns
+    ]
+    result_processors = [
+        column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
+    ]
+    metadata = SimpleResultMetaData(
+        keys_out,
+        extra=extras,
+        _processors=result_processors if any(result_processors) else None,
+    )
+    return _Prepared(compiled.string, compiled, compiled.positiontup, processors, metadata)
+
+
+class PreparedStatements:
+    """Statements prepared (`prepare`) for one dialect, keyed on the statement object and the
+    names of its parameters. A statement is prepared the second time it is seen: a statement
+    built per call is seen once, and SQLAlchemy's own cache (keyed on its structure) serves it
+    better. An entry lives as long as its statement object."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._dialect = dialect
+        self._entries: dict[int, dict[tuple[str, ...], _Prepared | None]] = {}
+        self.prepared_runs = 0
+        self.fallback_runs = 0
+
+    def get(self, statement: Executable, keys: tuple[str, ...]) -> _Prepared | None:
+        by_keys = self._entries.get(id(statement))
+        if by_keys is None:
+            try:
+                weakref.finalize(statement, self._entries.pop, id(statement), None)
+            except TypeError:  # not weak-referenceable: never prepared
+                return None
+            self._entries[id(statement)] = {}
+            return None
+        try:
+            return by_keys[keys]
+        except KeyError:
+            prepared = by_keys[keys] = prepare(statement, keys, self._dialect)
+            return prepared
 
 
 class InlineConnection:
     """What a transaction body uses of an AsyncConnection (`execute`, `dialect`), run inline
     on a synchronous connection: the awaits of a body on it never suspend."""
 
-    __slots__ = ("_connection", "dialect")
+    __slots__ = ("_connection", "_driver", "_statements", "dialect")
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, statements: PreparedStatements) -> None:
         self._connection = connection
+        driver = connection.connection.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        self._driver = driver
+        self._statements = statements
         self.dialect = connection.dialect
 
     async def execute(
@@ -54,7 +191,45 @@ class InlineConnection:
         *,
         execution_options: Any = None,
     ) -> CursorResult[Any]:
-        return self._connection.execute(statement, parameters, execution_options=execution_options)
+        prepared = (
+            self._statements.get(statement, tuple(parameters or ()))
+            if execution_options is None and (parameters is None or isinstance(parameters, dict))
+            else None
+        )
+        if prepared is None:
+            self._statements.fallback_runs += 1
+            return self._connection.execute(
+                statement, parameters, execution_options=execution_options
+            )
+        self._statements.prepared_runs += 1
+        return cast(CursorResult[Any], run_prepared(self._driver, prepared, parameters))
+
+
+def run_prepared(
+    driver: sqlite3.Connection, prepared: _Prepared, parameters: Mapping[str, Any] | None
+) -> InlineResult:
+    """Runs a prepared statement on a pysqlite cursor; a failure comes out as SQLAlchemy's
+    path raises it (DBAPIError.instance: IntegrityError, OperationalError, StatementError)."""
+    values: tuple[Any, ...] = ()
+    try:
+        values = prepared.parameters(parameters)
+        cursor = driver.cursor()
+        try:
+            cursor.execute(prepared.sql, values)
+            # As SQLAlchemy reports it: read before the rows are fetched (on SQLite the count
+            # of an UPDATE ... RETURNING is 0 then; its dialect says such counts are not sane).
+            rowcount = cursor.rowcount
+            rows = cursor.fetchall()
+        finally:
+            cursor.close()
+    except Exception as error:
+        raise cast(
+            Exception,
+            DBAPIError.instance(prepared.sql, values, error, sqlite3.Error),
+        ) from error
+    result = InlineResult(prepared.metadata, iter(rows))
+    result.rowcount = rowcount
+    return result
 
 
 class SqliteWriter:
@@ -76,6 +251,7 @@ class SqliteWriter:
             pool_timeout=timeout_s,
         )
         configure(self.engine)
+        self.statements = PreparedStatements(self.engine.dialect)
         self.hops = 0
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="sqlite-writer", daemon=True)
@@ -127,7 +303,7 @@ class SqliteWriter:
                 # As SQLAlchemy would raise it (a lock not obtained in time: OperationalError).
                 raise DBAPIError.instance(begin, None, error, sqlite3.Error) from error
             with conn.begin():
-                return await body(cast(AsyncConnection, InlineConnection(conn)))
+                return await body(cast(AsyncConnection, InlineConnection(conn, self.statements)))
 
     def close(self) -> None:
         """Closes the connection and ends the thread (the work queued before runs first)."""
