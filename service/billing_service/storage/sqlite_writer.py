@@ -4,7 +4,7 @@ aiosqlite runs every driver call on its connection's thread and back: a ReserveC
 Commit made about 43 such hops (docs/performance.md). Here each transaction body, the same
 async function the PostgreSQL path runs, is sent once to a thread that owns one SQLite
 connection, and runs there start to end, a transaction at a time; its result comes back in one
-hop.
+hop: the caller's loop is woken once for all the results that finished while it was busy.
 
 On that thread the body's connection is an `InlineConnection`: its `execute` runs the statement
 at once on the synchronous pysqlite connection (the driver aiosqlite's dialect is built on: same
@@ -27,7 +27,6 @@ is unknown to it, and its retry with the same request_id replays it.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import queue
 import sqlite3
 import threading
@@ -254,31 +253,64 @@ class SqliteWriter:
         self.statements = PreparedStatements(self.engine.dialect)
         self.hops = 0
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        # Outcomes of transactions waiting for their callers' loops to take them.
+        self._lock = threading.Lock()
+        self._outcomes: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
         self._thread = threading.Thread(target=self._serve, name="sqlite-writer", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         try:
             while (item := self._queue.get()) is not None:
-                future, work = item
-                if not future.set_running_or_notify_cancel():
+                loop, future, work = item
+                # Read on this thread without the loop's help: a plain attribute of the future.
+                if future.cancelled():
                     continue  # its caller was cancelled while it was queued
                 try:
                     result = _run_inline(work())
                 except BaseException as error:  # handed to the waiting caller
-                    future.set_exception(error)
+                    self._hand_back(loop, (future, False, error))
                 else:
-                    future.set_result(result)
+                    self._hand_back(loop, (future, True, result))
         finally:
             self.engine.dispose()
 
+    def _hand_back(self, loop: asyncio.AbstractEventLoop, outcome: _Outcome) -> None:
+        """Queues an outcome for its caller's loop; wakes the loop only when no earlier outcome
+        is waiting for it (that wake-up delivers this one too)."""
+        with self._lock:
+            waiting = self._outcomes.get(loop)
+            if waiting is not None:
+                waiting.append(outcome)
+                return
+            self._outcomes[loop] = [outcome]
+        try:
+            loop.call_soon_threadsafe(self._deliver, loop)
+        except RuntimeError:  # the caller's loop is closed: nobody waits for it
+            with self._lock:
+                self._outcomes.pop(loop, None)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the caller's loop: every outcome waiting for it, in the order they finished."""
+        with self._lock:
+            outcomes = self._outcomes.pop(loop, [])
+        for future, ok, value in outcomes:
+            if future.done():
+                continue  # its caller was cancelled while it ran
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
     async def run(self, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
-        """Runs `work()` on the writer's thread; one hop there and one back. `work` must
-        never suspend (its awaits are on the writer's InlineConnection)."""
+        """Runs `work()` on the writer's thread; one hop there and one back (shared by the
+        transactions that finish while the loop is busy). `work` must never suspend (its
+        awaits are on the writer's InlineConnection)."""
         self.hops += 1
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((future, work))
-        return await asyncio.wrap_future(future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put((loop, future, work))
+        return await future
 
     async def transaction(self, body: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """`body` in one transaction (BEGIN IMMEDIATE), committed unless it raises."""
@@ -314,8 +346,12 @@ class SqliteWriter:
             self._thread.join(timeout=10)
 
 
-# A transaction for the writer's thread, and the future its caller waits on.
-_Work = tuple["concurrent.futures.Future[Any]", Callable[[], Coroutine[Any, Any, Any]]]
+# A transaction for the writer's thread, with its caller's loop and the future it waits on.
+_Work = tuple[
+    asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[], Coroutine[Any, Any, Any]]
+]
+# A transaction's future, whether it returned, and what it returned or raised.
+_Outcome = tuple["asyncio.Future[Any]", bool, Any]
 
 
 def _run_inline(coroutine: Coroutine[Any, Any, T]) -> T:
