@@ -37,6 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.sqltypes import TupleType
 
 from billing_service.core import BillingCore
 from billing_service.domain.commands import Commit, CreateTenant, Reserve
@@ -229,6 +230,7 @@ def test_the_semi_private_compiler_attributes_it_reads() -> None:
     assert not compiled._ad_hoc_textual
     assert not compiled._loose_column_name_matching
     assert UtcDateTime()._is_tuple_type is False
+    assert TupleType(Integer(), String())._is_tuple_type is True
 
 
 @pytest.fixture

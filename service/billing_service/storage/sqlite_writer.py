@@ -106,10 +106,11 @@ def prepare(statement: Executable, keys: Sequence[str], dialect: Dialect) -> _Pr
         return None
     processors: dict[str, Callable[[Any], Any]] = {}
     for name, bind in compiled.binds.items():
-        bind_type = bind.type.dialect_impl(dialect)
-        if bind_type._is_tuple_type:  # semi-private; a tuple IN: not in the bodies
+        # Semi-private, pinned by tests/ledger/test_sqlite_inline.py: a tuple of values (a
+        # tuple IN) has one processor per element; not in the bodies.
+        if bind.type._is_tuple_type:
             return None
-        processor = bind_type.bind_processor(dialect)
+        processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
         if processor is not None:
             processors[name] = processor
     # Semi-private (SQLAlchemy's own result metadata reads it): the columns a statement
