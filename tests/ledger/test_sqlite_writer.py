@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -88,3 +89,63 @@ async def test_a_write_lock_held_elsewhere_past_the_busy_timeout_is_unavailable(
     retried = await core.reserve(Reserve("r", "acme", "u", TOKENS, amount_micros=30_000))
     assert retried.decision.allowed
     assert await money(engine, "acme") == (0, 30_000)
+
+
+async def test_results_finished_while_the_loop_is_busy_wake_it_once(engine: AsyncEngine) -> None:
+    writer = sqlite_writer(engine)
+    loop = asyncio.get_running_loop()
+    wakeups: list[object] = []
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(callback: Any, *args: Any) -> Any:
+        wakeups.append(callback)
+        return call_soon_threadsafe(callback, *args)
+
+    last_ran = threading.Event()
+
+    async def body(n: int) -> int:
+        if n == 4:
+            last_ran.set()
+        return n * 10
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+    try:
+        runs = [asyncio.ensure_future(writer.run(lambda n=n: body(n))) for n in range(5)]
+        await asyncio.sleep(0)  # the five are queued
+        # The loop's thread is busy until the writer has run all five.
+        assert last_ran.wait(timeout=10)
+        assert await asyncio.gather(*runs) == [0, 10, 20, 30, 40]
+    finally:
+        del loop.call_soon_threadsafe
+    assert len(wakeups) == 1
+
+
+async def test_cancelled_while_queued_never_runs_cancelled_while_running_is_dropped(
+    engine: AsyncEngine,
+) -> None:
+    writer = sqlite_writer(engine)
+    started, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    async def blocking() -> str:
+        started.set()
+        assert release.wait(timeout=10)
+        ran.append("running")
+        return "running"
+
+    async def queued() -> str:
+        ran.append("queued")
+        return "queued"
+
+    running = asyncio.ensure_future(writer.run(blocking))
+    waiting = asyncio.ensure_future(writer.run(queued))
+    await asyncio.sleep(0)  # both are sent
+    assert started.wait(timeout=10)
+    running.cancel()
+    waiting.cancel()
+    release.set()
+    # A later transaction comes back after both: the writer went on, nothing was lost.
+    assert await writer.run(queued) == "queued"
+    assert running.cancelled()
+    assert waiting.cancelled()
+    assert ran == ["running", "queued"]
