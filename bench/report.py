@@ -1,4 +1,8 @@
-"""Ratios, targets (issue 4), and the three outputs: JSON, a short Markdown table, a PNG plot."""
+"""Ratios, targets, and the three outputs: JSON, a short Markdown table, a PNG plot.
+
+The targets are those of the issues that set them: "the benchmark" (ratios to the no-op
+ceiling, hot / spread, transactions per RPC, the big ledger, the dashboard) and "the hot path
+at the machine's limit" (one caller no worse than before, PostgreSQL CPU per query, SQLite)."""
 
 from __future__ import annotations
 
@@ -132,6 +136,90 @@ def _target(
     return {"target": name, "scope": scope, "measured": measured, "met": met, "note": note}
 
 
+# "The hot path at the machine's limit": the figures it started from (run-2026-11-24b).
+ONE_CALLER_RATIO_BEFORE = 0.42
+ONE_CALLER_P50_MS_BEFORE = 3.8
+POSTGRES_CPU_MS_PER_QUERY = 0.3
+SQLITE_RATIO_AT_16 = 0.3
+SQLITE_QPS_BEFORE = {
+    ("d-hot", 1): 39.6,
+    ("d-hot", 16): 39.0,
+    ("d-hot", 64): 22.7,
+    ("d-hot", 256): 32.3,
+    ("d-spread", 1): 45.2,
+    ("d-spread", 16): 38.8,
+    ("d-spread", 64): 32.0,
+    ("d-spread", 256): 19.7,
+}
+
+
+def _hot_path_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    targets = []
+    for key in ("a", "b"):
+        point = _point(result, key, 1)
+        if point is None:
+            continue
+        value = point["ratios"]["to_noop"]
+        targets.append(
+            _target(
+                f"at 1 caller, queries/s / no-op no worse than {ONE_CALLER_RATIO_BEFORE}",
+                key,
+                value,
+                None if value is None else value >= ONE_CALLER_RATIO_BEFORE,
+            )
+        )
+        p50 = point["query"]["latency"].get("query", {}).get("p50_ms")
+        targets.append(
+            _target(
+                f"at 1 caller, query p50 no worse than {ONE_CALLER_P50_MS_BEFORE} ms",
+                key,
+                p50,
+                None if p50 is None else p50 <= ONE_CALLER_P50_MS_BEFORE,
+            )
+        )
+    for key in ("a", "b", "c-hot", "c-spread"):
+        point = _point(result, key, 64)
+        cpu = None if point is None else cpu_ms_per_query(point["query"])
+        if cpu is not None:
+            value = cpu["postgres"]
+            targets.append(
+                _target(
+                    f"PostgreSQL CPU per query <= {POSTGRES_CPU_MS_PER_QUERY} ms at 64 callers",
+                    key,
+                    value,
+                    value <= POSTGRES_CPU_MS_PER_QUERY,
+                    "ms of CPU",
+                )
+            )
+    for key in ("d-hot", "d-spread"):
+        point = _point(result, key, 16)
+        if point is not None:
+            value = point["ratios"]["to_noop"]
+            targets.append(
+                _target(
+                    f"SQLite: queries/s / no-op >= {SQLITE_RATIO_AT_16} at 16 callers",
+                    key,
+                    value,
+                    None if value is None else value >= SQLITE_RATIO_AT_16,
+                )
+            )
+        scenario = result["scenarios"].get(key)
+        for point in [] if scenario is None else scenario["points"]:
+            before = SQLITE_QPS_BEFORE.get((key, point["concurrency"]))
+            value = ratio(_qps(point["query"]), before)
+            if value is not None:
+                targets.append(
+                    _target(
+                        ">= 10x the SQLite queries/s of run-2026-11-24b",
+                        f"{key} @{point['concurrency']}",
+                        value,
+                        value >= 10,
+                        f"{before} queries/s then",
+                    )
+                )
+    return targets
+
+
 def _targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     targets = []
     for key in ("a", "b", "c-hot", "c-spread"):
@@ -248,7 +336,7 @@ def _targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "not measured in this run (bench/dashboard.py needs PostgreSQL)",
             )
         )
-    return targets
+    return targets + _hot_path_targets(result)
 
 
 def all_invariants_ok(result: dict[str, Any]) -> bool:
@@ -494,7 +582,7 @@ def markdown(result: dict[str, Any], plot_name: str) -> str:
         ]
     lines += [
         "",
-        "## Targets (issue 4)",
+        "## Targets",
         "",
         "| target | scope | measured | met |",
         "|---|---|---:|---|",
@@ -608,13 +696,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m bench.report bench/results/NAME.json`: writes NAME.md and NAME.png again from
-    the JSON of a run (after a change of the report, not of the measurements)."""
+    the JSON of a run, ratios and targets recomputed (after a change of the report, not of the
+    measurements)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
     parser.add_argument("json", type=Path)
     args = parser.parse_args(argv)
     result = json.loads(args.json.read_text())
+    add_ratios_and_targets(result)
+    args.json.write_text(
+        json.dumps(result, indent=1, sort_keys=False, default=_json_default) + "\n"
+    )
     out = args.json.with_suffix("")
     out.with_name(out.name + ".md").write_text(markdown(result, out.name + ".png"))
     plot(result, out.with_name(out.name + ".png"))
